@@ -1,0 +1,3 @@
+from failoverd.cli import main
+
+raise SystemExit(main())

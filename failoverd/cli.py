@@ -1,0 +1,53 @@
+"""``failoverd run --config FILE`` and ``failoverd check-config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from failoverd.config import ConfigError, Overrides, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="failoverd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (("run", "run the daemon"),
+                           ("check-config", "validate a config file and exit")):
+        sp = sub.add_parser(name, help=helptext)
+        if name == "run":
+            sp.add_argument("--config", "-c", type=Path, required=True)
+        else:
+            sp.add_argument("config", type=Path)
+        sp.add_argument("--member", help="member id (env FAILOVERD_MEMBER)")
+        sp.add_argument("--region", help="this member's region (env FAILOVERD_REGION)")
+        sp.add_argument("--api-listen", help="API host:port (env FAILOVERD_API_LISTEN)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = Overrides(args.member, args.region, args.api_listen).over(Overrides.from_env())
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"{exc.path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
+              f"{len(settings.groups)} groups)")
+        return 0
+    from failoverd.daemon import Daemon  # noqa: PLC0415 - keeps check-config light
+    from failoverd.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(settings.log.level, settings.log.format)
+
+    async def _run() -> None:
+        # Built inside the loop: the gRPC channel binds to the running loop.
+        await Daemon(settings, args.config, overrides).run()
+
+    asyncio.run(_run())
+    return 0

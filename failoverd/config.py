@@ -1,0 +1,347 @@
+"""Typed settings: the TOML file of DESIGN.md, validated once at load.
+
+Nothing past :func:`load_settings` sees an untyped dict.  Errors are reported
+with their location in the file (``regions[1].probes[0].interval_s: must be >
+0``) so ``failoverd check-config`` can print every one of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo in a safety setting must not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EtcdSettings(_Model):
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
+    # etcd refuses TTLs below its minimum (about 1.5 x election timeout); 2 s is
+    # the smallest that a default-tuned etcd grants as asked.
+    lease_ttl_s: Annotated[int, Field(ge=2, le=300)] = 5
+    # Subtracted from the local lease deadline: covers clock-rate drift between
+    # this host and the etcd leader.
+    lease_margin_s: Annotated[float, Field(ge=0)] = 0.5
+    timeout_s: PositiveFloat = 2.0
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_server_name: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.lease_margin_s >= self.lease_ttl_s / 2:
+            raise ValueError("lease_margin_s must be less than half of lease_ttl_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("client certificates need ca_file")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+class ApiToken(_Model):
+    name: Name
+    role: Literal["viewer", "operator"]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ApiSettings(_Model):
+    listen: str = "127.0.0.1:8080"
+    tokens: list[ApiToken] = Field(default_factory=list)
+    metrics_public: bool = True
+
+
+class MqttSettings(_Model):
+    url: Annotated[str, Field(pattern=r"^mqtts?://")]
+    topics: list[str] = Field(default_factory=lambda: ["failoverd/power/#"], min_length=1)
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    stale_s: PositiveFloat = 30.0
+
+
+class ProbeSettings(_Model):
+    kind: Literal["http", "tcp", "exec"]
+    target: str | list[str]
+    interval_s: PositiveFloat = 1.0
+    timeout_s: PositiveFloat = 0.5
+    fall: Annotated[int, Field(ge=1)] = 3
+    rise: Annotated[int, Field(ge=1)] = 2
+    readiness: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.timeout_s > self.interval_s:
+            raise ValueError("timeout_s must not exceed interval_s")
+        if self.kind == "exec" and not isinstance(self.target, list):
+            raise ValueError("an exec probe's target is a command list")
+        if self.kind != "exec" and not isinstance(self.target, str):
+            raise ValueError(f"a {self.kind} probe's target is a string")
+        return self
+
+
+class RegionSettings(_Model):
+    name: Name
+    priority: int = 0
+    probes: list[ProbeSettings] = Field(default_factory=list)
+
+
+class HaproxyRoute(_Model):
+    kind: Literal["haproxy"]
+    socket: str
+    backend: str
+    servers: dict[str, str]
+
+
+class DnsRoute(_Model):
+    kind: Literal["dns"]
+    server: str
+    zone: str
+    name: str
+    ttl: Annotated[int, Field(ge=0)] = 30
+    tsig_key_file: Path | None = None
+    addresses: dict[str, list[str]]
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        # Never route to nowhere (safety rule 8): every region needs addresses.
+        empty = sorted(r for r, addrs in self.addresses.items() if not addrs)
+        if empty:
+            raise ValueError(f"regions with no addresses: {', '.join(empty)}")
+        return self
+
+
+class WebhookRoute(_Model):
+    kind: Literal["webhook"]
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    secret_file: Path | None = None
+    timeout_s: PositiveFloat = 5.0
+
+
+class ExecRoute(_Model):
+    kind: Literal["exec"]
+    command: list[str] = Field(min_length=1)
+    timeout_s: PositiveFloat = 30.0
+
+
+Route = Annotated[
+    HaproxyRoute | DnsRoute | WebhookRoute | ExecRoute, Field(discriminator="kind")
+]
+
+
+class GroupSettings(_Model):
+    name: Name
+    regions: list[Name] = Field(min_length=1)
+    promote: list[str] = Field(default_factory=list)
+    demote: list[str] = Field(default_factory=list)
+    hook_timeout_s: PositiveFloat = 30.0
+    hook_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    routes: list[Route] = Field(default_factory=list)
+
+
+class PolicySettings(_Model):
+    cooldown_s: Annotated[float, Field(ge=0)] = 300.0
+    max_auto_failovers_per_hour: Annotated[int, Field(ge=0)] = 3
+    failback: Literal["manual", "auto"] = "manual"
+    failback_stable_s: Annotated[float, Field(ge=0)] = 300.0
+    power_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    power_runtime_margin_s: Annotated[float, Field(ge=0)] = 120.0
+    # The coordinator reacts to watch events; this tick only bounds how long a
+    # time-based rule (cooldown expiry) waits when nothing else happens.
+    tick_s: PositiveFloat = 1.0
+    history_limit: Annotated[int, Field(ge=10)] = 1000
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Model):
+    cluster: Name
+    member: Name
+    region: Name
+    state_dir: Path = Path("/var/lib/failoverd")
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    mqtt: list[MqttSettings] = Field(default_factory=list)
+    regions: list[RegionSettings] = Field(min_length=1)
+    groups: list[GroupSettings] = Field(default_factory=list)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Self:
+        problems = reference_problems(self.model_dump(mode="python"))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def region_by_name(self, name: str) -> RegionSettings | None:
+        return next((r for r in self.regions if r.name == name), None)
+
+    def group_by_name(self, name: str) -> GroupSettings | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+
+def _items(value: object) -> list[dict[str, object]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def reference_problems(raw: Mapping[str, object]) -> list[str]:
+    """Cross-references between sections (region names, route entries).
+
+    Works on raw data too, so ``check-config`` reports these alongside field
+    errors instead of only after those are fixed.
+    """
+    problems: list[str] = []
+    names = [r.get("name") for r in _items(raw.get("regions"))]
+    if len(set(names)) != len(names):
+        problems.append("regions: names must be unique")
+    known = {n for n in names if isinstance(n, str)}
+    region = raw.get("region")
+    if isinstance(region, str) and region not in known:
+        problems.append(f"region: {region!r} is not one of the [[regions]]")
+    groups = _items(raw.get("groups"))
+    if len({g.get("name") for g in groups}) != len(groups):
+        problems.append("groups: names must be unique")
+    for i, group in enumerate(groups):
+        members = group.get("regions")
+        members = [m for m in members if isinstance(m, str)] if isinstance(members, list) else []
+        problems += [f"groups[{i}].regions: unknown region {m!r}"
+                     for m in members if m not in known]
+        for j, route in enumerate(_items(group.get("routes"))):
+            per_region = route.get("servers", route.get("addresses"))
+            if isinstance(per_region, dict):
+                missing = [m for m in members if m not in per_region]
+                if missing:
+                    problems.append(
+                        f"groups[{i}].routes[{j}]: no entry for region(s) {', '.join(missing)}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-member settings from the command line or environment (these win)."""
+
+    member: str | None = None
+    region: str | None = None
+    api_listen: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Overrides:
+        env = os.environ if environ is None else environ
+        return cls(
+            member=env.get("FAILOVERD_MEMBER") or None,
+            region=env.get("FAILOVERD_REGION") or None,
+            api_listen=env.get("FAILOVERD_API_LISTEN") or None,
+        )
+
+    def over(self, other: Overrides) -> Overrides:
+        """Fields of ``self`` where set, else ``other``'s."""
+        return Overrides(
+            member=self.member or other.member,
+            region=self.region or other.region,
+            api_listen=self.api_listen or other.api_listen,
+        )
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``errors`` lists each problem."""
+
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        super().__init__(f"{path}: " + "; ".join(errors))
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"HaproxyRoute", "DnsRoute", "WebhookRoute", "ExecRoute"} or part in {
+            "haproxy", "dns", "webhook", "exec"
+        }:
+            continue  # the discriminated-union tag adds nothing for a reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _message(err: Mapping[str, object]) -> str:
+    ctx = err.get("ctx")
+    ctx = ctx if isinstance(ctx, dict) else {}
+    kind = err.get("type")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}
+    if isinstance(kind, str) and kind in bounds:
+        key = {">": "gt", ">=": "ge", "<": "lt", "<=": "le"}[bounds[kind]]
+        limit = ctx.get(key)
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return f"must be {bounds[kind]} {limit}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "unknown setting"
+    if kind == "string_pattern_mismatch":
+        return f"does not match {ctx.get('pattern')}"
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    return [f"{_location(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()]
+
+
+def parse_settings(raw: dict[str, object], overrides: Overrides, path: Path) -> Settings:
+    data = dict(raw)
+    if overrides.member:
+        data["member"] = overrides.member
+    if overrides.region:
+        data["region"] = overrides.region
+    if overrides.api_listen:
+        api = data.get("api")
+        data["api"] = {**(api if isinstance(api, dict) else {}), "listen": overrides.api_listen}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        errors = format_validation_error(exc)
+        joined = "\n".join(errors)
+        errors += [p for p in reference_problems(data) if p not in joined]
+        raise ConfigError(path, errors) from exc
+
+
+def load_settings(path: Path, overrides: Overrides | None = None) -> Settings:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
+    return parse_settings(raw, overrides or Overrides.from_env(), path)

@@ -1,0 +1,173 @@
+"""The coordinator cycle: snapshot -> decide -> fenced commit.
+
+Level-triggered: it wakes on any watch event under the cluster prefix (or a
+slow tick), re-reads the whole cluster at one revision and decides afresh, so
+a lost or compacted watch event can delay a decision but never corrupt one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from failoverd.engine import Alert, Decision, Policy, SetActive, decide
+from failoverd.faults import fault_point
+from failoverd.history import History
+from failoverd.lease import KeptLease
+from failoverd.model import ActiveRecord, ClusterView, Keyspace, parse_view, to_json
+from failoverd.store import Compare, Get, Op, Put, Store, StoreError
+
+log = structlog.get_logger("failoverd.coordinator")
+
+HOUR_S = 3600.0
+PRUNE_EVERY_S = 60.0
+
+
+class NotCoordinator(Exception):
+    """This member must stop acting as coordinator now."""
+
+
+class Coordinator:
+    def __init__(self, store: Store, keys: Keyspace, member: str, term: int,
+                 lease: KeptLease, history: History, policy: Callable[[], Policy],
+                 tick_s: Callable[[], float], history_limit: Callable[[], int],
+                 wake: asyncio.Event, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._member = member
+        self.term = term
+        self._lease = lease
+        self._history = history
+        self._policy = policy
+        self._tick_s = tick_s
+        self._history_limit = history_limit
+        self._wake = wake
+        self._clock = clock
+        self._last_reason = ""
+        self._alerts: dict[str, str] = {}
+        self._next_prune = 0.0
+        self.cycles = 0
+
+    def _ensure_leading(self, view: ClusterView | None = None) -> None:
+        if not self._lease.valid():
+            raise NotCoordinator("lease passed its local deadline")
+        if view is not None:
+            seat = view.coordinator
+            if seat is None or seat.term != self.term or seat.member != self._member:
+                raise NotCoordinator("coordinator key is no longer ours")
+
+    async def run(self) -> None:
+        """Lead until :class:`NotCoordinator` (or cancellation)."""
+        while True:
+            self._wake.clear()
+            self._ensure_leading()
+            try:
+                snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
+            except StoreError as exc:
+                # Static stability: no store, no change.  The lease keeper ends
+                # our term if this lasts past the deadline.
+                log.warning("cannot read cluster state; holding", error=str(exc))
+                await self._sleep(min(self._tick_s(), 0.5))
+                continue
+            view = parse_view(self._keys, snap)
+            self._ensure_leading(view)
+            decision = decide(view, self._policy(), self._clock())
+            self.cycles += 1
+            self._log(decision, view)
+            await self._apply(decision, view)
+            await self._maybe_prune()
+            await self._sleep(self._tick_s())
+
+    async def _sleep(self, seconds: float) -> None:
+        # Wake early on a watch event, but never sleep past the lease deadline.
+        timeout = max(min(seconds, self._lease.remaining()), 0)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    def _log(self, decision: Decision, view: ClusterView) -> None:
+        for problem in view.problems:
+            log.warning("ignoring malformed key", problem=problem)
+        if decision.reason != self._last_reason:
+            log.info("decision", reason=decision.reason, revision=view.revision)
+            self._last_reason = decision.reason
+        else:
+            log.debug("decision", reason=decision.reason, revision=view.revision)
+
+    async def _apply(self, decision: Decision, view: ClusterView) -> None:
+        alerted = set()
+        for intent in decision.intents:
+            if isinstance(intent, Alert):
+                alerted.add(intent.group)
+                if self._alerts.get(intent.group) != intent.reason:
+                    self._alerts[intent.group] = intent.reason
+                    log.error("alert", group=intent.group, reason=intent.reason)
+                    await self._history.record("alert", group=intent.group,
+                                               reason=intent.reason, term=self.term)
+            else:
+                await self._commit(intent, view)
+        for group in set(self._alerts) - alerted:
+            del self._alerts[group]
+
+    async def _commit(self, intent: SetActive, view: ClusterView) -> None:
+        self._ensure_leading()
+        now = self._clock()
+        key = self._keys.active(intent.group)
+        record = ActiveRecord(region=intent.region, epoch=intent.epoch, since=now,
+                              reason=intent.reason, term=self.term, trigger=intent.trigger)
+        prev = intent.prev
+        compares = [
+            Compare(self._keys.coordinator, "create", self.term),
+            Compare(key, "mod", prev.mod_revision if prev else 0),
+        ]
+        success: list[Op] = [
+            Put(key, record.to_value()),
+            self._history.put_op(
+                "epoch_changed", group=intent.group, region=intent.region,
+                epoch=intent.epoch, previous_region=prev.region if prev else None,
+                previous_epoch=prev.epoch if prev else 0, trigger=intent.trigger,
+                reason=intent.reason, term=self.term,
+            ),
+        ]
+        if intent.automatic:
+            times = [t for t in view.control.auto_failovers if now - t < HOUR_S] + [now]
+            compares.append(Compare(self._keys.auto_failovers, "mod",
+                                    view.control.auto_failovers_mod_revision))
+            success.append(Put(self._keys.auto_failovers, to_json({"times": times})))
+        fault_point("before-commit")
+        bound = log.bind(group=intent.group, epoch=intent.epoch, term=self.term)
+        try:
+            result = await self._store.txn(compares, success, [Get(self._keys.coordinator)])
+        except StoreError as exc:
+            # Ambiguous: it may or may not have applied.  The next cycle
+            # re-reads and sees which.
+            bound.warning("commit outcome unknown; re-reading", error=str(exc))
+            return
+        if result.succeeded:
+            bound.info("active region committed", region=intent.region,
+                       trigger=intent.trigger, reason=intent.reason)
+            return
+        seat = result.gets[0] if result.gets else None
+        still_ours = seat is not None and seat.create_revision == self.term
+        bound.warning("fenced write rejected", region=intent.region, still_coordinator=still_ours)
+        await self._history.record(
+            "write_rejected", group=intent.group, region=intent.region, epoch=intent.epoch,
+            term=self.term, still_coordinator=still_ours,
+        )
+        if not still_ours:
+            raise NotCoordinator("fenced write rejected: a newer term holds the seat")
+
+    async def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_S
+        try:
+            await self._history.prune(self._history_limit())
+        except StoreError as exc:
+            log.warning("history prune failed", error=str(exc))

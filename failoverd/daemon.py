@@ -1,0 +1,252 @@
+"""The daemon shell: one root TaskGroup, named tasks, one shutdown path.
+
+Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
+promote/demote), ``session`` (lease + membership + election + coordinator,
+rebuilt whenever the lease is lost), ``reload`` (SIGHUP) and ``shutdown``
+(SIGTERM/SIGINT).  On the way out the coordinator seat is resigned and the
+lease revoked so a successor takes over at once, not after a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from failoverd import __version__
+from failoverd.config import ConfigError, Overrides, Settings, load_settings
+from failoverd.coordinator import Coordinator, NotCoordinator
+from failoverd.election import campaign, resign
+from failoverd.engine import Policy
+from failoverd.etcd import EtcdStore
+from failoverd.history import History
+from failoverd.lease import KeptLease, LeaseLost
+from failoverd.model import Keyspace, MemberRecord
+from failoverd.roles import RoleReconciler
+from failoverd.store import Store, StoreError
+
+log = structlog.get_logger("failoverd.daemon")
+
+RELEASE_TIMEOUT_S = 3.0
+
+
+class _Stop(Exception):
+    """Raised inside the root TaskGroup to unwind every task."""
+
+
+class Watcher:
+    """One watch on the cluster prefix; wakes subscribers whose sub-prefix changed."""
+
+    def __init__(self, store: Store, keys: Keyspace) -> None:
+        self._store = store
+        self._keys = keys
+        self._subs: list[tuple[str, asyncio.Event]] = []
+
+    def subscribe(self, sub_prefix: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._subs.append((self._keys.prefix + sub_prefix, event))
+        return event
+
+    async def run(self) -> None:
+        async for attempt in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(StoreError),
+        ):
+            with attempt:
+                start = (await self._store.get_prefix(self._keys.coordinator)).revision + 1
+        history = self._keys.history
+        async for batch in self._store.watch(self._keys.prefix, start):
+            changed = [ev.key for ev in batch if not ev.key.startswith(history)]
+            for prefix, event in self._subs:
+                # An empty batch means "resync": wake everyone.
+                if not batch or any(k.startswith(prefix) for k in changed):
+                    event.set()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: Path | None = None,
+                 overrides: Overrides | None = None, store: Store | None = None) -> None:
+        self.settings = settings
+        self._config_path = config_path
+        self._overrides = overrides or Overrides()
+        self.keys = Keyspace(settings.cluster)
+        self.store: Store = store or EtcdStore(settings.etcd)
+        self.history = History(self.store, self.keys, settings.member, settings.region)
+        self.watcher = Watcher(self.store, self.keys)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.lease: KeptLease | None = None
+        self.coordinator: Coordinator | None = None
+
+    # -- signals ---------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # -- lifecycle -------------------------------------------------------
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            member=self.settings.member, region=self.settings.region
+        )
+        self._install_signals()
+        if isinstance(self.store, EtcdStore):
+            await self.store.authenticate()
+        roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
+                               self.watcher.subscribe("groups/"))
+        log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.watcher.run(), name="watch")
+                tg.create_task(roles.run(), name="roles")
+                tg.create_task(self._sessions(), name="session")
+                tg.create_task(self._reloads(), name="reload")
+                tg.create_task(self._wait_stop(), name="shutdown")
+        except* _Stop:
+            pass
+        finally:
+            await self._release()
+            await self.store.close()
+            log.info("failoverd stopped")
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        log.info("shutdown requested")
+        raise _Stop
+
+    async def _release(self) -> None:
+        """Resign the seat and revoke the lease, bounded in time."""
+        lease, coord = self.lease, self.coordinator
+        if lease is None:
+            return
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                if coord is not None:
+                    await resign(self.store, self.keys, coord.term,
+                                 self.history.put_op("coordinator_resigned", term=coord.term))
+                await self.history.record("member_left")
+                await self.store.revoke(lease.id)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("could not release lease cleanly; it will expire", error=str(exc))
+
+    # -- reload ----------------------------------------------------------
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        if self._config_path is None:
+            return False
+        try:
+            new = load_settings(self._config_path, self._overrides)
+        except ConfigError as exc:
+            log.error("config reload rejected; keeping the running config", errors=exc.errors)
+            await self.history.record("config_reload_failed", errors=exc.errors)
+            return False
+        old = self.settings
+        fixed = {"cluster": old.cluster, "member": old.member, "region": old.region,
+                 "etcd": old.etcd, "state_dir": old.state_dir}
+        ignored = [k for k, v in fixed.items() if getattr(new, k) != v]
+        if ignored:
+            log.warning("these settings need a restart to change", settings=ignored)
+        self.settings = new.model_copy(update=fixed)
+        log.info("config reloaded", path=str(self._config_path))
+        await self.history.record("config_reloaded", needs_restart=ignored)
+        return True
+
+    # -- session: lease, membership, election -------------------------------
+    async def _sessions(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except* LeaseLost as eg:
+                # Not in a finally: on shutdown the lease is still needed to
+                # resign and revoke.
+                self.lease = None
+                self.coordinator = None
+                log.warning("lease lost; starting a new session", error=str(eg.exceptions[0]))
+                await self.history.record("lease_lost")
+            await asyncio.sleep(0.1)
+
+    async def _grant(self) -> KeptLease:
+        s = self.settings
+        async for attempt in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(StoreError),
+            before_sleep=lambda rs: log.warning(
+                "etcd unreachable; retrying", error=str(rs.outcome.exception()) if rs.outcome
+                else ""),
+        ):
+            with attempt:
+                sent = time.monotonic()
+                lease_id, ttl = await self.store.grant(s.etcd.lease_ttl_s)
+                member = MemberRecord(
+                    member=s.member, region=s.region, version=__version__,
+                    api_url=f"http://{s.api.listen}", started=time.time(),
+                )
+                await self.store.put(self.keys.member(s.member), member.to_value(), lease_id)
+        return KeptLease(self.store, lease_id, ttl, sent, s.etcd.lease_margin_s)
+
+    async def _session(self) -> None:
+        self.lease = await self._grant()
+        log.info("registered", lease=f"{self.lease.id:x}", ttl=self.lease.ttl)
+        await self.history.record("member_joined", lease=f"{self.lease.id:x}")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.lease.run(), name="lease-keepalive")
+            tg.create_task(self._campaign(self.lease), name="election")
+
+    async def _campaign(self, lease: KeptLease) -> None:
+        seat_changed = self.watcher.subscribe("coordinator")
+        everything = self.watcher.subscribe("")
+        while True:
+            seat_changed.clear()
+            try:
+                term = await campaign(self.store, self.keys, self.settings.member, lease)
+            except StoreError as exc:
+                log.warning("campaign failed", error=str(exc))
+                term = None
+            if term is not None:
+                await self._lead(lease, term, everything)
+            try:
+                async with asyncio.timeout(max(min(self.settings.policy.tick_s,
+                                                   lease.remaining()), 0.05)):
+                    await seat_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _lead(self, lease: KeptLease, term: int, wake: asyncio.Event) -> None:
+        s = self.settings
+        coord = Coordinator(
+            self.store, self.keys, s.member, term, lease, self.history,
+            policy=self._policy, tick_s=lambda: self.settings.policy.tick_s,
+            history_limit=lambda: self.settings.policy.history_limit, wake=wake,
+        )
+        self.coordinator = coord
+        structlog.contextvars.bind_contextvars(term=term)
+        log.info("elected coordinator", term=term)
+        await self.history.record("coordinator_elected", term=term)
+        try:
+            await coord.run()
+        except NotCoordinator as exc:
+            self.coordinator = None
+            log.warning("stepping down", reason=str(exc))
+            await self.history.record("coordinator_stepped_down", term=term, reason=str(exc))
+        finally:
+            structlog.contextvars.unbind_contextvars("term")
+
+    def _policy(self) -> Policy:
+        return Policy.from_settings(self.settings)
+

@@ -1,0 +1,83 @@
+"""Audit events under ``history/``: who, what, why, epoch.
+
+Events are appended best-effort — a history write must never block or fail a
+safety action — except where the event is part of a fenced txn (an epoch
+change), in which case it lands atomically with the change it records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from failoverd.model import Keyspace, to_json
+from failoverd.store import Put, Store, StoreError
+
+log = structlog.get_logger("failoverd.history")
+
+
+@dataclass(frozen=True)
+class Event:
+    ts: float
+    kind: str
+    member: str
+    fields: dict[str, object]
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.fields, "ts": self.ts, "kind": self.kind, "member": self.member}
+
+
+class History:
+    def __init__(self, store: Store, keys: Keyspace, member: str, region: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._member = member
+        self._region = region
+        self._clock = clock
+        self._last_ns = 0
+
+    def put_op(self, kind: str, **fields: object) -> Put:
+        """The event as a :class:`Put`, to ride inside a txn."""
+        now = self._clock()
+        # Strictly increasing per member so two events never share a key.
+        ns = max(int(now * 1e9), self._last_ns + 1)
+        self._last_ns = ns
+        body = {**fields, "ts": now, "kind": kind, "member": self._member,
+                "region": self._region}
+        return Put(self._keys.history_event(ns, self._member), to_json(body))
+
+    async def record(self, kind: str, **fields: object) -> None:
+        op = self.put_op(kind, **fields)
+        try:
+            await self._store.put(op.key, op.value)
+        except StoreError as exc:
+            log.warning("history event not recorded", kind=kind, error=str(exc))
+
+    async def prune(self, limit: int) -> int:
+        """Keep the newest ``limit`` events; returns how many were deleted."""
+        snap = await self._store.get_prefix(self._keys.history)
+        excess = len(snap.kvs) - limit
+        if excess <= 0:
+            return 0
+        for kv in sorted(snap.kvs, key=lambda kv: kv.key)[:excess]:
+            await self._store.delete(kv.key)
+        return excess
+
+
+async def read_history(store: Store, keys: Keyspace, limit: int) -> list[dict[str, object]]:
+    """Events newest first; malformed ones are skipped."""
+    snap = await store.get_prefix(keys.history)
+    out: list[dict[str, object]] = []
+    for kv in sorted(snap.kvs, key=lambda kv: kv.key, reverse=True)[:limit]:
+        try:
+            data = json.loads(kv.value)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            out.append(data)
+    return out

@@ -1,0 +1,225 @@
+"""The keyspace of DESIGN.md and the immutable records read from it.
+
+Pure: parsing a raw :class:`~failoverd.store.Snapshot` into a
+:class:`ClusterView` does no I/O.  A value that is not what we wrote (hand
+edits, a newer version) is skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from failoverd.store import KeyValue, Snapshot
+
+Trigger = Literal[
+    "bootstrap", "member_loss", "health", "power", "operator", "config", "failback"
+]
+AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
+    {"member_loss", "health", "power", "config", "failback"}
+)
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Keys under ``/failoverd/<cluster>/``."""
+
+    cluster: str
+
+    @property
+    def prefix(self) -> str:
+        return f"/failoverd/{self.cluster}/"
+
+    @property
+    def coordinator(self) -> str:
+        return self.prefix + "coordinator"
+
+    def member(self, member: str) -> str:
+        return f"{self.prefix}members/{member}"
+
+    def active(self, group: str) -> str:
+        return f"{self.prefix}groups/{group}/active"
+
+    @property
+    def groups(self) -> str:
+        return self.prefix + "groups/"
+
+    @property
+    def paused(self) -> str:
+        return self.prefix + "control/paused"
+
+    def drained(self, region: str) -> str:
+        return f"{self.prefix}control/drained/{region}"
+
+    @property
+    def auto_failovers(self) -> str:
+        return self.prefix + "control/auto_failovers"
+
+    @property
+    def history(self) -> str:
+        return self.prefix + "history/"
+
+    def history_event(self, ts_ns: int, member: str) -> str:
+        # Zero-padded so lexical order is time order.
+        return f"{self.prefix}history/{ts_ns:020d}-{member}"
+
+
+def to_json(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    member: str
+    region: str
+    version: str
+    api_url: str
+    started: float
+    lease: int = 0
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("lease")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class ActiveRecord:
+    region: str
+    epoch: int
+    since: float
+    reason: str
+    term: int
+    trigger: str
+    mod_revision: int = 0
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("mod_revision")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class CoordinatorRecord:
+    member: str
+    term: int  # the coordinator key's create_revision
+    lease: int
+
+
+@dataclass(frozen=True)
+class ControlState:
+    paused: bool = False
+    drained: frozenset[str] = frozenset()
+    # Wall-clock times of recent automatic failovers (cluster-wide storm guard).
+    auto_failovers: tuple[float, ...] = ()
+    auto_failovers_mod_revision: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything the coordinator decides from, as of one etcd revision."""
+
+    revision: int
+    coordinator: CoordinatorRecord | None
+    members: Mapping[str, MemberRecord]
+    active: Mapping[str, ActiveRecord]
+    control: ControlState
+    problems: tuple[str, ...] = field(default=())
+
+    def regions_with_members(self) -> frozenset[str]:
+        return frozenset(m.region for m in self.members.values())
+
+    def members_in(self, region: str) -> list[MemberRecord]:
+        return sorted(
+            (m for m in self.members.values() if m.region == region), key=lambda m: m.member
+        )
+
+
+def _obj(kv: KeyValue) -> dict[str, object]:
+    data = json.loads(kv.value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _str(d: Mapping[str, object], k: str) -> str:
+    v = d[k]
+    if not isinstance(v, str):
+        raise ValueError(f"{k} is not a string")
+    return v
+
+
+def _num(d: Mapping[str, object], k: str) -> float:
+    v = d[k]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{k} is not a number")
+    return float(v)
+
+
+def parse_member(kv: KeyValue) -> MemberRecord:
+    d = _obj(kv)
+    return MemberRecord(
+        member=_str(d, "member"), region=_str(d, "region"), version=_str(d, "version"),
+        api_url=_str(d, "api_url"), started=_num(d, "started"), lease=kv.lease,
+    )
+
+
+def parse_active(kv: KeyValue) -> ActiveRecord:
+    d = _obj(kv)
+    epoch = d["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError("epoch is not a positive integer")
+    return ActiveRecord(
+        region=_str(d, "region"), epoch=epoch, since=_num(d, "since"),
+        reason=_str(d, "reason"), term=int(_num(d, "term")), trigger=_str(d, "trigger"),
+        mod_revision=kv.mod_revision,
+    )
+
+
+def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
+    coordinator: CoordinatorRecord | None = None
+    members: dict[str, MemberRecord] = {}
+    active: dict[str, ActiveRecord] = {}
+    paused = False
+    drained: set[str] = set()
+    auto: tuple[float, ...] = ()
+    auto_rev = 0
+    problems: list[str] = []
+    p = keys.prefix
+    for kv in snap.kvs:
+        rel = kv.key[len(p):] if kv.key.startswith(p) else ""
+        try:
+            if rel == "coordinator":
+                coordinator = CoordinatorRecord(
+                    member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease
+                )
+            elif rel.startswith("members/"):
+                rec = parse_member(kv)
+                members[rec.member] = rec
+            elif rel.startswith("groups/") and rel.endswith("/active"):
+                active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
+            elif rel == "control/paused":
+                paused = bool(_obj(kv).get("paused", False))
+            elif rel.startswith("control/drained/"):
+                drained.add(rel[len("control/drained/"):])
+            elif rel == "control/auto_failovers":
+                times = _obj(kv).get("times", [])
+                if not isinstance(times, list):
+                    raise ValueError("times is not a list")
+                auto = tuple(float(t) for t in times)
+                auto_rev = kv.mod_revision
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{kv.key}: {exc}")
+    return ClusterView(
+        revision=snap.revision,
+        coordinator=coordinator,
+        members=members,
+        active=active,
+        control=ControlState(
+            paused=paused, drained=frozenset(drained), auto_failovers=auto,
+            auto_failovers_mod_revision=auto_rev,
+        ),
+        problems=tuple(problems),
+    )

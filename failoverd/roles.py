@@ -1,0 +1,147 @@
+"""Local role reconciliation: converge this member to the active records.
+
+When a group's record names our region at an epoch we have not yet applied,
+run ``promote``; when it stops naming our region and we were active, run
+``demote``.  What was applied is kept in a small state file so a restart
+does not re-run a promote already done for the same epoch.  With etcd out of
+reach nothing runs: the last applied role holds (static stability).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from failoverd.config import GroupSettings, Settings
+from failoverd.history import History
+from failoverd.hooks import run_hook
+from failoverd.model import ActiveRecord, Keyspace, parse_active
+from failoverd.store import Store, StoreError
+
+log = structlog.get_logger("failoverd.roles")
+
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class Applied:
+    epoch: int
+    role: str  # "active" | "standby"
+
+
+class AppliedState:
+    """``{group: {epoch, role}}`` in a JSON file, replaced atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.groups: dict[str, Applied] = {}
+        try:
+            raw = json.loads(path.read_text())
+            for g, v in raw.items():
+                self.groups[str(g)] = Applied(int(v["epoch"]), str(v["role"]))
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("state file unreadable; starting empty", path=str(path), error=str(exc))
+
+    def save(self, group: str, applied: Applied) -> None:
+        self.groups[group] = applied
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        data = {g: {"epoch": a.epoch, "role": a.role} for g, a in self.groups.items()}
+        with tmp.open("w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class RoleReconciler:
+    def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
+                 history: History, wake: asyncio.Event) -> None:
+        self._store = store
+        self._keys = keys
+        self._settings = settings
+        self._history = history
+        self._wake = wake
+        s = settings()
+        self.state = AppliedState(s.state_dir / f"{s.cluster}-{s.member}.json")
+        self._retry_at: dict[str, float] = {}
+        self._retry_delay: dict[str, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            await self.reconcile_once()
+            try:
+                async with asyncio.timeout(self._settings().policy.tick_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def reconcile_once(self) -> None:
+        try:
+            snap = await self._store.get_prefix(self._keys.groups)
+        except StoreError as exc:
+            log.warning("cannot read active records; holding local roles", error=str(exc))
+            return
+        records: dict[str, ActiveRecord] = {}
+        for kv in snap.kvs:
+            if kv.key.endswith("/active"):
+                name = kv.key[len(self._keys.groups):-len("/active")]
+                try:
+                    records[name] = parse_active(kv)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring malformed active record", key=kv.key, error=str(exc))
+        s = self._settings()
+        for group in s.groups:
+            rec = records.get(group.name)
+            if rec is not None and s.region in group.regions:
+                await self._reconcile(s, group, rec)
+
+    async def _reconcile(self, s: Settings, group: GroupSettings, rec: ActiveRecord) -> None:
+        applied = self.state.groups.get(group.name)
+        if rec.region == s.region:
+            if applied == Applied(rec.epoch, "active"):
+                return
+            role, argv = "active", group.promote
+        else:
+            if applied is None or applied.role != "active":
+                return
+            role, argv = "standby", group.demote
+        now = time.monotonic()
+        if now < self._retry_at.get(group.name, 0.0):
+            return
+        action = "promote" if role == "active" else "demote"
+        bound = log.bind(group=group.name, epoch=rec.epoch, role=role)
+        bound.info(f"{action} starting", command=argv)
+        await self._history.record(f"{action}_started", group=group.name, epoch=rec.epoch)
+        result = await run_hook(argv, group=group.name, region=s.region, epoch=rec.epoch,
+                                role=role, timeout_s=group.hook_timeout_s,
+                                attempts=group.hook_attempts)
+        fields: dict[str, object] = {
+            "group": group.name, "epoch": rec.epoch, "attempts": result.attempts,
+            "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
+        }
+        if result.ok:
+            self.state.save(group.name, Applied(rec.epoch, role))
+            self._retry_at.pop(group.name, None)
+            self._retry_delay.pop(group.name, None)
+            bound.info(f"{action} done", attempts=result.attempts,
+                       duration_s=fields["duration_s"])
+            await self._history.record(f"{action}_done", **fields)
+        else:
+            delay = min(self._retry_delay.get(group.name, RETRY_MIN_S / 2) * 2, RETRY_MAX_S)
+            self._retry_delay[group.name] = delay
+            self._retry_at[group.name] = now + delay
+            bound.error(f"{action} failed", attempts=result.attempts, output=result.output[-500:],
+                        retry_in_s=delay)
+            await self._history.record(f"{action}_failed", **fields, output=result.output[-500:])
