@@ -170,6 +170,13 @@ class PolicySettings(_Model):
     # The coordinator reacts to watch events; this tick only bounds how long a
     # time-based rule (cooldown expiry) waits when nothing else happens.
     tick_s: PositiveFloat = 1.0
+    # At a cold start, wait this long for every region of a group to register
+    # before bootstrapping its active record (not waited if all are present).
+    bootstrap_grace_s: Annotated[float, Field(ge=0)] = 10.0
+    # How long the active region must have no live member before the
+    # member-loss trigger fires: a daemon restart (upgrade) is not a loss.
+    # Detection after a crash is lease_ttl_s + this.
+    member_loss_grace_s: Annotated[float, Field(ge=0)] = 5.0
     history_limit: Annotated[int, Field(ge=10)] = 1000
 
 

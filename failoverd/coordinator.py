@@ -8,8 +8,10 @@ a lost or compacted watch event can delay a decision but never corrupt one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -18,7 +20,7 @@ from failoverd.faults import fault_point
 from failoverd.history import History
 from failoverd.lease import KeptLease
 from failoverd.model import ActiveRecord, ClusterView, Keyspace, parse_view, to_json
-from failoverd.store import Compare, Get, Op, Put, Store, StoreError
+from failoverd.store import Compare, Get, Op, Put, Store, StoreError, TxnResult
 
 log = structlog.get_logger("failoverd.coordinator")
 
@@ -49,6 +51,7 @@ class Coordinator:
         self._last_reason = ""
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
+        self._absent_since: dict[str, float] = {}
         self.cycles = 0
 
     def _ensure_leading(self, view: ClusterView | None = None) -> None:
@@ -72,14 +75,24 @@ class Coordinator:
                 log.warning("cannot read cluster state; holding", error=str(exc))
                 await self._sleep(min(self._tick_s(), 0.5))
                 continue
-            view = parse_view(self._keys, snap)
+            now = self._clock()
+            view = self._track_absence(parse_view(self._keys, snap), now)
             self._ensure_leading(view)
-            decision = decide(view, self._policy(), self._clock())
+            decision = decide(view, self._policy(), now)
             self.cycles += 1
             self._log(decision, view)
             await self._apply(decision, view)
             await self._maybe_prune()
             await self._sleep(self._tick_s())
+
+    def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
+        present = view.regions_with_members()
+        for region in list(self._absent_since):
+            if region in present:
+                del self._absent_since[region]
+        for region in {r.region for r in view.active.values()} - present:
+            self._absent_since.setdefault(region, now)
+        return replace(view, absent_since=dict(self._absent_since))
 
     async def _sleep(self, seconds: float) -> None:
         # Wake early on a watch event, but never sleep past the lease deadline.
@@ -140,21 +153,41 @@ class Coordinator:
                                     view.control.auto_failovers_mod_revision))
             success.append(Put(self._keys.auto_failovers, to_json({"times": times})))
         fault_point("before-commit")
-        bound = log.bind(group=intent.group, epoch=intent.epoch, term=self.term)
+        txn = asyncio.create_task(
+            self._store.txn(compares, success, [Get(self._keys.coordinator)]),
+            name=f"commit-{intent.group}-{intent.epoch}",
+        )
         try:
-            result = await self._store.txn(compares, success, [Get(self._keys.coordinator)])
+            await asyncio.shield(txn)
+        except asyncio.CancelledError:
+            # Our term is ending (lease deadline).  The request may already be
+            # on the wire: learn and record its outcome before unwinding, so
+            # the audit trail says truthfully whether it landed.
+            with contextlib.suppress(StoreError, NotCoordinator):
+                await self._outcome(intent, await txn)
+            raise
+        except StoreError:
+            pass
+        try:
+            result = txn.result()
         except StoreError as exc:
             # Ambiguous: it may or may not have applied.  The next cycle
             # re-reads and sees which.
-            bound.warning("commit outcome unknown; re-reading", error=str(exc))
+            log.warning("commit outcome unknown; re-reading", group=intent.group,
+                        epoch=intent.epoch, error=str(exc))
             return
+        await self._outcome(intent, result)
+
+    async def _outcome(self, intent: SetActive, result: TxnResult) -> None:
+        bound = log.bind(group=intent.group, epoch=intent.epoch, term=self.term)
         if result.succeeded:
-            bound.info("active region committed", region=intent.region,
+            bound.info("active region committed", to_region=intent.region,
                        trigger=intent.trigger, reason=intent.reason)
             return
         seat = result.gets[0] if result.gets else None
         still_ours = seat is not None and seat.create_revision == self.term
-        bound.warning("fenced write rejected", region=intent.region, still_coordinator=still_ours)
+        bound.warning("fenced write rejected", to_region=intent.region,
+                      still_coordinator=still_ours)
         await self._history.record(
             "write_rejected", group=intent.group, region=intent.region, epoch=intent.epoch,
             term=self.term, still_coordinator=still_ours,

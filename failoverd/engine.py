@@ -29,6 +29,8 @@ class Policy:
     max_auto_failovers_per_hour: int
     failback: str  # "manual" | "auto"
     failback_stable_s: float
+    bootstrap_grace_s: float = 0.0
+    member_loss_grace_s: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
@@ -39,6 +41,8 @@ class Policy:
             max_auto_failovers_per_hour=s.policy.max_auto_failovers_per_hour,
             failback=s.policy.failback,
             failback_stable_s=s.policy.failback_stable_s,
+            bootstrap_grace_s=s.policy.bootstrap_grace_s,
+            member_loss_grace_s=s.policy.member_loss_grace_s,
         )
 
     def priority(self, region: str) -> int:
@@ -110,6 +114,13 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
             return None, "no active region; paused, not bootstrapping"
         if not best:
             return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
+        # At a cold start daemons come up in any order: give the preferred
+        # regions a moment to register before picking one.
+        missing = [r for r in group.regions if r not in view.regions_with_members()]
+        oldest = min((m.started for m in view.members.values()), default=now)
+        if missing and now - oldest < policy.bootstrap_grace_s:
+            return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
+                          f"for {', '.join(missing)} before bootstrapping")
         return (SetActive(group.name, best[0], 1, "bootstrap",
                           f"bootstrap: {best[0]} is the best region with live members", None),
                 f"bootstrap -> {best[0]}")
@@ -119,7 +130,12 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
     if rec.region not in group.regions:
         why, trigger = f"{rec.region} is no longer in the group", "config"
     elif not view.members_in(rec.region):
-        why, trigger = f"every member of {rec.region} is gone", "member_loss"
+        gone_for = now - view.absent_since.get(rec.region, now)
+        if gone_for >= policy.member_loss_grace_s:
+            why, trigger = f"every member of {rec.region} is gone", "member_loss"
+        else:
+            return None, (f"{rec.region} active (epoch {rec.epoch}): no members for "
+                          f"{gone_for:.1f}s, within member_loss_grace_s")
 
     here = f"{rec.region} active (epoch {rec.epoch})"
     if why is None:

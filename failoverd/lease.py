@@ -64,4 +64,6 @@ class KeptLease:
                 continue
             self.deadline = sent + ttl - self._margin
             self.renewals += 1
+            log.debug("lease renewed", lease=f"{self.id:x}", ttl=ttl,
+                      remaining_s=round(self.remaining(), 3))
             interval = max(ttl / 3.0, 0.2)

@@ -127,6 +127,9 @@ class ClusterView:
     active: Mapping[str, ActiveRecord]
     control: ControlState
     problems: tuple[str, ...] = field(default=())
+    # When each memberless region was first seen without members, as tracked
+    # by the coordinator across cycles (a member restart is not a loss).
+    absent_since: Mapping[str, float] = field(default_factory=dict)
 
     def regions_with_members(self) -> frozenset[str]:
         return frozenset(m.region for m in self.members.values())

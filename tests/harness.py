@@ -1,0 +1,314 @@
+"""Local clusters for tests, benchmarks and the demo.
+
+Real etcd processes (Debian ``etcd-server``) on free loopback ports and real
+``failoverd`` daemons as subprocesses.  Nothing here reaches beyond
+127.0.0.1.  Used by ``tests/``, ``bench/`` and ``scripts/demo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    for cand in (shutil.which("etcd"), "/usr/bin/etcd"):
+        if cand and os.path.exists(cand):
+            return cand
+    raise RuntimeError("etcd not found: install Debian's etcd-server (scripts/test does)")
+
+
+async def wait_until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str,
+                     interval: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await cond()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+
+class EtcdCluster:
+    """One or three etcd members; kill, stop and restart them at will."""
+
+    def __init__(self, workdir: Path, size: int = 1) -> None:
+        self.workdir = workdir
+        self.members = [
+            EtcdMember(f"etcd{i}", free_port(), free_port(), workdir / f"etcd{i}.data",
+                       workdir / f"etcd{i}.log")
+            for i in range(size)
+        ]
+        self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start_member(self, m: EtcdMember, state: str = "new") -> None:
+        # Short heartbeat/election so a 3-member cluster re-elects quickly on
+        # loopback; the minimum lease TTL this allows is ~1 s.
+        argv = [
+            etcd_binary(), "--name", m.name, "--data-dir", str(m.data_dir),
+            "--listen-client-urls", f"http://{m.endpoint}",
+            "--advertise-client-urls", f"http://{m.endpoint}",
+            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+            "--initial-cluster", self._initial, "--initial-cluster-state", state,
+            "--initial-cluster-token", f"failoverd-test-{self.members[0].client_port}",
+            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+            "--log-level", "warn",
+        ]
+        m.proc = subprocess.Popen(argv, stdout=open(m.log_path, "ab"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> None:
+        for m in self.members:
+            self.start_member(m)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 20.0, members: Iterable[EtcdMember] | None = None
+                     ) -> None:
+        import urllib.request  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        for m in members or self.members:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://{m.endpoint}/health", timeout=1) as r:
+                        if json.loads(r.read()).get("health") == "true":
+                            break
+                except OSError:
+                    pass
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise RuntimeError(f"etcd {m.name} exited: {m.log_path.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd {m.name} not healthy after {timeout}s")
+                time.sleep(0.05)
+
+    def kill(self, m: EtcdMember) -> None:
+        if m.proc is not None:
+            m.proc.kill()
+            m.proc.wait()
+            m.proc = None
+
+    def restart(self, m: EtcdMember) -> None:
+        self.kill(m)
+        self.start_member(m, state="existing")
+        self.wait_healthy(members=[m])
+
+    def stop(self) -> None:
+        for m in self.members:
+            self.kill(m)
+
+
+def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dict[str, int],
+                 groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
+                 ttl: int = 2, policy: dict[str, Any] | None = None) -> Path:
+    """A TOML config shared by every member (member/region come from flags)."""
+    first = next(iter(regions))
+    lines = [
+        f'cluster = "{cluster}"', 'member = "unset"', f'region = "{first}"',
+        f'state_dir = "{state_dir}"', "", "[etcd]",
+        f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
+        "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", 'level = "debug"', "",
+    ]
+    for name, prio in regions.items():
+        lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}", ""]
+    for name, members in groups.items():
+        lines += ["[[groups]]", f'name = "{name}"', f"regions = {json.dumps(members)}",
+                  "hook_timeout_s = 5", "hook_attempts = 2"]
+        if hook is not None:
+            lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
+        lines.append("")
+    pol = {"cooldown_s": 0, "tick_s": 0.5, "bootstrap_grace_s": 2,
+           "member_loss_grace_s": 0, **(policy or {})}
+    lines.append("[policy]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in pol.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_hook(path: Path, log: Path) -> Path:
+    """A promote/demote hook that appends one JSON line per run to ``log``."""
+    path.write_text(
+        "#!/bin/sh\n"
+        f"printf '{{\"t\": %s, \"role\": \"%s\", \"group\": \"%s\", \"region\": \"%s\", "
+        f"\"epoch\": %s, \"member\": \"%s\"}}\\n' \"$(date +%s.%N)\" \"$FAILOVERD_ROLE\" "
+        f"\"$FAILOVERD_GROUP\" \"$FAILOVERD_REGION\" \"$FAILOVERD_EPOCH\" "
+        f"\"$HOOK_MEMBER\" >> {log}\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def read_hook_log(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class DaemonProc:
+    member: str
+    region: str
+    config: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProc:
+        # Inherited FAILOVERD_* (member, region, faults) would override flags.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FAILOVERD_")}
+        env.update({"HOOK_MEMBER": self.member, "PYTHONUNBUFFERED": "1", **self.env})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "failoverd", "run", "--config", str(self.config),
+             "--member", self.member, "--region", self.region],
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=env, cwd=ROOT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        if self.alive():
+            self.signal(signal.SIGKILL)
+            assert self.proc is not None
+            self.proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if not self.alive():
+            return self.proc.returncode if self.proc else None
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+
+class LocalCluster:
+    """A set of daemons sharing one config, plus a store client to inspect etcd."""
+
+    def __init__(self, workdir: Path, cluster: str, endpoints: list[str],
+                 regions: dict[str, int], groups: dict[str, list[str]], ttl: int = 2,
+                 policy: dict[str, Any] | None = None) -> None:
+        from failoverd.config import EtcdSettings  # noqa: PLC0415
+        from failoverd.etcd import EtcdStore  # noqa: PLC0415
+        from failoverd.model import Keyspace  # noqa: PLC0415
+
+        self.workdir = workdir
+        self.hook_log = workdir / "hooks.jsonl"
+        hook = write_hook(workdir / "hook.sh", self.hook_log)
+        self.config = write_config(
+            workdir / "failoverd.toml", cluster=cluster, endpoints=endpoints, regions=regions,
+            groups=groups, state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy,
+        )
+        self.ttl = ttl
+        self.keys = Keyspace(cluster)
+        self.store = EtcdStore(EtcdSettings(endpoints=endpoints, timeout_s=1.0))
+        self.daemons: dict[str, DaemonProc] = {}
+
+    def add(self, member: str, region: str, env: dict[str, str] | None = None) -> DaemonProc:
+        d = DaemonProc(member, region, self.config, self.workdir / f"{member}.log",
+                       env=env or {})
+        self.daemons[member] = d
+        return d.start()
+
+    def restart(self, member: str) -> DaemonProc:
+        self.daemons[member].stop()
+        return self.daemons[member].start()
+
+    async def view(self) -> Any:
+        from failoverd.model import parse_view  # noqa: PLC0415
+
+        snap = await self.store.snapshot(self.keys.prefix, exclude=("history/",))
+        return parse_view(self.keys, snap)
+
+    async def history(self, limit: int = 1000) -> list[dict[str, Any]]:
+        from failoverd.history import read_history  # noqa: PLC0415
+
+        return await read_history(self.store, self.keys, limit)
+
+    def hooks(self) -> list[dict[str, Any]]:
+        return read_hook_log(self.hook_log)
+
+    async def wait_coordinator(self, timeout: float, not_term: int | None = None) -> Any:
+        async def seat() -> Any:
+            v = await self.view()
+            c = v.coordinator
+            return c if c is not None and c.term != not_term else None
+        return await wait_until(seat, timeout, "a coordinator")
+
+    async def wait_active(self, group: str, region: str, timeout: float) -> Any:
+        async def rec() -> Any:
+            r = (await self.view()).active.get(group)
+            return r if r is not None and r.region == region else None
+        return await wait_until(rec, timeout, f"{group} active in {region}")
+
+    async def close(self) -> None:
+        for d in self.daemons.values():
+            d.stop()
+        await self.store.close()

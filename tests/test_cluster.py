@@ -1,0 +1,248 @@
+"""The daemon spine end to end: real etcd, real daemons as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import EtcdCluster, LocalCluster, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_three_daemons_elect_exactly_one_and_kill9_hands_over(two_regions: LocalCluster):
+    c = two_regions
+    for m, r in (("e1", "east"), ("w1", "west"), ("w2", "west")):
+        c.add(m, r)
+    first = await c.wait_coordinator(10)
+    await c.wait_active("app", "east", 10)
+    # Exactly one member believes it leads: count "elected" without a later
+    # step-down across every daemon's log.
+    elected = {m for m, d in c.daemons.items()
+               if any(e.get("event") == "elected coordinator" for e in d.log_events())}
+    assert elected == {first.member}
+
+    killed_at = time.monotonic()
+    c.daemons[first.member].kill9()
+    second = await c.wait_coordinator(c.ttl + 1, not_term=first.term)
+    took = time.monotonic() - killed_at
+    assert second.member != first.member
+    assert second.term > first.term
+    assert took <= c.ttl + 1, took
+
+
+async def test_sigterm_resigns_so_successor_is_immediate(two_regions: LocalCluster):
+    c = two_regions
+    c.add("w1", "west")
+    first = await c.wait_coordinator(10)
+    c.add("w2", "west")
+    await wait_until(lambda: _members(c, 2), 10, "both members registered")
+    stopped_at = time.monotonic()
+    assert c.daemons["w1"].stop() == 0
+    second = await c.wait_coordinator(c.ttl, not_term=first.term)
+    # Well under the TTL: the seat was given up, not left to expire.
+    assert time.monotonic() - stopped_at < c.ttl * 0.75
+    assert second.member == "w2"
+    kinds = [e["kind"] for e in await c.history() if e["member"] == "w1"]
+    assert "coordinator_resigned" in kinds and "member_left" in kinds
+
+
+async def _members(c: LocalCluster, n: int) -> bool:
+    return len((await c.view()).members) >= n
+
+
+async def test_member_loss_fails_over_once_and_restart_does_not_repromote(
+        two_regions: LocalCluster):
+    c = two_regions
+    for m, r in (("e1", "east"), ("e2", "east"), ("w1", "west"), ("w2", "west")):
+        c.add(m, r)
+    before = await c.wait_active("app", "east", 10)
+    await wait_until(lambda: _members(c, 4), 10, "four members")
+    c.daemons["e1"].kill9()
+    c.daemons["e2"].kill9()
+    after = await c.wait_active("app", "west", c.ttl + 5)
+    assert after.epoch == before.epoch + 1
+    assert after.trigger == "member_loss"
+
+    def promotes() -> list[tuple[str, int, str, str]]:
+        return sorted((h["member"], h["epoch"], h["group"], h["region"]) for h in c.hooks()
+                      if h["role"] == "active" and h["region"] == "west")
+
+    async def both_promoted() -> bool:
+        return len(promotes()) == 2
+    await wait_until(both_promoted, 5, "west promote hooks")
+    assert promotes() == [("w1", after.epoch, "app", "west"), ("w2", after.epoch, "app", "west")]
+
+    # Restart the killed daemons and one of west's: nobody promotes again for
+    # this epoch; east's members come back standby and demote (they were
+    # active before they died).
+    c.restart("w1")
+    c.daemons["e1"].start()
+    c.daemons["e2"].start()
+
+    async def east_demoted() -> bool:
+        roles = {(h["member"], h["role"], h["epoch"]) for h in c.hooks()}
+        return {("e1", "standby", after.epoch), ("e2", "standby", after.epoch)} <= roles
+    await wait_until(east_demoted, 10, "east members demoted on return")
+    await wait_until(lambda: _members(c, 4), 10, "members back")
+    await wait_until(lambda: _logged(c, "w1", "registered", 2), 10, "w1 re-registered")
+    assert promotes() == [("w1", after.epoch, "app", "west"), ("w2", after.epoch, "app", "west")]
+    assert (await c.view()).active["app"].epoch == after.epoch  # failback is manual
+
+
+async def test_restarting_the_sole_member_of_the_active_region_is_not_a_loss(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
+                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]},
+                     policy={"member_loss_grace_s": 8})
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        before = await c.wait_active("app", "east", 10)
+        await wait_until(lambda: _members(c, 2), 10, "members")
+        c.restart("e1")
+        await wait_until(lambda: _logged(c, "e1", "registered", 2), 10, "e1 back")
+        # The coordinator saw east empty and said so, yet held.
+        await wait_until(lambda: _logged_any(c, "within member_loss_grace_s"), 5, "grace seen")
+        assert (await c.view()).active["app"].epoch == before.epoch
+    finally:
+        await c.close()
+
+
+async def _logged_any(c: LocalCluster, text: str) -> bool:
+    return any(text in d.log_path.read_text() for d in c.daemons.values())
+
+
+async def _logged(c: LocalCluster, member: str, event: str, n: int = 1) -> bool:
+    return sum(str(e.get("event", "")).startswith(event)
+               for e in c.daemons[member].log_events()) >= n
+
+
+async def test_safety_rule_1_frozen_coordinator_write_is_rejected(two_regions: LocalCluster):
+    """A coordinator SIGSTOPped right before its commit, resumed after a
+    successor took over, attempts the write and etcd rejects it."""
+    c = two_regions
+    e1 = c.add("e1", "east", env={"FAILOVERD_FAULTS": "before-commit=stop"})
+
+    async def frozen() -> bool:
+        with open(f"/proc/{e1.pid}/stat") as f:
+            return f.read().split()[2] == "T"
+    await wait_until(frozen, 10, "e1 stopped at the fault point")
+    old = (await c.view()).coordinator
+    assert old is not None and old.member == "e1"
+
+    c.add("w1", "west")
+    new = await c.wait_coordinator(c.ttl + 3, not_term=old.term)
+    assert new.member == "w1"
+    rec = await c.wait_active("app", "west", 5)  # east has no live member now
+    e1.signal(signal.SIGCONT)
+
+    async def rejected() -> list[dict]:
+        return [e for e in await c.history()
+                if e["kind"] == "write_rejected" and e["member"] == "e1"]
+    events = await wait_until(rejected, 10, "e1's rejected write in history")
+    assert events[0]["term"] == old.term and events[0]["still_coordinator"] is False
+    await wait_until(lambda: _logged(c, "e1", "fenced write rejected"), 5, "e1 logs it")
+    assert (await c.view()).coordinator.member == "w1"
+    now = (await c.view()).active["app"]
+    assert (now.region, now.epoch, now.term) == (rec.region, rec.epoch, new.term)
+
+
+async def test_sighup_with_broken_config_keeps_old(two_regions: LocalCluster):
+    c = two_regions
+    d = c.add("e1", "east")
+    await c.wait_active("app", "east", 10)
+    good = c.config.read_text()
+    c.config.write_text(good + "\n[policy.nonsense\n")
+    d.signal(signal.SIGHUP)
+    await wait_until(lambda: _logged(c, "e1", "config reload rejected"), 5, "reload rejected")
+    assert d.alive()
+    kinds = [e["kind"] for e in await c.history()]
+    assert "config_reload_failed" in kinds
+    # A valid change is taken: add a group, the coordinator bootstraps it.
+    c.config.write_text(good.replace('[policy]', '[[groups]]\nname = "db"\n'
+                                     'regions = ["west", "east"]\n\n[policy]'))
+    d.signal(signal.SIGHUP)
+    await c.wait_active("db", "east", 5)
+
+
+async def test_etcd_member_killed_and_restarted_no_spurious_failover(
+        tmp_path: Path, etcd3: EtcdCluster, cluster_name: str):
+    c = LocalCluster(tmp_path, cluster_name, etcd3.endpoints,
+                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]})
+    try:
+        for m, r in (("e1", "east"), ("w1", "west"), ("w2", "west")):
+            c.add(m, r)
+        before = await c.wait_active("app", "east", 15)
+        await wait_until(lambda: _members(c, 3), 10, "three members")
+        for victim in etcd3.members:
+            etcd3.kill(victim)
+            # Progress during the outage: every daemon renews its lease
+            # through the surviving members.
+            marks = {m: _renewals(c, m) for m in c.daemons}
+            await wait_until(lambda m=marks: _all_renewed(c, m), c.ttl * 3, "renewals")
+            etcd3.restart(victim)
+        after = (await c.view())
+        assert after.active["app"].epoch == before.epoch
+        assert set(after.members) == {"e1", "w1", "w2"}
+        assert all(d.alive() for d in c.daemons.values())
+    finally:
+        await c.close()
+
+
+def _renewals(c: LocalCluster, member: str) -> int:
+    return sum(1 for e in c.daemons[member].log_events() if e.get("event") == "lease renewed")
+
+
+async def _all_renewed(c: LocalCluster, marks: dict[str, int]) -> bool:
+    return all(_renewals(c, m) >= n + 2 for m, n in marks.items())
+
+
+async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluster_name: str):
+    """etcd down: no promote/demote runs, daemons stay up, the active record
+    is unchanged when etcd returns."""
+    etcd = EtcdCluster(tmp_path / "etcd", size=1)
+    (tmp_path / "etcd").mkdir()
+    etcd.start()
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
+                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]})
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        before = await c.wait_active("app", "east", 10)
+        await wait_until(lambda: _members(c, 2), 10, "members")
+        hooks_before = c.hooks()
+        m = etcd.members[0]
+        etcd.kill(m)
+        await wait_until(lambda: _both_lost(c), c.ttl * 4, "both daemons noticed")
+        assert all(d.alive() for d in c.daemons.values())
+        assert c.hooks() == hooks_before
+        etcd.start_member(m, state="new")
+        etcd.wait_healthy()
+        await wait_until(lambda: _members(c, 2), 15, "members back")
+        after = (await c.view()).active["app"]
+        assert (after.region, after.epoch) == (before.region, before.epoch)
+        assert c.hooks() == hooks_before
+    finally:
+        await c.close()
+        etcd.stop()
+
+
+async def _both_lost(c: LocalCluster) -> bool:
+    return all(await asyncio.gather(*(_logged(c, m, "lease lost; starting a new session")
+                                      for m in c.daemons)))
+
+
+def test_python_m_failoverd_check_config(tmp_path: Path):
+    cfg = Path(__file__).parent.parent / "deploy" / "failoverd.toml"
+    out = subprocess.run([sys.executable, "-m", "failoverd", "check-config", str(cfg)],
+                         capture_output=True, text=True, env={**os.environ}, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
