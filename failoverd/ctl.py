@@ -78,7 +78,7 @@ def _print_history(events: list[dict[str, object]]) -> None:
     for ev in events:
         ts = ev.get("ts")
         when = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, float) else "?"
-        rest = {k: v for k, v in ev.items() if k not in {"ts", "kind", "member", "region"}}
+        rest = {k: v for k, v in ev.items() if k not in {"ts", "kind", "member", "member_region"}}
         detail = " ".join(f"{k}={v}" for k, v in sorted(rest.items()))
         print(f"{when}  {ev.get('member', '?'):<12}{ev.get('kind', '?'):<26}{detail}")
 
@@ -119,3 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print("failoverctl: give --config, or --etcd and --cluster", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(_run(args, etcd, cluster))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

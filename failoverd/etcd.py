@@ -82,6 +82,13 @@ class EtcdStore:
         manager = ConnectionManager(
             settings.endpoints, keepalive_time_ms=2_000, keepalive_timeout_ms=2_000
         )
+        # gRPC's default reconnect backoff grows to 120 s: far too slow to
+        # notice an etcd member that came back.  Keep it within a lease TTL.
+        manager.grpc_options += [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
         self._channel = manager.get_channel(**tls, tls_server_name=settings.tls_server_name)
         self._kv_svc = KVService(self._channel)
         self._lease_svc = LeaseService(self._channel)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
@@ -18,17 +17,6 @@ from failoverd.model import Keyspace, to_json
 from failoverd.store import Put, Store, StoreError
 
 log = structlog.get_logger("failoverd.history")
-
-
-@dataclass(frozen=True)
-class Event:
-    ts: float
-    kind: str
-    member: str
-    fields: dict[str, object]
-
-    def to_dict(self) -> dict[str, object]:
-        return {**self.fields, "ts": self.ts, "kind": self.kind, "member": self.member}
 
 
 class History:
@@ -47,8 +35,8 @@ class History:
         # Strictly increasing per member so two events never share a key.
         ns = max(int(now * 1e9), self._last_ns + 1)
         self._last_ns = ns
-        body = {**fields, "ts": now, "kind": kind, "member": self._member,
-                "region": self._region}
+        body = {"member_region": self._region, **fields, "ts": now, "kind": kind,
+                "member": self._member}
         return Put(self._keys.history_event(ns, self._member), to_json(body))
 
     async def record(self, kind: str, **fields: object) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -27,12 +27,14 @@ class KeptLease:
     """Keeps one lease alive; :meth:`run` raises :class:`LeaseLost` at the end."""
 
     def __init__(self, store: Store, lease_id: int, ttl: int, granted_at: float,
-                 margin_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 margin_s: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.id = lease_id
         self.ttl = ttl
         self._store = store
         self._margin = margin_s
         self._clock = clock
+        self._sleep = sleep
         self.deadline = granted_at + ttl - margin_s
         self.renewals = 0
 
@@ -48,7 +50,7 @@ class KeptLease:
         while True:
             # Sleep to the next renewal, but never past the deadline: we must
             # notice expiry on time even when nothing else wakes us.
-            await asyncio.sleep(max(min(interval, self.remaining()), 0))
+            await self._sleep(max(min(interval, self.remaining()), 0))
             if not self.valid():
                 raise LeaseLost(f"lease {self.id:x} passed its local deadline")
             sent = self._clock()

@@ -123,12 +123,14 @@ class RoleReconciler:
         action = "promote" if role == "active" else "demote"
         bound = log.bind(group=group.name, epoch=rec.epoch, role=role)
         bound.info(f"{action} starting", command=argv)
-        await self._history.record(f"{action}_started", group=group.name, epoch=rec.epoch)
+        await self._history.record(f"{action}_started", group=group.name, region=s.region,
+                                   epoch=rec.epoch)
         result = await run_hook(argv, group=group.name, region=s.region, epoch=rec.epoch,
                                 role=role, timeout_s=group.hook_timeout_s,
                                 attempts=group.hook_attempts)
         fields: dict[str, object] = {
-            "group": group.name, "epoch": rec.epoch, "attempts": result.attempts,
+            "group": group.name, "region": s.region, "epoch": rec.epoch,
+            "attempts": result.attempts,
             "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
         }
         if result.ok:

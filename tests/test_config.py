@@ -1,0 +1,88 @@
+"""Config loading: the DESIGN.md shape, every error with its location."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from failoverd.config import ConfigError, Overrides, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = ROOT / "deploy" / "failoverd.toml"
+
+
+def test_design_example_loads() -> None:
+    s = load_settings(GOOD, Overrides())
+    assert s.cluster == "prod" and s.member == "east-1" and s.region == "east"
+    assert [r.name for r in s.regions] == ["east", "west"]
+    assert s.groups[0].routes[1].kind == "dns"
+    assert s.policy.failback == "manual"
+
+
+def test_overrides_beat_the_file_and_env_fills_gaps() -> None:
+    env = Overrides.from_env({"FAILOVERD_MEMBER": "west-9", "FAILOVERD_REGION": "west",
+                              "FAILOVERD_API_LISTEN": "127.0.0.1:9999"})
+    s = load_settings(GOOD, Overrides(member="west-2").over(env))
+    assert (s.member, s.region, s.api.listen) == ("west-2", "west", "127.0.0.1:9999")
+
+
+def _errors(tmp_path: Path, text: str) -> list[str]:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(p, Overrides())
+    return info.value.errors
+
+
+BASE = 'cluster = "c"\nmember = "m"\nregion = "east"\n[[regions]]\nname = "east"\n'
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ('[[regions]]\nname = "west"\n[[regions.probes]]\nkind = "http"\ntarget = "x"\n'
+     'interval_s = 0\n', "regions[1].probes[0].interval_s: must be > 0"),
+    ('[etcd]\nlease_ttl_s = 1\n', "etcd.lease_ttl_s: must be >= 2"),
+    ('colour = "blue"\n', "colour: unknown setting"),
+    ('[[groups]]\nname = "app"\nregions = ["east", "south"]\n',
+     "groups[0].regions: unknown region 'south'"),
+    ('[policy]\nfailback = "sometimes"\n', "policy.failback: Input should be 'manual' or 'auto'"),
+    ('[[groups]]\nname = "app"\nregions = ["east"]\n[[groups.routes]]\nkind = "dns"\n'
+     'server = "s"\nzone = "z."\nname = "n"\naddresses = { east = [] }\n',
+     "groups[0].routes[0]: regions with no addresses: east"),
+    ('[[regions.probes]]\nkind = "tcp"\ntarget = "x"\ninterval_s = 1\ntimeout_s = 2\n',
+     "regions[0].probes[0]: timeout_s must not exceed interval_s"),
+])
+def test_errors_name_their_location(tmp_path: Path, extra: str, expected: str) -> None:
+    errors = _errors(tmp_path, BASE + extra)
+    assert any(e.startswith(expected) or expected in e for e in errors), errors
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    errors = _errors(tmp_path, BASE.replace('"east"\n[[', '"nowhere"\n[[') +
+                     '[etcd]\nlease_ttl_s = 0\n[policy]\ncooldown_s = -1\n')
+    assert "etcd.lease_ttl_s: must be >= 2" in errors
+    assert "policy.cooldown_s: must be >= 0" in errors
+    assert "region: 'nowhere' is not one of the [[regions]]" in errors
+
+
+def test_broken_toml_says_where(tmp_path: Path) -> None:
+    errors = _errors(tmp_path, BASE + "[policy\n")
+    assert len(errors) == 1 and "line 6" in errors[0]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.toml", Overrides())
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + "[etcd]\nlease_ttl_s = 1\n")
+    run = [sys.executable, "-m", "failoverd", "check-config"]
+    ok = subprocess.run([*run, str(GOOD)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    err = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
+    assert err.returncode == 1
+    assert "etcd.lease_ttl_s: must be >= 2" in err.stderr

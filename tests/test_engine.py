@@ -1,0 +1,215 @@
+"""The pure decision engine: table-driven rules and hypothesis properties."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from failoverd.engine import Alert, GroupPolicy, Policy, SetActive, decide
+from failoverd.model import (
+    AUTOMATIC_TRIGGERS,
+    ActiveRecord,
+    ClusterView,
+    ControlState,
+    MemberRecord,
+)
+
+NOW = 1_000_000.0
+REGIONS = ("east", "west", "central")
+
+
+def policy(**kw: object) -> Policy:
+    base = Policy(
+        priorities=(("east", 100), ("west", 50), ("central", 50)),
+        groups=(GroupPolicy("app", ("east", "west", "central")),),
+        cooldown_s=300, max_auto_failovers_per_hour=3, failback="manual",
+        failback_stable_s=60, bootstrap_grace_s=10, member_loss_grace_s=0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]] | None = None,
+         *, paused: bool = False, drained: frozenset[str] = frozenset(),
+         auto: tuple[float, ...] = (), started: float = NOW - 3600,
+         absent_since: dict[str, float] | None = None) -> ClusterView:
+    return ClusterView(
+        revision=1, coordinator=None,
+        members={m: MemberRecord(m, r, "0", "", started) for m, r in members.items()},
+        active={g: ActiveRecord(region=r, epoch=e, since=s, reason="", term=1, trigger=t,
+                                mod_revision=7)
+                for g, (r, e, s, t) in (active or {}).items()},
+        control=ControlState(paused=paused, drained=drained, auto_failovers=auto),
+        absent_since=absent_since or {},
+    )
+
+
+ALL = {"e1": "east", "w1": "west", "c1": "central"}
+EAST_ACTIVE = {"app": ("east", 4, NOW - 10_000, "bootstrap")}
+NO_EAST = {"w1": "west", "c1": "central"}
+
+
+def changes(v: ClusterView, p: Policy | None = None) -> list[tuple[str, str, int, str]]:
+    d = decide(v, p or policy(), NOW)
+    return [(c.group, c.region, c.epoch, c.trigger) for c in d.changes]
+
+
+def alerts(v: ClusterView, p: Policy | None = None) -> list[str]:
+    return [i.group for i in decide(v, p or policy(), NOW).intents if isinstance(i, Alert)]
+
+
+CASES: list[tuple[str, ClusterView, Policy, list[tuple[str, str, int, str]], list[str]]] = [
+    ("bootstrap picks the highest priority region with members",
+     view(ALL), policy(), [("app", "east", 1, "bootstrap")], []),
+    ("bootstrap skips a drained region",
+     view(ALL, drained=frozenset({"east"})), policy(), [("app", "central", 1, "bootstrap")], []),
+    ("bootstrap ties on priority break by name",
+     view(NO_EAST, started=NOW - 60), policy(), [("app", "central", 1, "bootstrap")], []),
+    ("bootstrap waits for missing regions within the grace",
+     view(NO_EAST, started=NOW - 2), policy(), [], []),
+    ("bootstrap does not wait when every region is present",
+     view(ALL, started=NOW - 1), policy(), [("app", "east", 1, "bootstrap")], []),
+    ("bootstrap with no live member alerts",
+     view({}), policy(), [], ["app"]),
+    ("paused: no bootstrap", view(ALL, paused=True), policy(), [], []),
+    ("healthy active region: nothing to do", view(ALL, EAST_ACTIVE), policy(), [], []),
+    ("member loss fails over to the best candidate",
+     view(NO_EAST, EAST_ACTIVE), policy(), [("app", "central", 5, "member_loss")], []),
+    ("member loss within its grace holds",
+     view(NO_EAST, EAST_ACTIVE, absent_since={"east": NOW - 3}),
+     policy(member_loss_grace_s=5), [], []),
+    ("member loss past its grace fails over",
+     view(NO_EAST, EAST_ACTIVE, absent_since={"east": NOW - 6}),
+     policy(member_loss_grace_s=5), [("app", "central", 5, "member_loss")], []),
+    ("member loss while paused holds",
+     view(NO_EAST, EAST_ACTIVE, paused=True), policy(), [], []),
+    ("member loss in cooldown after an automatic failover holds",
+     view(NO_EAST, {"app": ("east", 4, NOW - 100, "member_loss")}), policy(), [], []),
+    ("cooldown does not apply after a bootstrap or operator change",
+     view(NO_EAST, {"app": ("east", 4, NOW - 100, "operator")}), policy(),
+     [("app", "central", 5, "member_loss")], []),
+    ("cooldown over: fail over",
+     view(NO_EAST, {"app": ("east", 4, NOW - 301, "member_loss")}), policy(),
+     [("app", "central", 5, "member_loss")], []),
+    ("cluster-wide limit reached: alert, no change",
+     view(NO_EAST, EAST_ACTIVE, auto=(NOW - 10, NOW - 20, NOW - 30)), policy(), [], ["app"]),
+    ("the limit counts only the last hour",
+     view(NO_EAST, EAST_ACTIVE, auto=(NOW - 4000, NOW - 5000, NOW - 30)), policy(),
+     [("app", "central", 5, "member_loss")], []),
+    ("no candidate: alert and stay",
+     view({"w1": "west"}, EAST_ACTIVE, drained=frozenset({"west"})), policy(), [], ["app"]),
+    ("a drained region is never a candidate",
+     view(NO_EAST, EAST_ACTIVE, drained=frozenset({"central"})), policy(),
+     [("app", "west", 5, "member_loss")], []),
+    ("active region removed from the group by config moves",
+     view(ALL, EAST_ACTIVE), policy(groups=(GroupPolicy("app", ("west", "central")),)),
+     [("app", "central", 5, "config")], []),
+    ("failback manual: stay on the lower-priority region",
+     view(ALL, {"app": ("west", 5, NOW - 10_000, "member_loss")}), policy(), [], []),
+    ("failback auto: back to the preferred region once stable",
+     view(ALL, {"app": ("west", 5, NOW - 10_000, "member_loss")}),
+     policy(failback="auto"), [("app", "east", 6, "failback")], []),
+    ("failback auto: not before the preferred region is stable",
+     view(ALL, {"app": ("west", 5, NOW - 10_000, "member_loss")}, started=NOW - 30),
+     policy(failback="auto"), [], []),
+    ("failback auto: not while paused",
+     view(ALL, {"app": ("west", 5, NOW - 10_000, "member_loss")}, paused=True),
+     policy(failback="auto"), [], []),
+]
+
+
+@pytest.mark.parametrize(("name", "v", "p", "want", "want_alerts"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_rule(name: str, v: ClusterView, p: Policy, want: list[tuple[str, str, int, str]],
+              want_alerts: list[str]) -> None:
+    assert changes(v, p) == want
+    assert alerts(v, p) == want_alerts
+
+
+def test_budget_is_shared_by_groups_in_one_cycle() -> None:
+    p = policy(groups=(GroupPolicy("a", ("east", "west")), GroupPolicy("b", ("east", "west"))),
+               max_auto_failovers_per_hour=1)
+    v = view({"w1": "west"}, {"a": ("east", 1, NOW - 10_000, "bootstrap"),
+                              "b": ("east", 1, NOW - 10_000, "bootstrap")})
+    d = decide(v, p, NOW)
+    assert [c.group for c in d.changes] == ["a"]
+    assert [i.group for i in d.intents if isinstance(i, Alert)] == ["b"]
+
+
+def test_reason_is_one_line_naming_every_group() -> None:
+    p = policy(groups=(GroupPolicy("a", ("east", "west")), GroupPolicy("b", ("west",))))
+    d = decide(view(NO_EAST, {"a": ("east", 1, NOW - 10_000, "bootstrap")}), p, NOW)
+    assert "\n" not in d.reason
+    assert d.reason.startswith("a: failover east -> west") and "b: bootstrap -> west" in d.reason
+
+
+# -- properties -----------------------------------------------------------
+
+region_sets = st.frozensets(st.sampled_from(REGIONS))
+members_st = st.dictionaries(st.sampled_from(["m1", "m2", "m3", "m4"]),
+                             st.sampled_from(REGIONS), max_size=4)
+active_st = st.none() | st.tuples(
+    st.sampled_from(REGIONS), st.integers(1, 50), st.floats(NOW - 5000, NOW),
+    st.sampled_from(["bootstrap", "member_loss", "operator", "failback"]))
+policy_st = st.builds(
+    lambda cd, mx, fb, bg: policy(cooldown_s=cd, max_auto_failovers_per_hour=mx, failback=fb,
+                                  bootstrap_grace_s=bg),
+    st.floats(0, 1000), st.integers(0, 5), st.sampled_from(["manual", "auto"]),
+    st.floats(0, 100))
+
+
+@st.composite
+def views(draw: st.DrawFn) -> ClusterView:
+    act = draw(active_st)
+    return view(draw(members_st), {"app": act} if act else {}, paused=draw(st.booleans()),
+                drained=draw(region_sets),
+                auto=tuple(draw(st.lists(st.floats(NOW - 7200, NOW), max_size=5))),
+                started=draw(st.floats(NOW - 5000, NOW)))
+
+
+@given(views(), policy_st)
+def test_property_chosen_region_is_a_valid_candidate(v: ClusterView, p: Policy) -> None:
+    for c in decide(v, p, NOW).changes:
+        assert c.region in p.groups[0].regions
+        assert c.region in v.regions_with_members()
+        assert c.region not in v.control.drained
+        assert not v.control.paused
+        prev = v.active.get(c.group)
+        if prev is not None:
+            assert c.region != prev.region
+            assert c.epoch == prev.epoch + 1
+        else:
+            assert c.epoch == 1
+
+
+@given(views(), policy_st)
+def test_property_decision_is_a_function_of_its_inputs(v: ClusterView, p: Policy) -> None:
+    assert decide(v, p, NOW) == decide(v, p, NOW)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.floats(1, 120), region_sets), min_size=1, max_size=40),
+       st.floats(0, 600), st.integers(0, 4))
+def test_property_no_two_automatic_failovers_within_cooldown(
+        steps: list[tuple[float, frozenset[str]]], cooldown: float, per_hour: int) -> None:
+    """Simulate membership churn over time, committing every decision as the
+    coordinator would; automatic failovers of the group respect the cooldown
+    and the hourly limit."""
+    p = policy(cooldown_s=cooldown, max_auto_failovers_per_hour=per_hour, bootstrap_grace_s=0)
+    now = NOW
+    rec: ActiveRecord | None = None
+    auto: list[float] = []
+    for dt, up in steps:
+        now += dt
+        v = view({f"m-{r}": r for r in up}, {}, started=now - 10_000, auto=tuple(auto))
+        if rec is not None:
+            v = replace(v, active={"app": rec})
+        for c in decide(v, p, now).changes:
+            assert isinstance(c, SetActive)
+            if c.trigger in AUTOMATIC_TRIGGERS:
+                assert not auto or now - auto[-1] >= cooldown
+                assert sum(1 for t in auto if now - t < 3600) < per_hour
+                auto.append(now)
+            rec = ActiveRecord(c.region, c.epoch, now, c.reason, 1, c.trigger)

@@ -1,0 +1,68 @@
+"""Hook runner: environment, retries with backoff, timeouts (real processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from failoverd.hooks import run_hook
+from tests.harness import wait_until
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    p = tmp_path / "hook.sh"
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return [str(p)]
+
+
+async def test_environment_reaches_the_hook(tmp_path: Path) -> None:
+    argv = _script(tmp_path, 'echo "$FAILOVERD_GROUP $FAILOVERD_REGION $FAILOVERD_EPOCH '
+                             '$FAILOVERD_ROLE"\n')
+    r = await run_hook(argv, group="app", region="west", epoch=7, role="active",
+                       timeout_s=5, attempts=1)
+    assert r.ok and r.attempts == 1 and r.output.strip() == "app west 7 active"
+
+
+async def test_retried_until_it_succeeds(tmp_path: Path) -> None:
+    count = tmp_path / "n"
+    argv = _script(tmp_path, f'echo x >> {count}\n[ "$(wc -l < {count})" -ge 3 ]\n')
+    r = await run_hook(argv, group="g", region="r", epoch=1, role="active", timeout_s=5,
+                       attempts=5, backoff_s=0.01)
+    assert r.ok and r.attempts == 3
+
+
+async def test_gives_up_after_its_attempts(tmp_path: Path) -> None:
+    argv = _script(tmp_path, "echo broken; exit 3\n")
+    r = await run_hook(argv, group="g", region="r", epoch=1, role="standby", timeout_s=5,
+                       attempts=2, backoff_s=0.01)
+    assert not r.ok and r.attempts == 2 and r.returncode == 3 and "broken" in r.output
+
+
+async def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    argv = _script(tmp_path, f"sleep 30 &\necho $! > {pidfile}\nwait\n")
+    r = await run_hook(argv, group="g", region="r", epoch=1, role="active", timeout_s=0.5,
+                       attempts=1)
+    assert not r.ok and r.returncode is None and r.duration_s < 2
+    # The background child was in the killed process group too.
+    child = int(pidfile.read_text())
+
+    async def child_dead() -> bool:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return True
+        return state in {"Z", "X"}
+    await wait_until(child_dead, 2, "the hook's child to be killed")
+
+
+async def test_missing_executable_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    r = await run_hook([str(tmp_path / "nope")], group="g", region="r", epoch=1,
+                       role="active", timeout_s=1, attempts=2, backoff_s=0.01)
+    assert not r.ok and "cannot run" in r.output
+
+
+async def test_no_hook_configured_is_success() -> None:
+    r = await run_hook([], group="g", region="r", epoch=1, role="active", timeout_s=1,
+                       attempts=1)
+    assert r.ok and r.attempts == 0

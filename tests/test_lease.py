@@ -1,0 +1,64 @@
+"""The lease keeper's clock logic, with a scripted store and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from failoverd.lease import KeptLease, LeaseLost
+from failoverd.store import LeaseNotFound, StoreError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def fake_sleep(clock: Clock):
+    async def sleep(seconds: float) -> None:
+        clock.t += seconds
+        await asyncio.sleep(0)
+    return sleep
+
+
+class SlowStore:
+    """keepalive takes ``delay`` fake seconds, then answers ``ttl`` or raises."""
+
+    def __init__(self, clock: Clock, answers: list[int | Exception], delay: float) -> None:
+        self.clock, self.answers, self.delay = clock, answers, delay
+        self.sent_at: list[float] = []
+
+    async def keepalive(self, lease: int) -> int:
+        self.sent_at.append(self.clock.t)
+        self.clock.t += self.delay
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+async def test_deadline_counts_from_send_not_from_answer() -> None:
+    clock = Clock()
+    store = SlowStore(clock, [10, LeaseNotFound("gone")], delay=3.0)
+    lease = KeptLease(store, 1, 10, granted_at=clock.t, margin_s=0.5, clock=clock,  # type: ignore[arg-type]
+                       sleep=fake_sleep(clock))
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(lease.run(), 5)
+    # First renewal sent at sent_at[0], answered 3 s later: the deadline is
+    # sent_at[0] + ttl - margin, not answer time + ttl - margin.
+    assert lease.deadline == store.sent_at[0] + 10 - 0.5
+
+
+async def test_failed_keepalives_end_the_lease_at_the_deadline() -> None:
+    clock = Clock()
+    store = SlowStore(clock, [StoreError("down")] * 100, delay=1.0)
+    lease = KeptLease(store, 1, 3, granted_at=clock.t, margin_s=0.5, clock=clock,  # type: ignore[arg-type]
+                       sleep=fake_sleep(clock))
+    with pytest.raises(LeaseLost, match="local deadline"):
+        await asyncio.wait_for(lease.run(), 5)
+    assert not lease.valid()
+    assert clock.t >= 100 + 3 - 0.5
