@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import EtcdCluster, LocalCluster, wait_until  # noqa: E402
+from tests.harness import EtcdCluster, LocalCluster, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 REGIONS = {"east": 100, "west": 50, "central": 25}
@@ -86,8 +86,10 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--exit", action="store_true", help="stop when the scenario is done")
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL in seconds (default 2)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".demo",
+                    help="where etcd data, configs and logs go (wiped first)")
     args = ap.parse_args()
-    work = ROOT / ".demo"
+    work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     etcd = EtcdCluster(work, size=3)

@@ -40,12 +40,20 @@ def etcd_binary() -> str:
 
 async def wait_until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str,
                      interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout``."""
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout``.
+
+    A store error inside ``cond`` (etcd restarting) counts as "not yet".
+    """
+    from failoverd.store import StoreError  # noqa: PLC0415
+
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
-        last = await cond()
-        if last:
+        try:
+            last = await cond()
+        except StoreError as exc:
+            last = exc
+        if last and not isinstance(last, StoreError):
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -218,6 +218,10 @@ async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluste
         c.add("w1", "west")
         before = await c.wait_active("app", "east", 10)
         await wait_until(lambda: _members(c, 2), 10, "members")
+
+        async def promoted() -> bool:
+            return any(h["member"] == "e1" and h["role"] == "active" for h in c.hooks())
+        await wait_until(promoted, 10, "e1 promoted")
         hooks_before = c.hooks()
         m = etcd.members[0]
         etcd.kill(m)
