@@ -1,8 +1,9 @@
 """Local role reconciliation: converge this member to the active records.
 
 When a group's record names our region at an epoch we have not yet applied,
-run ``promote``; when it stops naming our region and we were active, run
-``demote``.  What was applied is kept in a small state file so a restart
+run ``promote``; when it names another region and we do not know ourselves
+to be standby already, run ``demote`` (so a member that crashed mid-promote,
+or a new one, fences itself once).  What was applied is kept in a small state file so a restart
 does not re-run a promote already done for the same epoch.  With etcd out of
 reach nothing runs: the last applied role holds (static stability).
 """
@@ -114,7 +115,10 @@ class RoleReconciler:
                 return
             role, argv = "active", group.promote
         else:
-            if applied is None or applied.role != "active":
+            # Fence on doubt: demote unless we *know* we are standby already.
+            # A member that died mid-promote has no record of it and must not
+            # come back half-active.
+            if applied is not None and applied.role == "standby":
                 return
             role, argv = "standby", group.demote
         now = time.monotonic()

@@ -65,6 +65,11 @@ async def test_member_loss_fails_over_once_and_restart_does_not_repromote(
         c.add(m, r)
     before = await c.wait_active("app", "east", 10)
     await wait_until(lambda: _members(c, 4), 10, "four members")
+
+    async def east_promoted() -> bool:
+        return {("e1", "active"), ("e2", "active")} <= {(h["member"], h["role"])
+                                                         for h in c.hooks()}
+    await wait_until(east_promoted, 10, "east promoted")
     c.daemons["e1"].kill9()
     c.daemons["e2"].kill9()
     after = await c.wait_active("app", "west", c.ttl + 5)
@@ -219,9 +224,10 @@ async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluste
         before = await c.wait_active("app", "east", 10)
         await wait_until(lambda: _members(c, 2), 10, "members")
 
-        async def promoted() -> bool:
-            return any(h["member"] == "e1" and h["role"] == "active" for h in c.hooks())
-        await wait_until(promoted, 10, "e1 promoted")
+        async def settled() -> bool:
+            roles = {(h["member"], h["role"]) for h in c.hooks()}
+            return {("e1", "active"), ("w1", "standby")} <= roles
+        await wait_until(settled, 10, "e1 promoted and w1 demoted")
         hooks_before = c.hooks()
         m = etcd.members[0]
         etcd.kill(m)
