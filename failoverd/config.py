@@ -88,7 +88,15 @@ class ProbeSettings(_Model):
     timeout_s: PositiveFloat = 0.5
     fall: Annotated[int, Field(ge=1)] = 3
     rise: Annotated[int, Field(ge=1)] = 2
+    # A readiness probe answers "can this region take the load now?": it
+    # gates candidacy but never triggers a failover away from the region.
     readiness: bool = False
+    # http only: accepted status codes (default any 2xx/3xx), a substring the
+    # body must contain, and TLS verification.
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(default_factory=list)
+    body_match: str | None = None
+    tls_verify: bool = True
+    ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -178,6 +186,20 @@ class PolicySettings(_Model):
     # Detection after a crash is lease_ttl_s + this.
     member_loss_grace_s: Annotated[float, Field(ge=0)] = 5.0
     history_limit: Annotated[int, Field(ge=10)] = 1000
+    # Observer regions (other than the target) that must agree for a region
+    # to be judged down or up; 0 = a majority of the live observer regions.
+    health_quorum: Annotated[int, Field(ge=0)] = 0
+
+
+class ProbingSettings(_Model):
+    """How this member runs its probes (not how verdicts are judged)."""
+
+    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 32
+    # +/- this fraction of interval_s, so members do not probe in lockstep.
+    jitter: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    # An unchanged observation is re-published this often (a changed one at
+    # once): N members x M regions / refresh_s etcd writes per second.
+    refresh_s: Annotated[float, Field(ge=1)] = 30.0
 
 
 class LogSettings(_Model):
@@ -196,6 +218,7 @@ class Settings(_Model):
     regions: list[RegionSettings] = Field(min_length=1)
     groups: list[GroupSettings] = Field(default_factory=list)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    probing: ProbingSettings = Field(default_factory=ProbingSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -1,10 +1,11 @@
 """The daemon shell: one root TaskGroup, named tasks, one shutdown path.
 
 Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
-promote/demote), ``session`` (lease + membership + election + coordinator,
-rebuilt whenever the lease is lost), ``reload`` (SIGHUP) and ``shutdown``
-(SIGTERM/SIGINT).  On the way out the coordinator seat is resigned and the
-lease revoked so a successor takes over at once, not after a TTL.
+promote/demote), ``probes`` (health observations), ``session`` (lease +
+membership + election + coordinator, rebuilt whenever the lease is lost),
+``reload`` (SIGHUP) and ``shutdown`` (SIGTERM/SIGINT).  On the way out the
+coordinator seat is resigned and the lease revoked so a successor takes over
+at once, not after a TTL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from failoverd.etcd import EtcdStore
 from failoverd.history import History
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.model import Keyspace, MemberRecord
+from failoverd.probes import Prober
 from failoverd.roles import RoleReconciler
 from failoverd.store import Store, StoreError
 
@@ -81,6 +83,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self.lease: KeptLease | None = None
         self.coordinator: Coordinator | None = None
+        self.prober: Prober | None = None
 
     # -- signals ---------------------------------------------------------
     def request_stop(self) -> None:
@@ -105,11 +108,13 @@ class Daemon:
             await self.store.authenticate()
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
                                self.watcher.subscribe("groups/"))
+        self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.watcher.run(), name="watch")
                 tg.create_task(roles.run(), name="roles")
+                tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")
@@ -163,6 +168,8 @@ class Daemon:
         if ignored:
             log.warning("these settings need a restart to change", settings=ignored)
         self.settings = new.model_copy(update=fixed)
+        if self.prober is not None:
+            self.prober.reload()
         log.info("config reloaded", path=str(self._config_path))
         await self.history.record("config_reloaded", needs_restart=ignored)
         return True
@@ -246,6 +253,10 @@ class Daemon:
             await self.history.record("coordinator_stepped_down", term=term, reason=str(exc))
         finally:
             structlog.contextvars.unbind_contextvars("term")
+
+    def _live_lease(self) -> int | None:
+        lease = self.lease
+        return lease.id if lease is not None and lease.valid() else None
 
     def _policy(self) -> Policy:
         return Policy.from_settings(self.settings)

@@ -31,6 +31,8 @@ class Policy:
     failback_stable_s: float
     bootstrap_grace_s: float = 0.0
     member_loss_grace_s: float = 0.0
+    probed_regions: frozenset[str] = frozenset()  # regions with health probes
+    health_quorum: int = 0  # 0 = majority of the observer regions
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
@@ -43,6 +45,8 @@ class Policy:
             failback_stable_s=s.policy.failback_stable_s,
             bootstrap_grace_s=s.policy.bootstrap_grace_s,
             member_loss_grace_s=s.policy.member_loss_grace_s,
+            probed_regions=frozenset(r.name for r in s.regions if r.probes),
+            health_quorum=s.policy.health_quorum,
         )
 
     def priority(self, region: str) -> int:
@@ -86,17 +90,89 @@ class Decision:
         return tuple(i for i in self.intents if isinstance(i, SetActive))
 
 
+@dataclass(frozen=True)
+class RegionHealth:
+    """A region's health as judged by a quorum of observer regions.
+
+    ``verdict`` is ``up``/``down``/``unknown``, or ``unprobed`` for a region
+    with no health probes configured (then only membership counts).
+    ``votes`` is each observer region's view (the majority of its members).
+    """
+
+    region: str
+    verdict: str
+    ready: bool
+    up_since: float | None = None
+    votes: tuple[tuple[str, str], ...] = ()
+    quorum: int = 0
+
+    def describe(self) -> str:
+        votes = ", ".join(f"{r}:{v}" for r, v in self.votes) or "no observers"
+        remote = sum(1 for r, _ in self.votes if r != self.region)
+        return f"{self.verdict} (quorum {self.quorum} of {remote} remote regions; {votes})"
+
+
+def _majority(values: list[str]) -> str:
+    for v in ("up", "down"):
+        if sum(1 for x in values if x == v) * 2 > len(values):
+            return v
+    return "unknown"
+
+
+def region_health(view: ClusterView, policy: Policy, region: str) -> RegionHealth:
+    """Quorum verdict on ``region`` from the live members' observations.
+
+    Each observer region votes with the majority view of its members.  The
+    verdict needs ``quorum`` votes (default: a majority of the observer
+    regions other than the target) including at least one region other than
+    the target: the target's own view counts as one vote, never alone.
+    """
+    if region not in policy.probed_regions:
+        return RegionHealth(region, "unprobed", ready=True)
+    health: dict[str, list[str]] = {}
+    ready: dict[str, list[str]] = {}
+    since: dict[str, list[float]] = {}
+    for (member, target), obs in view.observations.items():
+        m = view.members.get(member)
+        if target != region or m is None:
+            continue
+        health.setdefault(m.region, []).append(obs.verdict)
+        ready.setdefault(m.region, []).append("up" if obs.ready else "down")
+        if obs.verdict == "up":
+            since.setdefault(m.region, []).append(obs.since)
+    votes = {r: _majority(v) for r, v in sorted(health.items())}
+    ready_votes = {r: _majority(v) for r, v in ready.items()}
+    others = [r for r in votes if r != region]
+    quorum = policy.health_quorum or len(others) // 2 + 1
+
+    def judged(value: str, by: dict[str, str]) -> bool:
+        n = sum(1 for r in others if by.get(r) == value)
+        return n >= 1 and n + (1 if by.get(region) == value else 0) >= quorum
+
+    verdict = "down" if judged("down", votes) else "up" if judged("up", votes) else "unknown"
+    up_since = None
+    if verdict == "up":
+        up_since = max(t for r, v in votes.items() if v == "up" for t in since.get(r, [0.0]))
+    return RegionHealth(region, verdict, judged("up", ready_votes), up_since,
+                        tuple(votes.items()), quorum)
+
+
 def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
                exclude: str | None) -> list[str]:
     """Regions of ``group`` that may take the load, best first.
 
-    A candidate has live members and is not drained (later rules add health,
-    power and readiness).  Best = highest priority, then name, so the choice
-    is deterministic.
+    A candidate has live members, is not drained, and — when it has probes —
+    is up by quorum and ready.  Best = highest priority, then name, so the
+    choice is deterministic.
     """
     alive = view.regions_with_members()
-    ok = [r for r in group.regions
-          if r != exclude and r in alive and r not in view.control.drained]
+    ok = []
+    for r in group.regions:
+        if r == exclude or r not in alive or r in view.control.drained:
+            continue
+        h = region_health(view, policy, r)
+        if h.verdict in {"up", "unprobed"} and h.ready:
+            ok.append(r)
     return sorted(ok, key=lambda r: (-policy.priority(r), r))
 
 
@@ -109,26 +185,36 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
                   auto_budget: int) -> tuple[Intent | None, str]:
     rec = view.active.get(group.name)
     if rec is None:
-        best = candidates(view, policy, group, exclude=None)
         if view.control.paused:
             return None, "no active region; paused, not bootstrapping"
+        # At a cold start daemons come up, and probes settle, in any order:
+        # give every region a moment to register and be judged before
+        # picking one, so the preferred region is not passed over.
+        alive = view.regions_with_members()
+        pending = [r for r in group.regions if r not in alive
+                   or region_health(view, policy, r).verdict == "unknown"]
+        oldest = min((m.started for m in view.members.values()), default=now)
+        if pending and now - oldest < policy.bootstrap_grace_s:
+            return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
+                          f"for {', '.join(pending)} before bootstrapping")
+        best = candidates(view, policy, group, exclude=None)
         if not best:
             return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
-        # At a cold start daemons come up in any order: give the preferred
-        # regions a moment to register before picking one.
-        missing = [r for r in group.regions if r not in view.regions_with_members()]
-        oldest = min((m.started for m in view.members.values()), default=now)
-        if missing and now - oldest < policy.bootstrap_grace_s:
-            return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
-                          f"for {', '.join(missing)} before bootstrapping")
         return (SetActive(group.name, best[0], 1, "bootstrap",
                           f"bootstrap: {best[0]} is the best region with live members", None),
                 f"bootstrap -> {best[0]}")
 
     why: str | None = None
     trigger = ""
+    health = region_health(view, policy, rec.region)
     if rec.region not in group.regions:
         why, trigger = f"{rec.region} is no longer in the group", "config"
+    elif health.verdict == "down":
+        why, trigger = f"{rec.region} is {health.describe()}", "health"
+    elif not view.members_in(rec.region) and health.verdict == "up":
+        # Only the failoverd daemons are gone; the region itself answers.
+        return None, (f"{rec.region} active (epoch {rec.epoch}): no members, but "
+                      f"{health.describe()}; holding")
     elif not view.members_in(rec.region):
         gone_for = now - view.absent_since.get(rec.region, now)
         if gone_for >= policy.member_loss_grace_s:
@@ -139,7 +225,9 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
 
     here = f"{rec.region} active (epoch {rec.epoch})"
     if why is None:
-        return _consider_failback(view, policy, group, rec, now, auto_budget, here)
+        status = "ok" if health.verdict == "unprobed" else health.verdict
+        return _consider_failback(view, policy, group, rec, now, auto_budget,
+                                  f"{here}, {status}")
 
     best = candidates(view, policy, group, exclude=rec.region)
     if view.control.paused:
@@ -162,17 +250,17 @@ def _consider_failback(view: ClusterView, policy: Policy, group: GroupPolicy,
                        rec: ActiveRecord, now: float, auto_budget: int,
                        here: str) -> tuple[Intent | None, str]:
     if policy.failback != "auto" or view.control.paused or auto_budget <= 0:
-        return None, f"{here}, ok"
+        return None, here
     best = candidates(view, policy, group, exclude=None)
     if not best or best[0] == rec.region or policy.priority(best[0]) <= policy.priority(
             rec.region):
-        return None, f"{here}, ok"
+        return None, here
     target = best[0]
-    since = _region_stable_since(view, target)
+    since = region_health(view, policy, target).up_since or _region_stable_since(view, target)
     if since is None or now - since < policy.failback_stable_s:
-        return None, f"{here}, ok; {target} preferred but not stable yet"
+        return None, f"{here}; {target} preferred but not stable yet"
     if now - rec.since < policy.cooldown_s:
-        return None, f"{here}, ok; failback to {target} waits for cooldown"
+        return None, f"{here}; failback to {target} waits for cooldown"
     return (SetActive(group.name, target, rec.epoch + 1, "failback",
                       f"failback: {target} has priority and is stable", rec),
             f"failback {rec.region} -> {target}")

@@ -41,7 +41,8 @@ class HookFailed(Exception):
         super().__init__(f"exit status {returncode}" if returncode is not None else "timed out")
 
 
-async def _run_once(argv: Sequence[str], env: Mapping[str, str], timeout_s: float) -> str:
+async def run_once(argv: Sequence[str], env: Mapping[str, str], timeout_s: float) -> str:
+    """Run once; the output tail on exit 0, else :class:`HookFailed`."""
     proc = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -84,7 +85,7 @@ async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, 
             with attempt:
                 tries += 1
                 try:
-                    out = await _run_once(argv, env, timeout_s)
+                    out = await run_once(argv, env, timeout_s)
                 except OSError as exc:
                     raise HookFailed(None, f"cannot run {argv[0]}: {exc.strerror}") from exc
                 except HookFailed as exc:

@@ -39,6 +39,9 @@ class Keyspace:
     def member(self, member: str) -> str:
         return f"{self.prefix}members/{member}"
 
+    def observation(self, member: str, target: str) -> str:
+        return f"{self.prefix}observations/{member}/{target}"
+
     def active(self, group: str) -> str:
         return f"{self.prefix}groups/{group}/active"
 
@@ -102,6 +105,26 @@ class ActiveRecord:
 
 
 @dataclass(frozen=True)
+class Observation:
+    """What one member's probes say about one region."""
+
+    member: str
+    target: str
+    verdict: str  # "up" | "down" | "unknown"
+    ready: bool
+    since: float  # when this member's verdict last changed
+    checked_at: float
+    latency_ms: float = 0.0
+    detail: str = ""
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("member")
+        d.pop("target")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
 class CoordinatorRecord:
     member: str
     term: int  # the coordinator key's create_revision
@@ -127,6 +150,8 @@ class ClusterView:
     active: Mapping[str, ActiveRecord]
     control: ControlState
     problems: tuple[str, ...] = field(default=())
+    # (observer member, target region) -> what that member's probes say.
+    observations: Mapping[tuple[str, str], Observation] = field(default_factory=dict)
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
@@ -181,6 +206,19 @@ def parse_active(kv: KeyValue) -> ActiveRecord:
     )
 
 
+def parse_observation(member: str, target: str, kv: KeyValue) -> Observation:
+    d = _obj(kv)
+    verdict = _str(d, "verdict")
+    if verdict not in {"up", "down", "unknown"}:
+        raise ValueError(f"unknown verdict {verdict!r}")
+    return Observation(
+        member=member, target=target, verdict=verdict, ready=bool(d.get("ready", False)),
+        since=_num(d, "since"), checked_at=_num(d, "checked_at"),
+        latency_ms=float(d.get("latency_ms", 0.0) or 0.0),  # type: ignore[arg-type]
+        detail=str(d.get("detail", "")),
+    )
+
+
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     coordinator: CoordinatorRecord | None = None
     members: dict[str, MemberRecord] = {}
@@ -189,6 +227,7 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     drained: set[str] = set()
     auto: tuple[float, ...] = ()
     auto_rev = 0
+    observations: dict[tuple[str, str], Observation] = {}
     problems: list[str] = []
     p = keys.prefix
     for kv in snap.kvs:
@@ -201,6 +240,9 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
             elif rel.startswith("members/"):
                 rec = parse_member(kv)
                 members[rec.member] = rec
+            elif rel.startswith("observations/"):
+                member, _, target = rel[len("observations/"):].partition("/")
+                observations[(member, target)] = parse_observation(member, target, kv)
             elif rel.startswith("groups/") and rel.endswith("/active"):
                 active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
             elif rel == "control/paused":
@@ -225,4 +267,6 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
             auto_failovers_mod_revision=auto_rev,
         ),
         problems=tuple(problems),
+        # An observation counts only while its member is alive.
+        observations={k: o for k, o in observations.items() if k[0] in members},
     )

@@ -151,9 +151,14 @@ class EtcdCluster:
             self.kill(m)
 
 
+def _toml(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+
 def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dict[str, int],
                  groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
-                 ttl: int = 2, policy: dict[str, Any] | None = None) -> Path:
+                 ttl: int = 2, policy: dict[str, Any] | None = None,
+                 probes: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     """A TOML config shared by every member (member/region come from flags)."""
     first = next(iter(regions))
     lines = [
@@ -164,6 +169,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
     ]
     for name, prio in regions.items():
         lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}", ""]
+        for probe in (probes or {}).get(name, []):
+            lines += ["[[regions.probes]]", *(f"{k} = {_toml(v)}" for k, v in probe.items()), ""]
     for name, members in groups.items():
         lines += ["[[groups]]", f'name = "{name}"', f"regions = {json.dumps(members)}",
                   "hook_timeout_s = 5", "hook_attempts = 2"]
@@ -173,7 +180,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
     pol = {"cooldown_s": 0, "tick_s": 0.5, "bootstrap_grace_s": 2,
            "member_loss_grace_s": 0, **(policy or {})}
     lines.append("[policy]")
-    lines += [f"{k} = {json.dumps(v)}" for k, v in pol.items()]
+    lines += [f"{k} = {_toml(v)}" for k, v in pol.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -262,7 +269,8 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, cluster: str, endpoints: list[str],
                  regions: dict[str, int], groups: dict[str, list[str]], ttl: int = 2,
-                 policy: dict[str, Any] | None = None) -> None:
+                 policy: dict[str, Any] | None = None,
+                 probes: dict[str, list[dict[str, Any]]] | None = None) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -270,17 +278,23 @@ class LocalCluster:
         self.workdir = workdir
         self.hook_log = workdir / "hooks.jsonl"
         hook = write_hook(workdir / "hook.sh", self.hook_log)
-        self.config = write_config(
-            workdir / "failoverd.toml", cluster=cluster, endpoints=endpoints, regions=regions,
-            groups=groups, state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy,
+        self._config_args: dict[str, Any] = dict(
+            cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
+            state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
         )
+        self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl
         self.keys = Keyspace(cluster)
         self.store = EtcdStore(EtcdSettings(endpoints=endpoints, timeout_s=1.0))
         self.daemons: dict[str, DaemonProc] = {}
 
-    def add(self, member: str, region: str, env: dict[str, str] | None = None) -> DaemonProc:
-        d = DaemonProc(member, region, self.config, self.workdir / f"{member}.log",
+    def config_variant(self, name: str, **changes: Any) -> Path:
+        """A config file for some members only (e.g. other probe targets)."""
+        return write_config(self.workdir / f"{name}.toml", **{**self._config_args, **changes})
+
+    def add(self, member: str, region: str, env: dict[str, str] | None = None,
+            config: Path | None = None) -> DaemonProc:
+        d = DaemonProc(member, region, config or self.config, self.workdir / f"{member}.log",
                        env=env or {})
         self.daemons[member] = d
         return d.start()
@@ -320,3 +334,103 @@ class LocalCluster:
         for d in self.daemons.values():
             d.stop()
         await self.store.close()
+
+
+class HttpService:
+    """A region's application, served from the test process on loopback.
+
+    ``mode``: ``ok`` (200, body names the region), ``fail`` (503), or
+    ``flap`` (fails during alternate ``flap_s`` periods).  ``stop()`` closes
+    the port (connection refused).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.flap_s = 0.3
+        self.hits = 0
+        self.port = free_port()
+        self._runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+    def healthy_now(self) -> bool:
+        if self.mode == "flap":
+            return int(time.monotonic() / self.flap_s) % 2 == 0
+        return self.mode == "ok"
+
+    async def start(self) -> HttpService:
+        from aiohttp import web  # noqa: PLC0415
+
+        async def health(_: web.Request) -> web.Response:
+            self.hits += 1
+            if self.healthy_now():
+                return web.Response(text=f"region {self.name}\n")
+            return web.Response(status=503, text="unhealthy\n")
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target; ``cut()`` makes it drop everything
+    (one observer's view of a region, severed)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.cut_off = False
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        return self
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    if self.cut_off:
+                        break
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def http_probe(url: str, **kw: Any) -> dict[str, Any]:
+    """A fast probe: 0.2 s interval, fall 3, rise 2 (detection window 0.6 s)."""
+    return {"kind": "http", "target": url, "interval_s": 0.2, "timeout_s": 0.15, "fall": 3,
+            "rise": 2, **kw}

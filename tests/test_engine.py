@@ -71,8 +71,10 @@ CASES: list[tuple[str, ClusterView, Policy, list[tuple[str, str, int, str]], lis
      view(NO_EAST, started=NOW - 2), policy(), [], []),
     ("bootstrap does not wait when every region is present",
      view(ALL, started=NOW - 1), policy(), [("app", "east", 1, "bootstrap")], []),
-    ("bootstrap with no live member alerts",
-     view({}), policy(), [], ["app"]),
+    ("bootstrap with no candidate alerts once the grace is over",
+     view({"w1": "west"}, drained=frozenset({"west"})), policy(), [], ["app"]),
+    ("bootstrap does not alert within the grace",
+     view({"w1": "west"}, drained=frozenset({"west"}), started=NOW - 1), policy(), [], []),
     ("paused: no bootstrap", view(ALL, paused=True), policy(), [], []),
     ("healthy active region: nothing to do", view(ALL, EAST_ACTIVE), policy(), [], []),
     ("member loss fails over to the best candidate",
@@ -213,3 +215,126 @@ def test_property_no_two_automatic_failovers_within_cooldown(
                 assert sum(1 for t in auto if now - t < 3600) < per_hour
                 auto.append(now)
             rec = ActiveRecord(c.region, c.epoch, now, c.reason, 1, c.trigger)
+
+
+# -- health: quorum verdicts, trigger, candidacy -----------------------------
+
+from failoverd.engine import region_health  # noqa: E402
+from failoverd.model import Observation  # noqa: E402
+
+OBSERVERS = {"e1": "east", "w1": "west", "w2": "west", "c1": "central"}
+PROBED = policy(probed_regions=frozenset(REGIONS), bootstrap_grace_s=0)
+
+
+def seen(v: ClusterView, target: str, verdicts: dict[str, str],
+         ready: dict[str, bool] | None = None) -> ClusterView:
+    obs = dict(v.observations)
+    for member, verdict in verdicts.items():
+        obs[(member, target)] = Observation(member, target, verdict,
+                                            (ready or {}).get(member, True), NOW - 100, NOW)
+    return replace(v, observations=obs)
+
+
+def all_up(v: ClusterView) -> ClusterView:
+    for r in REGIONS:
+        v = seen(v, r, dict.fromkeys(v.members, "up"))
+    return v
+
+
+QUORUM_CASES = [
+    ("every observer region sees it up", {"e1": "up", "w1": "up", "w2": "up", "c1": "up"},
+     "up"),
+    ("one remote region down is outvoted", {"e1": "up", "w1": "down", "w2": "down",
+                                           "c1": "up"}, "up"),
+    ("both remote regions down", {"e1": "up", "w1": "down", "w2": "down", "c1": "down"},
+     "down"),
+    ("one remote region plus the target's own view make a quorum",
+     {"e1": "down", "w1": "down", "w2": "down", "c1": "up"}, "down"),
+    ("the target's own view never decides alone", {"e1": "down"}, "unknown"),
+    ("a split region casts no vote", {"e1": "up", "w1": "down", "w2": "up", "c1": "down"},
+     "unknown"),
+    ("unknown observers leave it unknown", {"w1": "unknown", "w2": "unknown", "c1": "down"},
+     "unknown"),
+]
+
+
+@pytest.mark.parametrize(("name", "verdicts", "want"), QUORUM_CASES,
+                         ids=[c[0] for c in QUORUM_CASES])
+def test_quorum_verdict(name: str, verdicts: dict[str, str], want: str) -> None:
+    v = seen(view(OBSERVERS), "east", verdicts)
+    assert region_health(v, PROBED, "east").verdict == want
+
+
+def test_two_regions_one_remote_observer_is_a_quorum() -> None:
+    v = seen(view({"e1": "east", "w1": "west"}), "east", {"w1": "down", "e1": "up"})
+    h = region_health(v, PROBED, "east")
+    assert (h.verdict, h.quorum) == ("down", 1)
+
+
+def test_explicit_quorum_counts_the_targets_own_view_once() -> None:
+    v = seen(view(OBSERVERS), "east", dict.fromkeys(OBSERVERS, "down"))
+    assert region_health(v, replace(PROBED, health_quorum=3), "east").verdict == "down"
+    assert region_health(v, replace(PROBED, health_quorum=4), "east").verdict == "unknown"
+
+
+def test_observations_of_dead_members_do_not_vote() -> None:
+    v = seen(view({"e1": "east"}), "east", {"w1": "down", "c1": "down"})
+    assert region_health(v, PROBED, "east").verdict == "unknown"
+
+
+def test_unprobed_region_is_judged_by_membership_only() -> None:
+    assert region_health(view(OBSERVERS), policy(), "east").verdict == "unprobed"
+
+
+def test_health_trigger_fails_over_to_the_best_healthy_candidate() -> None:
+    v = all_up(view(OBSERVERS, EAST_ACTIVE))
+    v = seen(v, "east", {"w1": "down", "w2": "down", "c1": "down"})
+    v = seen(v, "west", {"e1": "down", "c1": "down", "w1": "down", "w2": "down"})
+    d = decide(v, PROBED, NOW)
+    assert [(c.region, c.trigger) for c in d.changes] == [("central", "health")]
+    assert "east is down (quorum 2 of 2 remote regions" in d.changes[0].reason
+
+
+def test_not_ready_region_is_no_candidate() -> None:
+    v = all_up(view(OBSERVERS, EAST_ACTIVE))
+    v = seen(v, "east", {"w1": "down", "w2": "down", "c1": "down"})
+    v = seen(v, "west", dict.fromkeys(OBSERVERS, "up"), ready=dict.fromkeys(OBSERVERS, False))
+    assert [c.region for c in decide(v, PROBED, NOW).changes] == ["central"]
+
+
+def test_no_healthy_candidate_alerts_and_stays() -> None:
+    v = all_up(view(OBSERVERS, EAST_ACTIVE))
+    for r in REGIONS:
+        v = seen(v, r, dict.fromkeys(OBSERVERS, "down"))
+    d = decide(v, PROBED, NOW)
+    assert d.changes == () and [type(i) for i in d.intents] == [Alert]
+
+
+def test_members_gone_but_region_answers_holds() -> None:
+    v = all_up(view({"w1": "west", "c1": "central"}, EAST_ACTIVE))
+    d = decide(v, PROBED, NOW)
+    assert d.changes == () and "holding" in d.reason
+
+
+def test_bootstrap_waits_for_probed_regions_to_be_judged() -> None:
+    v = all_up(view(OBSERVERS, started=NOW - 1))
+    v = replace(v, observations={k: o for k, o in v.observations.items() if k[1] != "east"})
+    p = replace(PROBED, bootstrap_grace_s=10)
+    assert decide(v, p, NOW).changes == ()
+    assert [c.region for c in decide(all_up(view(OBSERVERS, started=NOW - 1)), p,
+                                     NOW).changes] == ["east"]
+
+
+verdict_st = st.sampled_from(["up", "down", "unknown"])
+
+
+@given(views(), st.dictionaries(st.tuples(st.sampled_from(["m1", "m2", "m3", "m4"]),
+                                          st.sampled_from(REGIONS)),
+                                st.tuples(verdict_st, st.booleans()), max_size=12))
+def test_property_chosen_region_is_healthy_by_quorum(
+        v: ClusterView, obs: dict[tuple[str, str], tuple[str, bool]]) -> None:
+    v = replace(v, observations={k: Observation(k[0], k[1], vd, rd, NOW - 10, NOW)
+                                 for k, (vd, rd) in obs.items()})
+    for c in decide(v, PROBED, NOW).changes:
+        h = region_health(v, PROBED, c.region)
+        assert h.verdict == "up" and h.ready
