@@ -10,9 +10,6 @@ configured lease TTL, which bounds (a) and (c).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import math
 import signal
 import statistics
@@ -104,12 +101,7 @@ def row(name: str, xs: list[float], floor: str) -> dict[str, object]:
             "stdev_ms": round(statistics.pstdev(xs) * 1000, 1), "floor": floor}
 
 
-async def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--ttl", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     work = Path(tempfile.mkdtemp(prefix="failoverd-bench-"))
     etcd = EtcdCluster(work, size=3)
     etcd.start()
@@ -122,35 +114,23 @@ async def main() -> int:
                           ("coordinator handover after SIGTERM", signal.SIGTERM)):
             (work / name[:8]).mkdir(exist_ok=True)
             c = LocalCluster(work / name[:8], f"bench-{sig}", etcd.endpoints, {"west": 1},
-                             {"app": ["west"]}, ttl=args.ttl, policy=policy)
+                             {"app": ["west"]}, ttl=ttl, policy=policy)
             try:
-                xs = await bench_takeover(c, args.trials, sig)
+                xs = await bench_takeover(c, trials, sig)
             finally:
                 await c.close()
-            floor = (f"lease TTL {args.ttl}s" if sig == signal.SIGKILL
-                     else "none (resign is immediate)")
+            floor = f"lease TTL {ttl}s" if sig == signal.SIGKILL else "none (resign is immediate)"
             rows.append(row(name, xs, floor))
         (work / "loss").mkdir()
         c = LocalCluster(work / "loss", "bench-loss", etcd.endpoints,
                          {"east": 100, "west": 90, "central": 10},
-                         {"app": ["east", "west", "central"]}, ttl=args.ttl, policy=policy)
+                         {"app": ["east", "west", "central"]}, ttl=ttl, policy=policy)
         try:
-            xs = await bench_member_loss(c, args.trials)
+            xs = await bench_member_loss(c, trials)
         finally:
             await c.close()
         rows.append(row("member-loss failover (kill -> promote hook started)", xs,
-                        f"lease TTL {args.ttl}s + member_loss_grace_s 0"))
+                        f"lease TTL {ttl}s + member_loss_grace_s 0"))
     finally:
         etcd.stop()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(f"{'benchmark':<54}{'n':>4}{'p50 ms':>9}{'p99 ms':>9}{'min':>8}{'max':>8}  floor")
-        for r in rows:
-            print(f"{r['benchmark']:<54}{r['trials']:>4}{r['p50_ms']:>9}{r['p99_ms']:>9}"
-                  f"{r['min_ms']:>8}{r['max_ms']:>8}  {r['floor']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    return rows
