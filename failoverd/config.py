@@ -73,12 +73,28 @@ class ApiSettings(_Model):
 
 
 class MqttSettings(_Model):
-    url: Annotated[str, Field(pattern=r"^mqtts?://")]
+    url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:[0-9]+)?/?$")]
     topics: list[str] = Field(default_factory=lambda: ["failoverd/power/#"], min_length=1)
     username: str | None = None
     password_file: Path | None = None
     ca_file: Path | None = None
-    stale_s: PositiveFloat = 30.0
+    # Where this member publishes its own status (retained, with a Last
+    # Will); default failoverd/status/<cluster>/<member>.
+    status_topic: str | None = None
+    max_payload: Annotated[int, Field(ge=64, le=1_048_576)] = 4096
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int, bool]:
+        tls = self.url.startswith("mqtts://")
+        rest = self.url.split("://", 1)[1].rstrip("/")
+        host, _, port = rest.partition(":")
+        return host, int(port) if port else (8883 if tls else 1883), tls
 
 
 class ProbeSettings(_Model):
@@ -175,6 +191,10 @@ class PolicySettings(_Model):
     failback_stable_s: Annotated[float, Field(ge=0)] = 300.0
     power_grace_s: Annotated[float, Field(ge=0)] = 30.0
     power_runtime_margin_s: Annotated[float, Field(ge=0)] = 120.0
+    # A sensor silent this long (or whose Last Will says offline) is unknown.
+    sensor_stale_s: PositiveFloat = 30.0
+    # How long a failover takes before history has measured ones to learn from.
+    expected_failover_s: PositiveFloat = 60.0
     # The coordinator reacts to watch events; this tick only bounds how long a
     # time-based rule (cooldown expiry) waits when nothing else happens.
     tick_s: PositiveFloat = 1.0

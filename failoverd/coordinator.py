@@ -17,7 +17,7 @@ import structlog
 
 from failoverd.engine import Alert, Decision, Policy, SetActive, decide
 from failoverd.faults import fault_point
-from failoverd.history import History
+from failoverd.history import History, read_history
 from failoverd.lease import KeptLease
 from failoverd.model import ActiveRecord, ClusterView, Keyspace, parse_view, to_json
 from failoverd.store import Compare, Get, Op, Put, Store, StoreError, TxnResult
@@ -52,6 +52,7 @@ class Coordinator:
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
+        self.learned_failover_s: float | None = None
         self.cycles = 0
 
     def _ensure_leading(self, view: ClusterView | None = None) -> None:
@@ -92,7 +93,8 @@ class Coordinator:
                 del self._absent_since[region]
         for region in {r.region for r in view.active.values()} - present:
             self._absent_since.setdefault(region, now)
-        return replace(view, absent_since=dict(self._absent_since))
+        return replace(view, absent_since=dict(self._absent_since),
+                       learned_failover_s=self.learned_failover_s)
 
     async def _sleep(self, seconds: float) -> None:
         # Wake early on a watch event, but never sleep past the lease deadline.
@@ -132,7 +134,9 @@ class Coordinator:
         now = self._clock()
         key = self._keys.active(intent.group)
         record = ActiveRecord(region=intent.region, epoch=intent.epoch, since=now,
-                              reason=intent.reason, term=self.term, trigger=intent.trigger)
+                              reason=intent.reason, term=self.term, trigger=intent.trigger,
+                              mode="planned" if intent.planned else (
+                                  "bootstrap" if intent.prev is None else "forced"))
         prev = intent.prev
         compares = [
             Compare(self._keys.coordinator, "create", self.term),
@@ -202,5 +206,32 @@ class Coordinator:
         self._next_prune = now + PRUNE_EVERY_S
         try:
             await self._history.prune(self._history_limit())
+            events = await read_history(self._store, self._keys, self._history_limit())
         except StoreError as exc:
             log.warning("history prune failed", error=str(exc))
+            return
+        learned = learn_failover_s(events)
+        if learned is not None and learned != self.learned_failover_s:
+            log.info("learned failover duration", seconds=round(learned, 3))
+        self.learned_failover_s = learned
+
+
+def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float | None:
+    """How long failovers take: from each epoch change to the first promote
+    done for it, the slowest of the ``last`` measured (conservative); None
+    until three have been measured.  Events are newest first."""
+    changed = {(e.get("group"), e.get("epoch")): e.get("ts") for e in events
+               if e.get("kind") == "epoch_changed" and e.get("previous_epoch")}
+    done: dict[tuple[object, object], float] = {}
+    for e in events:
+        key = (e.get("group"), e.get("epoch"))
+        ts = e.get("ts")
+        if e.get("kind") == "promote_done" and key in changed and isinstance(ts, float):
+            done[key] = min(ts, done.get(key, ts))
+    durations = []
+    for key, end in done.items():
+        start = changed[key]
+        if isinstance(start, float) and end >= start:
+            durations.append((start, end - start))
+    recent = [d for _, d in sorted(durations, reverse=True)[:last]]
+    return max(recent) if len(recent) >= 3 else None

@@ -1,7 +1,8 @@
 """The daemon shell: one root TaskGroup, named tasks, one shutdown path.
 
 Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
-promote/demote), ``probes`` (health observations), ``session`` (lease +
+promote/demote), ``probes`` (health observations), ``mqtt`` (power feeds),
+``session`` (lease +
 membership + election + coordinator, rebuilt whenever the lease is lost),
 ``reload`` (SIGHUP) and ``shutdown`` (SIGTERM/SIGINT).  On the way out the
 coordinator seat is resigned and the lease revoked so a successor takes over
@@ -27,6 +28,7 @@ from failoverd.etcd import EtcdStore
 from failoverd.history import History
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.model import Keyspace, MemberRecord
+from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
 from failoverd.roles import RoleReconciler
 from failoverd.store import Store, StoreError
@@ -84,6 +86,7 @@ class Daemon:
         self.lease: KeptLease | None = None
         self.coordinator: Coordinator | None = None
         self.prober: Prober | None = None
+        self.power: PowerFeeds | None = None
 
     # -- signals ---------------------------------------------------------
     def request_stop(self) -> None:
@@ -109,12 +112,14 @@ class Daemon:
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
                                self.watcher.subscribe("groups/"))
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
+        self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.watcher.run(), name="watch")
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
+                tg.create_task(self.power.run(), name="mqtt")
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")
@@ -163,7 +168,7 @@ class Daemon:
             return False
         old = self.settings
         fixed = {"cluster": old.cluster, "member": old.member, "region": old.region,
-                 "etcd": old.etcd, "state_dir": old.state_dir}
+                 "etcd": old.etcd, "state_dir": old.state_dir, "mqtt": old.mqtt}
         ignored = [k for k, v in fixed.items() if getattr(new, k) != v]
         if ignored:
             log.warning("these settings need a restart to change", settings=ignored)

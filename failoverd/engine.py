@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from failoverd.config import Settings
 from failoverd.model import AUTOMATIC_TRIGGERS, ActiveRecord, ClusterView
+from failoverd.power import DEGRADED, RegionPower, merge, region_power
 
 HOUR_S = 3600.0
 
@@ -33,6 +34,10 @@ class Policy:
     member_loss_grace_s: float = 0.0
     probed_regions: frozenset[str] = frozenset()  # regions with health probes
     health_quorum: int = 0  # 0 = majority of the observer regions
+    power_grace_s: float = 30.0
+    power_runtime_margin_s: float = 120.0
+    sensor_stale_s: float = 30.0
+    expected_failover_s: float = 60.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
@@ -47,6 +52,10 @@ class Policy:
             member_loss_grace_s=s.policy.member_loss_grace_s,
             probed_regions=frozenset(r.name for r in s.regions if r.probes),
             health_quorum=s.policy.health_quorum,
+            power_grace_s=s.policy.power_grace_s,
+            power_runtime_margin_s=s.policy.power_runtime_margin_s,
+            sensor_stale_s=s.policy.sensor_stale_s,
+            expected_failover_s=s.policy.expected_failover_s,
         )
 
     def priority(self, region: str) -> int:
@@ -63,6 +72,9 @@ class SetActive:
     trigger: str
     reason: str
     prev: ActiveRecord | None
+    # Planned = graceful switchover while the old site still runs (power
+    # events); otherwise the old region is fenced first.
+    planned: bool = False
 
     @property
     def automatic(self) -> bool:
@@ -157,13 +169,27 @@ def region_health(view: ClusterView, policy: Policy, region: str) -> RegionHealt
                         tuple(votes.items()), quorum)
 
 
+def power_of(view: ClusterView, policy: Policy, region: str, now: float) -> RegionPower:
+    """The region's power from every fresh sensor any live member relays."""
+    readings = merge({k: v for k, v in view.power.items() if k[0] == region})
+    return region_power(readings.get(region, []), now, grace_s=policy.power_grace_s,
+                        stale_s=policy.sensor_stale_s)
+
+
+def failover_budget_s(view: ClusterView, policy: Policy) -> float:
+    """Battery runtime below which we must leave: the time a failover takes
+    (learned from history, else configured) plus the margin."""
+    expected = view.learned_failover_s or policy.expected_failover_s
+    return expected + policy.power_runtime_margin_s
+
+
 def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
-               exclude: str | None) -> list[str]:
+               exclude: str | None, now: float) -> list[str]:
     """Regions of ``group`` that may take the load, best first.
 
-    A candidate has live members, is not drained, and — when it has probes —
-    is up by quorum and ready.  Best = highest priority, then name, so the
-    choice is deterministic.
+    A candidate has live members, is not drained, its power is not degraded,
+    and — when it has probes — it is up by quorum and ready.  Best = highest
+    priority, then name, so the choice is deterministic.
     """
     alive = view.regions_with_members()
     ok = []
@@ -171,7 +197,8 @@ def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
         if r == exclude or r not in alive or r in view.control.drained:
             continue
         h = region_health(view, policy, r)
-        if h.verdict in {"up", "unprobed"} and h.ready:
+        if (h.verdict in {"up", "unprobed"} and h.ready
+                and power_of(view, policy, r, now).state not in DEGRADED):
             ok.append(r)
     return sorted(ok, key=lambda r: (-policy.priority(r), r))
 
@@ -197,7 +224,7 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
         if pending and now - oldest < policy.bootstrap_grace_s:
             return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
                           f"for {', '.join(pending)} before bootstrapping")
-        best = candidates(view, policy, group, exclude=None)
+        best = candidates(view, policy, group, exclude=None, now=now)
         if not best:
             return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
         return (SetActive(group.name, best[0], 1, "bootstrap",
@@ -207,10 +234,18 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
     why: str | None = None
     trigger = ""
     health = region_health(view, policy, rec.region)
+    power = power_of(view, policy, rec.region, now)
+    budget = failover_budget_s(view, policy)
     if rec.region not in group.regions:
         why, trigger = f"{rec.region} is no longer in the group", "config"
     elif health.verdict == "down":
         why, trigger = f"{rec.region} is {health.describe()}", "health"
+    elif power.state == "critical":
+        why, trigger = f"{rec.region} power critical ({power.detail})", "power"
+    elif (power.state == "on_battery" and power.runtime_s is not None
+          and power.runtime_s < budget):
+        why, trigger = (f"{rec.region} on battery with {power.runtime_s:.0f}s left, "
+                        f"under the {budget:.0f}s failover budget"), "power"
     elif not view.members_in(rec.region) and health.verdict == "up":
         # Only the failoverd daemons are gone; the region itself answers.
         return None, (f"{rec.region} active (epoch {rec.epoch}): no members, but "
@@ -226,10 +261,14 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
     here = f"{rec.region} active (epoch {rec.epoch})"
     if why is None:
         status = "ok" if health.verdict == "unprobed" else health.verdict
+        if power.state not in {"normal", "unknown"} or view.power:
+            status += f", power {power.state}"
+            if power.runtime_s is not None:
+                status += f" ({power.runtime_s:.0f}s left)"
         return _consider_failback(view, policy, group, rec, now, auto_budget,
                                   f"{here}, {status}")
 
-    best = candidates(view, policy, group, exclude=rec.region)
+    best = candidates(view, policy, group, exclude=rec.region, now=now)
     if view.control.paused:
         return None, f"{here}: {why}; paused, holding"
     if rec.trigger in AUTOMATIC_TRIGGERS and now - rec.since < policy.cooldown_s:
@@ -241,8 +280,9 @@ def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: fl
     if not best:
         return (Alert(group.name, f"{why}; no candidate region"),
                 f"{here}: {why}; no candidate, staying")
+    # A power event is a planned switchover: the old site still runs.
     return (SetActive(group.name, best[0], rec.epoch + 1, trigger,
-                      f"{trigger}: {why}", rec),
+                      f"{trigger}: {why}", rec, planned=trigger == "power"),
             f"failover {rec.region} -> {best[0]}: {why}")
 
 
@@ -251,7 +291,7 @@ def _consider_failback(view: ClusterView, policy: Policy, group: GroupPolicy,
                        here: str) -> tuple[Intent | None, str]:
     if policy.failback != "auto" or view.control.paused or auto_budget <= 0:
         return None, here
-    best = candidates(view, policy, group, exclude=None)
+    best = candidates(view, policy, group, exclude=None, now=now)
     if not best or best[0] == rec.region or policy.priority(best[0]) <= policy.priority(
             rec.region):
         return None, here

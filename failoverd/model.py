@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from failoverd.power import Reading, reading_from_json
 from failoverd.store import KeyValue, Snapshot
 
 Trigger = Literal[
@@ -41,6 +42,9 @@ class Keyspace:
 
     def observation(self, member: str, target: str) -> str:
         return f"{self.prefix}observations/{member}/{target}"
+
+    def power(self, region: str, sensor: str, member: str) -> str:
+        return f"{self.prefix}power/{region}/{sensor}/{member}"
 
     def active(self, group: str) -> str:
         return f"{self.prefix}groups/{group}/active"
@@ -97,6 +101,9 @@ class ActiveRecord:
     term: int
     trigger: str
     mod_revision: int = 0
+    # "planned" (graceful switchover while the old site still runs) or
+    # "forced" (fence first); what the reroute workflow follows.
+    mode: str = "forced"
 
     def to_value(self) -> str:
         d = asdict(self)
@@ -152,6 +159,11 @@ class ClusterView:
     problems: tuple[str, ...] = field(default=())
     # (observer member, target region) -> what that member's probes say.
     observations: Mapping[tuple[str, str], Observation] = field(default_factory=dict)
+    # (region, sensor) -> the copies of that sensor's reading relayed by
+    # live members; the engine merges them (newest wins).
+    power: Mapping[tuple[str, str], list[Reading]] = field(default_factory=dict)
+    # How long failovers took lately (from history); None until measured.
+    learned_failover_s: float | None = None
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
@@ -202,7 +214,7 @@ def parse_active(kv: KeyValue) -> ActiveRecord:
     return ActiveRecord(
         region=_str(d, "region"), epoch=epoch, since=_num(d, "since"),
         reason=_str(d, "reason"), term=int(_num(d, "term")), trigger=_str(d, "trigger"),
-        mod_revision=kv.mod_revision,
+        mod_revision=kv.mod_revision, mode=str(d.get("mode", "forced")),
     )
 
 
@@ -228,6 +240,7 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     auto: tuple[float, ...] = ()
     auto_rev = 0
     observations: dict[tuple[str, str], Observation] = {}
+    relays: dict[str, list[Reading]] = {}
     problems: list[str] = []
     p = keys.prefix
     for kv in snap.kvs:
@@ -243,6 +256,12 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
             elif rel.startswith("observations/"):
                 member, _, target = rel[len("observations/"):].partition("/")
                 observations[(member, target)] = parse_observation(member, target, kv)
+            elif rel.startswith("power/"):
+                region, sensor, member = rel[len("power/"):].split("/", 2)
+                if not member:
+                    raise ValueError("power key without a relaying member")
+                relays.setdefault(member, []).append(reading_from_json(region, sensor,
+                                                                       kv.value))
             elif rel.startswith("groups/") and rel.endswith("/active"):
                 active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
             elif rel == "control/paused":
@@ -269,4 +288,15 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         problems=tuple(problems),
         # An observation counts only while its member is alive.
         observations={k: o for k, o in observations.items() if k[0] in members},
+        power=_live_power(relays, members),
     )
+
+
+def _live_power(relays: Mapping[str, list[Reading]], members: Mapping[str, MemberRecord]
+                ) -> dict[tuple[str, str], list[Reading]]:
+    out: dict[tuple[str, str], list[Reading]] = {}
+    for member, readings in relays.items():
+        if member in members:
+            for r in readings:
+                out.setdefault((r.region, r.sensor), []).append(r)
+    return out

@@ -41,6 +41,6 @@ ensure_venv() {
 }
 
 ensure_all() {
-    ensure_debs etcd:etcd-server
+    ensure_debs etcd:etcd-server mosquitto:mosquitto
     ensure_venv
 }

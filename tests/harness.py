@@ -155,10 +155,48 @@ def _toml(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
 
+class Mosquitto:
+    """A real mosquitto broker (Debian ``mosquitto``) on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\n")
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)],
+                                     stdout=open(self.workdir / "mosquitto.log", "ab"),  # noqa: SIM115
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("mosquitto did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dict[str, int],
                  groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
                  ttl: int = 2, policy: dict[str, Any] | None = None,
-                 probes: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+                 probes: dict[str, list[dict[str, Any]]] | None = None,
+                 mqtt: list[str] | None = None) -> Path:
     """A TOML config shared by every member (member/region come from flags)."""
     first = next(iter(regions))
     lines = [
@@ -167,6 +205,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
         f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
         "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", 'level = "debug"', "",
     ]
+    for url in mqtt or []:
+        lines += ["[[mqtt]]", f'url = "{url}"', 'topics = ["failoverd/power/#"]', ""]
     for name, prio in regions.items():
         lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}", ""]
         for probe in (probes or {}).get(name, []):
@@ -270,7 +310,8 @@ class LocalCluster:
     def __init__(self, workdir: Path, cluster: str, endpoints: list[str],
                  regions: dict[str, int], groups: dict[str, list[str]], ttl: int = 2,
                  policy: dict[str, Any] | None = None,
-                 probes: dict[str, list[dict[str, Any]]] | None = None) -> None:
+                 probes: dict[str, list[dict[str, Any]]] | None = None,
+                 mqtt: list[str] | None = None) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -281,6 +322,7 @@ class LocalCluster:
         self._config_args: dict[str, Any] = dict(
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
+            mqtt=mqtt,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl
@@ -372,7 +414,8 @@ class HttpService:
 
         app = web.Application()
         app.router.add_get("/health", health)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A short shutdown: a stopped service must close its port at once.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self

@@ -1,0 +1,139 @@
+"""Power telemetry, pure: parsing, ordering, freshness, region state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from failoverd.power import (
+    Reading,
+    Rejected,
+    RuntimeUpdate,
+    SensorTable,
+    merge,
+    parse_message,
+    reading_from_json,
+    reading_to_json,
+    region_power,
+)
+
+NOW = 1_800_000_000.0
+REGIONS = ["east", "west"]
+
+
+def parse(topic: str, payload: bytes | str, **kw: object):
+    raw = payload.encode() if isinstance(payload, str) else payload
+    return parse_message(topic, raw, now=NOW, regions=REGIONS, **kw)  # type: ignore[arg-type]
+
+
+def msg(state: str, **kw: object) -> str:
+    return json.dumps({"state": state, **kw})
+
+
+def test_json_reading() -> None:
+    r = parse("failoverd/power/east/ups1", msg("on_battery", runtime_s=540, charge_pct=87,
+                                               ts=NOW - 1))
+    assert r == Reading("east", "ups1", "on_battery", NOW - 1, NOW, 540.0, 87.0)
+
+
+def test_missing_ts_uses_receive_time() -> None:
+    r = parse("failoverd/power/east/ats", msg("utility_ok"))
+    assert isinstance(r, Reading) and r.ts == NOW
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("failoverd/power/east/ups1", b"x" * 5000, "oversized"),
+    ("failoverd/power/east/ups1", b"{not json", "malformed"),
+    ("failoverd/power/east/ups1", b"\xff\xfe", "malformed"),
+    ("failoverd/power/east/ups1", b"[1, 2]", "malformed"),
+    ("failoverd/power/east/ups1", msg("on_fire"), "unknown_state"),
+    ("failoverd/power/east/ups1", b'{"runtime_s": 5}', "unknown_state"),
+    ("failoverd/power/east/ups1", msg("on_battery", runtime_s=-1), "malformed"),
+    ("failoverd/power/east/ups1", msg("on_battery", runtime_s="lots"), "malformed"),
+    ("failoverd/power/east/ups1", b'{"state": "on_battery", "runtime_s": NaN}', "malformed"),
+    ("failoverd/power/east/ups1", msg("utility_ok", ts=NOW + 3600), "future_timestamp"),
+    ("failoverd/power/north/ups1", msg("utility_ok"), "unknown_region"),
+    ("ups1", msg("utility_ok"), "bad_topic"),
+    ("nut/east/ups1/ups.status", "BYPASS", "unknown_state"),
+    ("nut/east/ups1/battery.runtime", "soon", "malformed"),
+])
+def test_rejections(topic: str, payload: bytes | str, reason: str) -> None:
+    r = parse(topic, payload)
+    assert isinstance(r, Rejected) and r.reason == reason
+
+
+@pytest.mark.parametrize(("status", "state"), [
+    ("OL", "utility_ok"), ("OL CHRG", "utility_ok"), ("OB DISCHRG", "on_battery"),
+    ("OB LB", "low_battery"), ("FSD OB LB", "shutdown_imminent"),
+])
+def test_nut_status(status: str, state: str) -> None:
+    r = parse("nut/east/ups1/ups.status", status)
+    assert isinstance(r, Reading) and (r.region, r.sensor, r.state) == ("east", "ups1", state)
+
+
+def test_nut_runtime_attaches_to_the_sensor() -> None:
+    t = SensorTable()
+    assert t.apply(RuntimeUpdate("east", "ups1", 300, NOW)) is None  # no state yet
+    t.apply(Reading("east", "ups1", "on_battery", NOW, NOW))
+    r = t.apply(RuntimeUpdate("east", "ups1", 240, NOW + 1))
+    assert r is not None and (r.state, r.runtime_s) == ("on_battery", 240)
+
+
+def test_out_of_order_and_duplicates_are_ignored() -> None:
+    t = SensorTable()
+    assert t.apply(Reading("east", "u", "on_battery", 10, NOW)) is not None
+    assert t.apply(Reading("east", "u", "utility_ok", 9, NOW)) is None  # older
+    assert t.apply(Reading("east", "u", "utility_ok", 10, NOW)) is None  # duplicate ts
+    r = t.apply(Reading("east", "u", "on_battery", 12, NOW))
+    assert r is not None and r.since == 10  # same state continues: since kept
+    r = t.apply(Reading("east", "u", "utility_ok", 13, NOW))
+    assert r is not None and r.since == 13
+
+
+def R(state: str, sensor: str = "u", since: float = NOW - 5, received: float = NOW,
+      runtime: float | None = None) -> Reading:
+    return Reading("east", sensor, state, since, received, runtime, None, since)
+
+
+@pytest.mark.parametrize(("readings", "state"), [
+    ([], "unknown"),
+    ([R("utility_ok")], "normal"),
+    ([R("utility_lost")], "utility_lost"),
+    ([R("utility_lost", since=NOW - 31)], "critical"),
+    ([R("on_battery", runtime=500)], "on_battery"),
+    ([R("utility_lost", "ats"), R("on_generator", "gen")], "on_generator"),
+    ([R("utility_lost", "ats", since=NOW - 60), R("on_generator", "gen")], "on_generator"),
+    ([R("on_generator", "gen"), R("generator_failed", "gen2")], "critical"),
+    ([R("transfer_failed")], "critical"),
+    ([R("low_battery")], "critical"),
+    ([R("shutdown_imminent")], "critical"),
+    ([R("offline")], "unknown"),
+    ([R("utility_lost", received=NOW - 31)], "unknown"),  # stale
+    ([R("utility_ok"), R("low_battery", "old", received=NOW - 100)], "normal"),
+])
+def test_region_power(readings: list[Reading], state: str) -> None:
+    assert region_power(readings, NOW, grace_s=30, stale_s=30).state == state
+
+
+def test_on_battery_reports_the_lowest_fresh_runtime() -> None:
+    p = region_power([R("on_battery", "a", runtime=500), R("on_battery", "b", runtime=200),
+                      R("on_battery", "c", runtime=10, received=NOW - 99)], NOW,
+                     grace_s=30, stale_s=30)
+    assert (p.state, p.runtime_s) == ("on_battery", 200)
+
+
+def test_relay_round_trip_and_merge_newest_wins() -> None:
+    a = Reading("east", "u", "on_battery", 10, NOW, 300, 50, 9)
+    back = reading_from_json("east", "u", reading_to_json(a, "m1"))
+    assert back == a
+    b = Reading("east", "u", "utility_ok", 11, NOW, None, None, 11)
+    assert merge({("east", "u"): [a, b]}) == {"east": [b]}
+
+
+@given(st.binary(max_size=300), st.sampled_from(["failoverd/power/east/u", "x/east/u/ups.status",
+                                                 "x/east/u/battery.runtime", "east"]))
+def test_property_parsing_never_raises(payload: bytes, topic: str) -> None:
+    assert isinstance(parse(topic, payload), Reading | RuntimeUpdate | Rejected)

@@ -1,0 +1,201 @@
+"""Power-aware failover end to end: real mosquitto, real etcd, real daemons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from tests.harness import EtcdCluster, LocalCluster, Mosquitto, wait_until
+
+pytestmark = pytest.mark.cluster
+TOPIC = "failoverd/power/east"
+
+
+class PowerStack:
+    def __init__(self, c: LocalCluster, broker: Mosquitto) -> None:
+        self.c, self.broker = c, broker
+
+    async def publish(self, sensor: str, payload: str | bytes, qos: int = 1) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.broker.port) as client:
+            await client.publish(f"{TOPIC}/{sensor}", payload, qos=qos)
+
+    async def state(self, sensor: str, state: str, **kw: Any) -> None:
+        await self.publish(sensor, json.dumps({"state": state, "ts": time.time(), **kw}))
+
+    async def started(self) -> Any:
+        self.c.add("e1", "east")
+        self.c.add("w1", "west")
+        rec = await self.c.wait_active("app", "east", 10)
+        await wait_until(lambda: _connected(self.c, 2), 10, "both members on the broker")
+        return rec
+
+    async def decided(self, text: str, after: float = 0.0) -> dict:
+        """Wait for a coordinator decision whose reason contains ``text``."""
+        async def seen() -> dict | None:
+            for d in self.c.daemons.values():
+                for e in d.log_events():
+                    if (e.get("event") == "decision" and text in e.get("reason", "")
+                            and _ts(e) >= after):
+                        return e
+            return None
+        return await wait_until(seen, 10, f"a decision saying {text!r}")
+
+
+def _ts(e: dict) -> float:
+    return datetime.fromisoformat(e["timestamp"]).timestamp()
+
+
+async def _connected(c: LocalCluster, n: int, times: int = 1) -> bool:
+    return sum(1 for d in c.daemons.values()
+               if sum(e.get("event") == "mqtt connected" for e in d.log_events()) >= times) >= n
+
+
+@pytest.fixture
+async def power_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+                      ) -> AsyncIterator[Callable[..., PowerStack]]:
+    made: list[tuple[LocalCluster, Mosquitto]] = []
+
+    def make(**policy: Any) -> PowerStack:
+        broker = Mosquitto(tmp_path).start()
+        pol = {"power_grace_s": 2, "sensor_stale_s": 3, "expected_failover_s": 5,
+               "power_runtime_margin_s": 10, **policy}
+        c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                         {"app": ["east", "west"]}, policy=pol, mqtt=[broker.url])
+        made.append((c, broker))
+        return PowerStack(c, broker)
+    yield make
+    for c, broker in made:
+        await c.close()
+        broker.stop()
+
+
+async def test_utility_lost_then_generator_within_grace_no_failover(power_stack):
+    s = power_stack()
+    before = await s.started()
+    t0 = time.time()
+    await s.state("ats", "utility_lost")
+    await s.state("gen", "on_generator")
+    # Well past the grace, the coordinator still judges east on generator.
+    await s.decided("power on_generator", after=t0 + 2.5)
+    rec = (await s.c.view()).active["app"]
+    assert (rec.region, rec.epoch) == ("east", before.epoch)
+
+
+async def test_generator_failed_fails_over_planned(power_stack):
+    s = power_stack()
+    before = await s.started()
+    await s.state("ats", "utility_lost")
+    await s.state("gen", "generator_failed")
+    after = await s.c.wait_active("app", "west", 10)
+    assert after.epoch == before.epoch + 1
+    assert (after.trigger, after.mode) == ("power", "planned")
+    assert "power critical (gen:generator_failed)" in after.reason
+
+    async def promoted() -> bool:
+        return any(h["member"] == "w1" and h["role"] == "active" and h["epoch"] == after.epoch
+                   for h in s.c.hooks())
+    await wait_until(promoted, 5, "west promote hook with the new epoch")
+
+
+async def test_battery_runtime_below_budget_fails_over_before_zero(power_stack):
+    s = power_stack(power_grace_s=600)  # budget: 5 s expected + 10 s margin = 15 s
+    before = await s.started()
+    for runtime in (300, 120, 40, 20):
+        await s.state("ups1", "on_battery", runtime_s=runtime)
+    await s.decided("power on_battery (20s left)")
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+    await s.state("ups1", "on_battery", runtime_s=12)
+    after = await s.c.wait_active("app", "west", 5)
+    assert "12s left, under the 15s failover budget" in after.reason
+
+
+async def test_silent_sensor_is_unknown_not_power_loss(power_stack):
+    s = power_stack(power_grace_s=4, sensor_stale_s=1.5)
+    before = await s.started()
+    t0 = time.time()
+    await s.state("ats", "utility_lost")
+    await s.decided("power utility_lost")
+    # Silent: stale after 1.5 s, before the 4 s grace could make it critical.
+    await s.decided("power unknown", after=t0 + 4.5)
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+
+
+async def test_last_will_offline_is_unknown(power_stack):
+    s = power_stack(power_grace_s=600)
+    before = await s.started()
+    # A sensor process that registers a Last Will, reports on battery, then
+    # dies without disconnecting: the broker publishes its will.
+    script = (
+        "import asyncio, json, os, time, aiomqtt\n"
+        "async def main():\n"
+        f"    will = aiomqtt.Will('{TOPIC}/ups9', json.dumps({{'state': 'offline'}}), qos=1)\n"
+        f"    async with aiomqtt.Client('127.0.0.1', {s.broker.port}, will=will) as c:\n"
+        f"        await c.publish('{TOPIC}/ups9', json.dumps({{'state': 'on_battery', "
+        "'runtime_s': 900, 'ts': time.time()}), qos=1)\n"
+        "        os._exit(0)\n"
+        "asyncio.run(main())\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+    await s.decided("power unknown")
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+
+
+async def test_nut_sequence_fails_over_on_low_battery(power_stack):
+    s = power_stack(power_grace_s=600)
+    before = await s.started()
+    await s.publish("ups1/ups.status", "OL")
+    await s.publish("ups1/ups.status", "OB DISCHRG")
+    await s.publish("ups1/battery.runtime", "600")
+    await s.decided("power on_battery (600s left)")
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+    await s.publish("ups1/ups.status", "OB LB")
+    after = await s.c.wait_active("app", "west", 5)
+    assert "ups1:low_battery" in after.reason
+
+
+async def _status(s: PowerStack, member: str) -> dict:
+    async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
+        await client.subscribe(f"failoverd/status/{s.c.keys.cluster}/{member}", qos=1)
+        async for message in client.messages:  # retained: arrives at once
+            return json.loads(message.payload)  # type: ignore[arg-type]
+    raise AssertionError("no status")
+
+
+async def test_ten_thousand_malformed_messages(power_stack):
+    s = power_stack()
+    before = await s.started()
+    bad = [b"{nope", json.dumps({"state": "on_fire"}).encode(), b"x" * 5000,
+           json.dumps({"state": "utility_ok", "ts": time.time() + 86400}).encode()]
+    async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
+        for i in range(10_000):
+            await client.publish(f"{TOPIC}/junk", bad[i % 4], qos=0)
+
+    async def counted() -> dict | None:
+        st = await _status(s, "e1")
+        return st if sum(st["rejected"].values()) >= 10_000 else None
+    st = await wait_until(counted, 30, "e1 to count 10,000 rejections", interval=0.5)
+    assert st["rejected"] == {"malformed": 2500, "unknown_state": 2500, "oversized": 2500,
+                              "future_timestamp": 2500}
+    assert st["state"] == "online" and all(d.alive() for d in s.c.daemons.values())
+    await s.state("gen", "generator_failed")
+    after = await s.c.wait_active("app", "west", 10)
+    assert after.epoch == before.epoch + 1
+
+
+async def test_broker_restart_reconnects_and_acts(power_stack):
+    s = power_stack()
+    before = await s.started()
+    s.broker.stop()
+    s.broker.start()
+    await wait_until(lambda: _connected(s.c, 2, times=2), 20, "both members reconnected")
+    await s.state("gen", "generator_failed")
+    after = await s.c.wait_active("app", "west", 10)
+    assert after.epoch == before.epoch + 1
