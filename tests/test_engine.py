@@ -338,3 +338,70 @@ def test_property_chosen_region_is_healthy_by_quorum(
     for c in decide(v, PROBED, NOW).changes:
         h = region_health(v, PROBED, c.region)
         assert h.verdict == "up" and h.ready
+
+
+# -- power: trigger, budget, candidacy ----------------------------------------
+
+from failoverd.coordinator import learn_failover_s  # noqa: E402
+from failoverd.power import Reading  # noqa: E402
+
+POWERED = policy(power_grace_s=30, power_runtime_margin_s=120, sensor_stale_s=30,
+                 expected_failover_s=60)
+
+
+def powered(v: ClusterView, region: str, *states: tuple[str, float | None, float]
+            ) -> ClusterView:
+    """Relay (state, runtime, seconds in that state) readings for ``region``."""
+    p = dict(v.power)
+    for i, (state, runtime, age) in enumerate(states):
+        p[(region, f"s{i}")] = [Reading(region, f"s{i}", state, NOW - age, NOW, runtime, None,
+                                        NOW - age)]
+    return replace(v, power=p)
+
+
+POWER_CASES = [
+    ("generator failed: planned failover", [("generator_failed", None, 5)], "central", True),
+    ("utility lost within grace: hold", [("utility_lost", None, 5)], None, False),
+    ("utility lost past grace with no generator: fail over", [("utility_lost", None, 40)],
+     "central", True),
+    ("on generator: hold", [("utility_lost", None, 40), ("on_generator", None, 30)], None,
+     False),
+    ("on battery above the budget: hold", [("on_battery", 900, 5)], None, False),
+    ("on battery under the budget (60 + 120 s): fail over", [("on_battery", 170, 5)], "central",
+     True),
+    ("stale sensor: unknown, hold", [], None, False),
+]
+
+
+@pytest.mark.parametrize(("name", "states", "to", "planned"), POWER_CASES,
+                         ids=[c[0] for c in POWER_CASES])
+def test_power_trigger(name: str, states: list[tuple[str, float | None, float]],
+                       to: str | None, planned: bool) -> None:
+    v = powered(view(ALL, EAST_ACTIVE), "east", *states)
+    d = decide(v, POWERED, NOW)
+    assert [c.region for c in d.changes] == ([to] if to else [])
+    if to:
+        assert d.changes[0].trigger == "power" and d.changes[0].planned is planned
+
+
+def test_learned_duration_shrinks_the_budget() -> None:
+    v = powered(view(ALL, EAST_ACTIVE), "east", ("on_battery", 170, 5))
+    assert decide(replace(v, learned_failover_s=10), POWERED, NOW).changes == ()
+
+
+def test_power_degraded_region_is_no_candidate() -> None:
+    v = view(NO_EAST, EAST_ACTIVE)
+    v = powered(v, "west", ("on_generator", None, 5))
+    assert [c.region for c in decide(v, POWERED, NOW).changes] == ["central"]
+
+
+def test_learn_failover_duration_from_history() -> None:
+    events = []
+    for epoch, (start, took) in enumerate([(100.0, 4.0), (200.0, 6.5), (300.0, 5.0)], 2):
+        events += [{"kind": "epoch_changed", "group": "app", "epoch": epoch, "ts": start,
+                    "previous_epoch": epoch - 1},
+                   {"kind": "promote_done", "group": "app", "epoch": epoch, "ts": start + took},
+                   {"kind": "promote_done", "group": "app", "epoch": epoch,
+                    "ts": start + took + 3}]
+    assert learn_failover_s(events[:4]) is None  # fewer than three measured
+    assert learn_failover_s(events) == 6.5
