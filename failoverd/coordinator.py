@@ -9,18 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import structlog
 
-from failoverd.engine import Alert, Decision, Policy, SetActive, decide
+from failoverd import metrics
+from failoverd.engine import (
+    Alert,
+    Decision,
+    Policy,
+    SetActive,
+    decide,
+    handle_request,
+    power_of,
+    region_health,
+)
 from failoverd.faults import fault_point
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease
-from failoverd.model import ActiveRecord, ClusterView, Keyspace, parse_view, to_json
-from failoverd.store import Compare, Get, Op, Put, Store, StoreError, TxnResult
+from failoverd.model import (
+    ActiveRecord,
+    ClusterView,
+    Keyspace,
+    OperatorRequest,
+    parse_view,
+    to_json,
+)
+from failoverd.store import Compare, Delete, Get, Op, Put, Store, StoreError, TxnResult
 
 log = structlog.get_logger("failoverd.coordinator")
 
@@ -79,8 +97,16 @@ class Coordinator:
             now = self._clock()
             view = self._track_absence(parse_view(self._keys, snap), now)
             self._ensure_leading(view)
-            decision = decide(view, self._policy(), now)
+            if view.requests:
+                # Operator requests first; then decide on what they changed.
+                for req in view.requests:
+                    await self._answer(req, view, now)
+                await asyncio.sleep(0)
+                continue
+            policy = self._policy()
+            decision = decide(view, policy, now)
             self.cycles += 1
+            _export(view, policy, now)
             self._log(decision, view)
             await self._apply(decision, view)
             await self._maybe_prune()
@@ -121,6 +147,7 @@ class Coordinator:
                 alerted.add(intent.group)
                 if self._alerts.get(intent.group) != intent.reason:
                     self._alerts[intent.group] = intent.reason
+                    metrics.ALERTS.labels(intent.group).inc()
                     log.error("alert", group=intent.group, reason=intent.reason)
                     await self._history.record("alert", group=intent.group,
                                                reason=intent.reason, term=self.term)
@@ -129,14 +156,14 @@ class Coordinator:
         for group in set(self._alerts) - alerted:
             del self._alerts[group]
 
-    async def _commit(self, intent: SetActive, view: ClusterView) -> None:
-        self._ensure_leading()
-        now = self._clock()
+    def _change_ops(self, intent: SetActive, view: ClusterView, now: float
+                    ) -> tuple[list[Compare], list[Op]]:
+        """The guards and writes of one active-record change (rule 1)."""
         key = self._keys.active(intent.group)
+        mode = "planned" if intent.planned else "bootstrap" if intent.prev is None else "forced"
         record = ActiveRecord(region=intent.region, epoch=intent.epoch, since=now,
                               reason=intent.reason, term=self.term, trigger=intent.trigger,
-                              mode="planned" if intent.planned else (
-                                  "bootstrap" if intent.prev is None else "forced"))
+                              mode=mode)
         prev = intent.prev
         compares = [
             Compare(self._keys.coordinator, "create", self.term),
@@ -148,7 +175,7 @@ class Coordinator:
                 "epoch_changed", group=intent.group, region=intent.region,
                 epoch=intent.epoch, previous_region=prev.region if prev else None,
                 previous_epoch=prev.epoch if prev else 0, trigger=intent.trigger,
-                reason=intent.reason, term=self.term,
+                reason=intent.reason, term=self.term, mode=mode,
             ),
         ]
         if intent.automatic:
@@ -156,6 +183,54 @@ class Coordinator:
             compares.append(Compare(self._keys.auto_failovers, "mod",
                                     view.control.auto_failovers_mod_revision))
             success.append(Put(self._keys.auto_failovers, to_json({"times": times})))
+        return compares, success
+
+    async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
+        """Carry out or refuse one operator request, with its audit event and
+        its result, in one txn fenced by the term (and the record)."""
+        outcome = handle_request(view, self._policy(), req, now)
+        compares = [Compare(self._keys.coordinator, "create", self.term),
+                    Compare(self._keys.request(req.id), "mod", req.revision)]
+        ops: list[Op] = []
+        if outcome.change is not None:
+            more, ops = self._change_ops(outcome.change, view, now)
+            compares += more[1:]
+        elif outcome.control in {"pause", "resume"}:
+            ops.append(Put(self._keys.paused, to_json(
+                {"paused": outcome.control == "pause", "by": req.by, "at": now})))
+        elif outcome.control == "drain" and req.region:
+            ops.append(Put(self._keys.drained(req.region), to_json({"by": req.by, "at": now})))
+        elif outcome.control == "undrain" and req.region:
+            ops.append(Delete(self._keys.drained(req.region)))
+        result = {"id": req.id, "status": "accepted" if outcome.accepted else "refused",
+                  "reason": outcome.reason, "at": now, "term": self.term,
+                  "epoch": outcome.change.epoch if outcome.change else None}
+        ops += [
+            Put(self._keys.result(req.id), to_json(result)),
+            Delete(self._keys.request(req.id)),
+            self._history.put_op("operator_request", request=req.id, action=req.action,
+                                 group=req.group, region=req.region, force=req.force,
+                                 by=req.by, result=result["status"], reason=outcome.reason,
+                                 term=self.term),
+        ]
+        try:
+            txn = await self._store.txn(compares, ops, [Get(self._keys.coordinator)])
+        except StoreError as exc:
+            log.warning("operator request outcome unknown; re-reading", request=req.id,
+                        error=str(exc))
+            return
+        if txn.succeeded:
+            log.info("operator request", request=req.id, action=req.action, by=req.by,
+                     status=result["status"], reason=outcome.reason)
+            return
+        seat = txn.gets[0] if txn.gets else None
+        if seat is None or seat.create_revision != self.term:
+            raise NotCoordinator("fenced write rejected: a newer term holds the seat")
+
+    async def _commit(self, intent: SetActive, view: ClusterView) -> None:
+        self._ensure_leading()
+        now = self._clock()
+        compares, success = self._change_ops(intent, view, now)
         fault_point("before-commit")
         txn = asyncio.create_task(
             self._store.txn(compares, success, [Get(self._keys.coordinator)]),
@@ -179,11 +254,14 @@ class Coordinator:
             # re-reads and sees which.
             log.warning("commit outcome unknown; re-reading", group=intent.group,
                         epoch=intent.epoch, error=str(exc))
+            metrics.FAILOVERS.labels(intent.trigger, "unknown").inc()
             return
         await self._outcome(intent, result)
 
     async def _outcome(self, intent: SetActive, result: TxnResult) -> None:
         bound = log.bind(group=intent.group, epoch=intent.epoch, term=self.term)
+        metrics.FAILOVERS.labels(intent.trigger,
+                                 "committed" if result.succeeded else "rejected").inc()
         if result.succeeded:
             bound.info("active region committed", to_region=intent.region,
                        trigger=intent.trigger, reason=intent.reason)
@@ -206,6 +284,9 @@ class Coordinator:
         self._next_prune = now + PRUNE_EVERY_S
         try:
             await self._history.prune(self._history_limit())
+            for kv in (await self._store.get_prefix(self._keys.results)).kvs:
+                if kv.mod_revision and _older_than(kv.value, now - HOUR_S):
+                    await self._store.delete(kv.key)
             events = await read_history(self._store, self._keys, self._history_limit())
         except StoreError as exc:
             log.warning("history prune failed", error=str(exc))
@@ -214,6 +295,23 @@ class Coordinator:
         if learned is not None and learned != self.learned_failover_s:
             log.info("learned failover duration", seconds=round(learned, 3))
         self.learned_failover_s = learned
+
+
+def _older_than(value: str, cutoff: float) -> bool:
+    try:
+        at = json.loads(value).get("at", 0)
+    except (ValueError, AttributeError):
+        return True
+    return isinstance(at, int | float) and at < cutoff
+
+
+def _export(view: ClusterView, policy: Policy, now: float) -> None:
+    """The coordinator's judgement of every region, as metrics."""
+    for region, _ in policy.priorities:
+        metrics.set_one_of(metrics.REGION_VERDICT, metrics.VERDICTS,
+                           region_health(view, policy, region).verdict, region=region)
+        metrics.set_one_of(metrics.POWER_STATE, metrics.POWER_STATES,
+                           power_of(view, policy, region, now).state, region=region)
 
 
 def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float | None:

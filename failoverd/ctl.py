@@ -1,8 +1,9 @@
-"""failoverctl: look at a failoverd cluster.
+"""failoverctl: the operator's CLI, a client of the REST API.
 
-This first cut reads etcd directly (endpoints and cluster from ``--config``
-or ``--etcd``/``--cluster``); the REST client with operator actions replaces
-it when the API lands.  Exit codes: 0 ok, 2 usage, 3 store unreachable.
+API URL from ``--api``, ``FAILOVERD_API`` or the config's ``api.listen``;
+token from ``--token``, ``FAILOVERD_TOKEN`` or ``--token-file``.  Exit
+codes: 0 ok, 1 refused (401/403/409), 2 usage (bad arguments, 400/404/413),
+3 unreachable (no answer, 5xx).
 """
 
 from __future__ import annotations
@@ -10,115 +11,174 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from failoverd.config import ConfigError, EtcdSettings, load_settings
-from failoverd.etcd import EtcdStore
-from failoverd.history import read_history
-from failoverd.model import Keyspace, parse_view
-from failoverd.store import StoreError
+import aiohttp
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 2, 3
+from failoverd.config import ConfigError, load_settings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="failoverctl", description="Inspect a failoverd cluster.")
-    p.add_argument("--config", "-c", type=Path, help="a failoverd config file")
-    p.add_argument("--etcd", help="comma-separated etcd endpoints (instead of --config)")
-    p.add_argument("--cluster", help="cluster name (instead of --config)")
+    # No abbreviations: "--to" must never be read as "--token".
+    p = argparse.ArgumentParser(prog="failoverctl", description="Operate a failoverd cluster.",
+                                allow_abbrev=False)
+    p.add_argument("--api", help="API base URL (env FAILOVERD_API)")
+    p.add_argument("--token", help="bearer token (env FAILOVERD_TOKEN)")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    p.add_argument("--config", "-c", type=Path, help="a failoverd config (for the API URL)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--timeout", type=float, default=15.0)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="coordinator, members and active regions")
+    sub.add_parser("status", help="regions, groups and the coordinator")
     h = sub.add_parser("history", help="audit events, newest first")
     h.add_argument("--limit", type=int, default=20)
+    for name in ("switchover", "failover"):
+        sp = sub.add_parser(name, help=f"{name} a group to a region")
+        sp.add_argument("group")
+        sp.add_argument("--to", required=True, help="target region")
+        if name == "failover":
+            sp.add_argument("--force", action="store_true", help="skip the candidate rules")
+            sp.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    sub.add_parser("pause", help="stop automatic actions")
+    sub.add_parser("resume", help="resume automatic actions")
+    for name in ("drain", "undrain"):
+        sub.add_parser(name, help=f"{name} a region").add_argument("region")
     return p
 
 
 def _ago(ts: float) -> str:
-    return f"{max(time.time() - ts, 0):.1f}s ago"
+    return f"{max(time.time() - ts, 0):.0f}s ago"
 
 
-async def _status(store: EtcdStore, keys: Keyspace) -> dict[str, object]:
-    view = parse_view(keys, await store.snapshot(keys.prefix, exclude=("history/",)))
-    return {
-        "cluster": keys.cluster,
-        "revision": view.revision,
-        "coordinator": ({"member": view.coordinator.member, "term": view.coordinator.term}
-                        if view.coordinator else None),
-        "members": [{"member": m.member, "region": m.region, "version": m.version,
-                     "started": m.started} for m in sorted(view.members.values(),
-                                                           key=lambda m: m.member)],
-        "groups": {g: {"region": r.region, "epoch": r.epoch, "since": r.since,
-                       "reason": r.reason, "trigger": r.trigger, "term": r.term}
-                   for g, r in sorted(view.active.items())},
-        "paused": view.control.paused,
-        "drained": sorted(view.control.drained),
-    }
+def print_status(st: dict[str, Any]) -> None:
+    coord = st.get("coordinator") or {}
+    print(f"cluster {st['cluster']}   coordinator {coord.get('member', '-')} "
+          f"(term {coord.get('term', '-')})   paused {str(st['paused']).lower()}")
+    print(f"\n{'REGION':<12}{'HEALTH':<10}{'READY':<7}{'POWER':<14}{'DRAINED':<9}{'ACTIVE FOR':<16}"
+          "MEMBERS")
+    for name, r in st["regions"].items():
+        print(f"{name:<12}{r['health']['verdict']:<10}{str(r['health']['ready']).lower():<7}"
+              f"{r['power']['state']:<14}{str(r['drained']).lower():<9}"
+              f"{','.join(r['active_for']) or '-':<16}{','.join(r['members']) or '-'}")
+    print(f"\n{'GROUP':<12}{'ACTIVE':<10}{'EPOCH':<7}{'SINCE':<12}REASON")
+    for name, g in st["groups"].items():
+        a = g.get("active")
+        if a is None:
+            print(f"{name:<12}{'-':<10}{'-':<7}{'-':<12}not bootstrapped")
+        else:
+            print(f"{name:<12}{a['region']:<10}{a['epoch']:<7}{_ago(a['since']):<12}"
+                  f"{a['reason']}")
 
 
-def _print_status(st: dict[str, object]) -> None:
-    coord = st["coordinator"]
-    print(f"cluster {st['cluster']}  revision {st['revision']}  paused {st['paused']}  "
-          f"drained {', '.join(st['drained']) or '-'}")  # type: ignore[arg-type]
-    if isinstance(coord, dict):
-        print(f"coordinator {coord['member']} (term {coord['term']})")
-    else:
-        print("coordinator: none")
-    print(f"\n{'MEMBER':<16}{'REGION':<12}{'VERSION':<10}UP")
-    for m in st["members"]:  # type: ignore[attr-defined]
-        print(f"{m['member']:<16}{m['region']:<12}{m['version']:<10}{_ago(m['started'])}")
-    print(f"\n{'GROUP':<14}{'ACTIVE':<10}{'EPOCH':<7}{'SINCE':<14}REASON")
-    for g, r in st["groups"].items():  # type: ignore[attr-defined]
-        print(f"{g:<14}{r['region']:<10}{r['epoch']:<7}{_ago(r['since']):<14}{r['reason']}")
-
-
-def _print_history(events: list[dict[str, object]]) -> None:
+def print_history(events: list[dict[str, Any]]) -> None:
     for ev in events:
         ts = ev.get("ts")
         when = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, float) else "?"
-        rest = {k: v for k, v in ev.items() if k not in {"ts", "kind", "member", "member_region"}}
+        rest = {k: v for k, v in ev.items()
+                if k not in {"ts", "kind", "member", "member_region"} and v is not None}
         detail = " ".join(f"{k}={v}" for k, v in sorted(rest.items()))
-        print(f"{when}  {ev.get('member', '?'):<12}{ev.get('kind', '?'):<26}{detail}")
+        print(f"{when}  {ev.get('member', '?'):<12}{ev.get('kind', '?'):<24}{detail}")
 
 
-async def _run(args: argparse.Namespace, etcd: EtcdSettings, cluster: str) -> int:
-    store = EtcdStore(etcd)
-    keys = Keyspace(cluster)
-    try:
-        if args.command == "status":
-            st = await _status(store, keys)
-            print(json.dumps(st, indent=2)) if args.output == "json" else _print_status(st)
-        else:
-            events = await read_history(store, keys, args.limit)
-            print(json.dumps(events, indent=2)) if args.output == "json" else _print_history(
-                events)
-    except StoreError as exc:
-        print(f"failoverctl: etcd unreachable: {exc}", file=sys.stderr)
+def _api_url(args: argparse.Namespace) -> str | None:
+    url = args.api or os.environ.get("FAILOVERD_API")
+    if not url and args.config is not None:
+        try:
+            url = f"http://{load_settings(args.config).api.listen}"
+        except ConfigError as exc:
+            print(f"failoverctl: {exc}", file=sys.stderr)
+            return None
+    return url.rstrip("/") if url else None
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return str(args.token)
+    if os.environ.get("FAILOVERD_TOKEN"):
+        return os.environ["FAILOVERD_TOKEN"]
+    if args.token_file is not None:
+        return args.token_file.read_text().strip()
+    return None
+
+
+def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    c = args.command
+    if c == "status":
+        return "GET", "/v1/status", None
+    if c == "history":
+        return "GET", f"/v1/history?limit={args.limit}", None
+    if c == "switchover":
+        return "POST", f"/v1/groups/{args.group}/switchover", {"to": args.to}
+    if c == "failover":
+        return "POST", f"/v1/groups/{args.group}/failover", {"to": args.to, "force": args.force}
+    if c in {"pause", "resume"}:
+        return "POST", f"/v1/{c}", None
+    return ("POST" if c == "drain" else "DELETE"), f"/v1/regions/{args.region}/drain", None
+
+
+def exit_code(status: int) -> int:
+    if status < 300:
+        return EXIT_OK
+    if status in {401, 403, 409}:
+        return EXIT_REFUSED
+    if status >= 500:
         return EXIT_UNREACHABLE
-    finally:
-        await store.close()
-    return EXIT_OK
+    return EXIT_USAGE
+
+
+async def _call(url: str, token: str | None, method: str, path: str,
+                body: dict[str, Any] | None, limit_s: float) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as s, \
+            s.request(method, url + path, json=body, headers=headers) as resp:
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError:
+            data = {"error": "bad_response", "message": (await resp.text())[:200]}
+        return resp.status, data
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        try:
-            settings = load_settings(args.config)
-        except ConfigError as exc:
-            print(f"failoverctl: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        etcd, cluster = settings.etcd, settings.cluster
-    elif args.etcd and args.cluster:
-        etcd, cluster = EtcdSettings(endpoints=args.etcd.split(","), timeout_s=2.0), args.cluster
-    else:
-        parser.print_usage(sys.stderr)
-        print("failoverctl: give --config, or --etcd and --cluster", file=sys.stderr)
+    args = _parser().parse_args(argv)
+    url = _api_url(args)
+    if url is None:
+        print("failoverctl: give --api, FAILOVERD_API or --config", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_run(args, etcd, cluster))
+    if args.command == "failover" and not args.yes:
+        if not sys.stdin.isatty():
+            print("failoverctl: failover needs --yes when not on a terminal", file=sys.stderr)
+            return EXIT_USAGE
+        answer = input(f"Fail {args.group} over to {args.to}"
+                       f"{' (forced)' if args.force else ''}? [y/N] ")
+        if answer.strip().lower() not in {"y", "yes"}:
+            print("aborted", file=sys.stderr)
+            return EXIT_REFUSED
+    method, path, body = _request(args)
+    try:
+        status, data = asyncio.run(_call(url, _token(args), method, path, body, args.timeout))
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        print(f"failoverctl: cannot reach {url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    code = exit_code(status)
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    elif code != EXIT_OK:
+        print(f"failoverctl: {data.get('error')}: {data.get('message')}", file=sys.stderr)
+    elif args.command == "status":
+        print_status(data)
+    elif args.command == "history":
+        print_history(data["events"])
+    else:
+        print(f"{data['status']}: {data.get('reason')}"
+              + (f" (epoch {data['epoch']})" if data.get("epoch") else "")
+              + f" [request {data['request']}]")
+    return code
 
 
 if __name__ == "__main__":

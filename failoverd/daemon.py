@@ -19,7 +19,8 @@ from pathlib import Path
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from failoverd import __version__
+from failoverd import __version__, metrics
+from failoverd.api import Api, serve_api
 from failoverd.config import ConfigError, Overrides, Settings, load_settings
 from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
@@ -113,6 +114,8 @@ class Daemon:
                                self.watcher.subscribe("groups/"))
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
+        self.api = Api(self.store, self.keys, lambda: self.settings,
+                       self.watcher.subscribe("control/results/"))
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -120,6 +123,7 @@ class Daemon:
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self.power.run(), name="mqtt")
+                tg.create_task(serve_api(self.api, self.settings.api.listen), name="api")
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")
@@ -168,7 +172,8 @@ class Daemon:
             return False
         old = self.settings
         fixed = {"cluster": old.cluster, "member": old.member, "region": old.region,
-                 "etcd": old.etcd, "state_dir": old.state_dir, "mqtt": old.mqtt}
+                 "etcd": old.etcd, "state_dir": old.state_dir, "mqtt": old.mqtt,
+                 "api": old.api.model_copy(update={"tokens": new.api.tokens})}
         ignored = [k for k, v in fixed.items() if getattr(new, k) != v]
         if ignored:
             log.warning("these settings need a restart to change", settings=ignored)
@@ -247,6 +252,8 @@ class Daemon:
             history_limit=lambda: self.settings.policy.history_limit, wake=wake,
         )
         self.coordinator = coord
+        metrics.IS_COORDINATOR.set(1)
+        metrics.COORDINATOR_TERM.set(term)
         structlog.contextvars.bind_contextvars(term=term)
         log.info("elected coordinator", term=term)
         await self.history.record("coordinator_elected", term=term)
@@ -257,6 +264,8 @@ class Daemon:
             log.warning("stepping down", reason=str(exc))
             await self.history.record("coordinator_stepped_down", term=term, reason=str(exc))
         finally:
+            metrics.IS_COORDINATOR.set(0)
+            metrics.COORDINATOR_TERM.set(0)
             structlog.contextvars.unbind_contextvars("term")
 
     def _live_lease(self) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from failoverd.config import Settings
-from failoverd.model import AUTOMATIC_TRIGGERS, ActiveRecord, ClusterView
+from failoverd.model import AUTOMATIC_TRIGGERS, ActiveRecord, ClusterView, OperatorRequest
 from failoverd.power import DEGRADED, RegionPower, merge, region_power
 
 HOUR_S = 3600.0
@@ -320,3 +320,69 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
                 budget -= 1  # two groups failing over in one cycle both count
         reasons.append(f"{group.name}: {reason}")
     return Decision(tuple(intents), "; ".join(reasons) or "no groups configured")
+
+
+# -- operator requests --------------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """What the coordinator does with one operator request."""
+
+    request: OperatorRequest
+    accepted: bool
+    reason: str
+    change: SetActive | None = None
+    # pause / resume / drain / undrain: the control change to make.
+    control: str | None = None
+
+
+def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
+                   now: float) -> RequestOutcome:
+    """Accept or refuse an operator request.  Pause never blocks these.
+
+    A switchover (planned) or an unforced failover must go to a valid
+    candidate; ``force`` skips the candidate rules (the operator owns the
+    risk) but never leaves the group's own regions.
+    """
+    regions = {r for r, _ in policy.priorities}
+    if req.action in {"pause", "resume"}:
+        return RequestOutcome(req, True, f"{req.action}d by {req.by}", control=req.action)
+    if req.action in {"drain", "undrain"}:
+        if req.region not in regions:
+            return RequestOutcome(req, False, f"unknown region {req.region!r}")
+        return RequestOutcome(req, True, f"{req.region} {req.action}ed by {req.by}",
+                              control=req.action)
+    if req.action not in {"switchover", "failover"}:
+        return RequestOutcome(req, False, f"unknown action {req.action!r}")
+    group = next((g for g in policy.groups if g.name == req.group), None)
+    if group is None:
+        return RequestOutcome(req, False, f"unknown group {req.group!r}")
+    if req.region not in group.regions:
+        return RequestOutcome(req, False, f"{req.region!r} is not a region of {group.name}")
+    rec = view.active.get(group.name)
+    if rec is None:
+        return RequestOutcome(req, False, f"{group.name} has no active region yet")
+    if rec.region == req.region:
+        return RequestOutcome(req, False, f"{req.region} is already active for {group.name}")
+    if not req.force and req.region not in candidates(view, policy, group, rec.region, now):
+        return RequestOutcome(req, False, f"{req.region} is not a candidate: "
+                              f"{_why_not(view, policy, req.region, now)}")
+    verb = "switchover" if req.action == "switchover" else (
+        "forced failover" if req.force else "failover")
+    change = SetActive(group.name, req.region, rec.epoch + 1, "operator",
+                       f"operator {verb} by {req.by}", rec,
+                       planned=req.action == "switchover")
+    return RequestOutcome(req, True, change.reason, change=change)
+
+
+def _why_not(view: ClusterView, policy: Policy, region: str, now: float) -> str:
+    if region not in view.regions_with_members():
+        return "no live members"
+    if region in view.control.drained:
+        return "drained"
+    h = region_health(view, policy, region)
+    if h.verdict not in {"up", "unprobed"}:
+        return f"health {h.describe()}"
+    if not h.ready:
+        return "readiness probes failing"
+    return f"power {power_of(view, policy, region, now).state}"

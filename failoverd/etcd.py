@@ -33,6 +33,7 @@ from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
+from failoverd import metrics
 from failoverd.config import EtcdSettings
 from failoverd.store import (
     Compare,
@@ -112,10 +113,13 @@ class EtcdStore:
         self._metadata = (("token", token),)
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        op = what.replace(" ", "_")
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                return await fn()
+            with metrics.ETCD_LATENCY.labels(op).time():
+                async with asyncio.timeout(self._timeout * 2):
+                    return await fn()
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            metrics.ETCD_ERRORS.labels(op).inc()
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             if "lease not found" in (detail or ""):
                 raise LeaseNotFound(f"etcd {what}: {detail}") from exc

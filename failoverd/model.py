@@ -60,6 +60,16 @@ class Keyspace:
     def drained(self, region: str) -> str:
         return f"{self.prefix}control/drained/{region}"
 
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}control/requests/{request_id}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}control/results/{request_id}"
+
+    @property
+    def results(self) -> str:
+        return self.prefix + "control/results/"
+
     @property
     def auto_failovers(self) -> str:
         return self.prefix + "control/auto_failovers"
@@ -132,6 +142,25 @@ class Observation:
 
 
 @dataclass(frozen=True)
+class OperatorRequest:
+    """An operator's action, handed to the coordinator through etcd."""
+
+    id: str
+    action: str  # switchover | failover | pause | resume | drain | undrain
+    by: str  # token name
+    at: float
+    group: str | None = None
+    region: str | None = None
+    force: bool = False
+    revision: int = 0  # the request key's mod_revision (0 before it is written)
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("revision")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
 class CoordinatorRecord:
     member: str
     term: int  # the coordinator key's create_revision
@@ -164,6 +193,8 @@ class ClusterView:
     power: Mapping[tuple[str, str], list[Reading]] = field(default_factory=dict)
     # How long failovers took lately (from history); None until measured.
     learned_failover_s: float | None = None
+    # Operator requests waiting for the coordinator, oldest first.
+    requests: tuple[OperatorRequest, ...] = ()
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
@@ -189,6 +220,11 @@ def _str(d: Mapping[str, object], k: str) -> str:
     if not isinstance(v, str):
         raise ValueError(f"{k} is not a string")
     return v
+
+
+def _opt_str(d: Mapping[str, object], k: str) -> str | None:
+    v = d.get(k)
+    return v if isinstance(v, str) else None
 
 
 def _num(d: Mapping[str, object], k: str) -> float:
@@ -241,6 +277,7 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     auto_rev = 0
     observations: dict[tuple[str, str], Observation] = {}
     relays: dict[str, list[Reading]] = {}
+    requests: list[OperatorRequest] = []
     problems: list[str] = []
     p = keys.prefix
     for kv in snap.kvs:
@@ -266,6 +303,13 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
                 active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
             elif rel == "control/paused":
                 paused = bool(_obj(kv).get("paused", False))
+            elif rel.startswith("control/requests/"):
+                d = _obj(kv)
+                requests.append(OperatorRequest(
+                    id=rel[len("control/requests/"):], action=_str(d, "action"),
+                    by=_str(d, "by"), at=_num(d, "at"),
+                    group=_opt_str(d, "group"), region=_opt_str(d, "region"),
+                    force=d.get("force") is True, revision=kv.mod_revision))
             elif rel.startswith("control/drained/"):
                 drained.add(rel[len("control/drained/"):])
             elif rel == "control/auto_failovers":
@@ -289,6 +333,7 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         # An observation counts only while its member is alive.
         observations={k: o for k, o in observations.items() if k[0] in members},
         power=_live_power(relays, members),
+        requests=tuple(sorted(requests, key=lambda r: r.id)),
     )
 
 

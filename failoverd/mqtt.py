@@ -23,7 +23,7 @@ from collections.abc import Callable
 import aiomqtt
 import structlog
 
-from failoverd import __version__
+from failoverd import __version__, metrics
 from failoverd.config import MqttSettings, Settings
 from failoverd.model import Keyspace
 from failoverd.power import Reading, Rejected, SensorTable, parse_message, reading_to_json
@@ -131,9 +131,11 @@ class PowerFeeds:
                              max_bytes=min(b.max_payload for b in s.mqtt) if s.mqtt else 4096)
         if isinstance(item, Rejected):
             self.rejected[item.reason] += 1
+            metrics.MQTT_MESSAGES.labels("rejected", item.reason).inc()
             self._log_rejected(item, topic)
             return
         self.accepted += 1
+        metrics.MQTT_MESSAGES.labels("accepted", "").inc()
         reading = self.table.apply(item)
         if reading is not None:
             await self._relay(reading)

@@ -21,6 +21,7 @@ from typing import Literal
 import aiohttp
 import structlog
 
+from failoverd import metrics
 from failoverd.config import ProbeSettings, RegionSettings, Settings
 from failoverd.hooks import HookFailed, run_once
 from failoverd.model import Keyspace, Observation
@@ -175,7 +176,9 @@ class Prober:
             started = time.monotonic()
             async with sem:
                 ok, detail = await check(probe, session, reg.settings.name)
-            latency = (time.monotonic() - started) * 1000
+            elapsed = time.monotonic() - started
+            metrics.PROBE_LATENCY.labels(reg.settings.name, probe.kind).observe(elapsed)
+            latency = elapsed * 1000
             reg.states[i] = step(reg.states[i], ok, rise=probe.rise, fall=probe.fall,
                                  now=self._clock(), latency_ms=latency, detail=detail)
             await self._publish(reg)
@@ -222,6 +225,8 @@ class Prober:
             log.warning("cannot publish observation", target=obs.target, error=str(exc))
             return
         if key != reg.published:
+            metrics.set_one_of(metrics.PROBE_VERDICT, metrics.VERDICTS, obs.verdict,
+                               region=obs.target)
             log.info("observation changed", target=obs.target, verdict=obs.verdict,
                      ready=obs.ready, detail=obs.detail)
         reg.published, reg.published_at = key, now

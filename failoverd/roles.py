@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.history import History
 from failoverd.hooks import run_hook
@@ -103,6 +104,11 @@ class RoleReconciler:
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("ignoring malformed active record", key=kv.key, error=str(exc))
         s = self._settings()
+        for name, record in records.items():
+            metrics.EPOCH.labels(name).set(record.epoch)
+            for r in s.regions:
+                metrics.ACTIVE_REGION.labels(name, r.name).set(
+                    1 if r.name == record.region else 0)
         for group in s.groups:
             rec = records.get(group.name)
             if rec is not None and s.region in group.regions:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import EtcdCluster, LocalCluster, wait_until
+from tests.harness import OPERATOR_TOKEN, EtcdCluster, LocalCluster, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 REGIONS = {"east": 100, "west": 50, "central": 25}
@@ -75,9 +75,10 @@ async def _members(c: LocalCluster) -> bool:
 
 
 async def _status(c: LocalCluster) -> None:
+    api = next(d.api for d in c.daemons.values() if d.alive())
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "failoverd.ctl", "--config", str(c.config), "status",
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "failoverd.ctl", "--api", api, "--token", OPERATOR_TOKEN,
+        "status", stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     say("\n" + "\n".join("    " + line for line in out.decode().splitlines()))
 
@@ -99,9 +100,12 @@ async def main() -> int:
     try:
         await scenario_region_loss(c, etcd, args.ttl)
         if not args.exit and sys.stdin.isatty():
+            api = next(d.api for d in c.daemons.values() if d.alive())
             say(f"\n==> cluster left running.  Try:\n"
-                f"    .venv/bin/failoverctl -c {c.config} status\n"
-                f"    .venv/bin/failoverctl -c {c.config} history\n"
+                f"    export FAILOVERD_API={api} FAILOVERD_TOKEN={OPERATOR_TOKEN}\n"
+                f"    .venv/bin/failoverctl status\n"
+                f"    .venv/bin/failoverctl history\n"
+                f"    .venv/bin/failoverctl switchover app --to central\n"
                 f"    logs: {work}/*.log\n"
                 f"Press Ctrl-C to stop everything.")
             stop = asyncio.Event()

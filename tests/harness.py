@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+OPERATOR_TOKEN = "operator-secret-for-tests"
+VIEWER_TOKEN = "viewer-secret-for-tests"
 
 
 def free_port() -> int:
@@ -204,6 +207,10 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
         f'state_dir = "{state_dir}"', "", "[etcd]",
         f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
         "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", 'level = "debug"', "",
+        "[api]", "[[api.tokens]]", 'name = "ops"', 'role = "operator"',
+        f'sha256 = "{hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()}"',
+        "[[api.tokens]]", 'name = "watcher"', 'role = "viewer"',
+        f'sha256 = "{hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()}"', "",
     ]
     for url in mqtt or []:
         lines += ["[[mqtt]]", f'url = "{url}"', 'topics = ["failoverd/power/#"]', ""]
@@ -252,6 +259,11 @@ class DaemonProc:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    api_port: int = field(default_factory=free_port)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> DaemonProc:
         # Inherited FAILOVERD_* (member, region, faults) would override flags.
@@ -259,7 +271,8 @@ class DaemonProc:
         env.update({"HOOK_MEMBER": self.member, "PYTHONUNBUFFERED": "1", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "failoverd", "run", "--config", str(self.config),
-             "--member", self.member, "--region", self.region],
+             "--member", self.member, "--region", self.region,
+             "--api-listen", f"127.0.0.1:{self.api_port}"],
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=env, cwd=ROOT,
         )

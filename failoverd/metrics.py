@@ -1,0 +1,44 @@
+"""Prometheus metrics of one daemon (prometheus-client, default registry).
+
+Module-level because each daemon is its own process; the API serves them on
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IS_COORDINATOR = Gauge("failoverd_is_coordinator", "1 while this member is the coordinator")
+COORDINATOR_TERM = Gauge("failoverd_coordinator_term", "Term of the coordinator this member "
+                         "holds (0 when not coordinator)")
+ACTIVE_REGION = Gauge("failoverd_active_region", "1 for the active region of each group",
+                      ["group", "region"])
+EPOCH = Gauge("failoverd_epoch", "Epoch of each group's active record", ["group"])
+FAILOVERS = Counter("failoverd_failovers_total", "Active-record changes this member committed "
+                    "or attempted", ["trigger", "outcome"])
+ALERTS = Counter("failoverd_alerts_total", "Alerts raised (no candidate, limits)", ["group"])
+PROBE_LATENCY = Histogram("failoverd_probe_latency_seconds", "Probe check duration",
+                          ["region", "kind"],
+                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+PROBE_VERDICT = Gauge("failoverd_probe_verdict", "This member's view of each region "
+                      "(1 for the current verdict)", ["region", "verdict"])
+REGION_VERDICT = Gauge("failoverd_region_verdict", "Quorum verdict per region (1 for the "
+                       "current one), as the coordinator sees it", ["region", "verdict"])
+POWER_STATE = Gauge("failoverd_power_state", "Region power state (1 for the current one), as "
+                    "the coordinator sees it", ["region", "state"])
+MQTT_MESSAGES = Counter("failoverd_mqtt_messages_total", "MQTT messages by result",
+                        ["result", "reason"])
+ETCD_LATENCY = Histogram("failoverd_etcd_op_seconds", "etcd call duration", ["op"],
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
+ETCD_ERRORS = Counter("failoverd_etcd_errors_total", "etcd calls that failed", ["op"])
+API_REQUESTS = Counter("failoverd_api_requests_total", "API requests", ["route", "status"])
+
+VERDICTS = ("up", "down", "unknown", "unprobed")
+POWER_STATES = ("normal", "utility_lost", "on_generator", "on_battery", "critical", "unknown")
+
+
+def set_one_of(gauge: Gauge, values: tuple[str, ...], current: str, **labels: str) -> None:
+    """A state gauge: 1 for ``current``, 0 for every other value."""
+    for v in values:
+        key = "verdict" if "verdict" in gauge._labelnames else "state"
+        gauge.labels(**labels, **{key: v}).set(1 if v == current else 0)

@@ -1,0 +1,223 @@
+"""The REST API and failoverctl against a running cluster (real etcd, real
+daemons), plus the OpenAPI document checked against the router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from failoverd.api import ROUTES, Api, openapi_document
+from tests.harness import (
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    EtcdCluster,
+    LocalCluster,
+    free_port,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+REGIONS = {"east": 100, "west": 50, "central": 25}
+
+
+async def call(base: str, method: str, path: str, token: str | None = None,
+               body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.request(
+            method, base + path, headers=headers,
+            json=body if raw is None else None, data=raw) as r:
+        text = await r.text()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+                  ) -> AsyncIterator[LocalCluster]:
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS, {"app": list(REGIONS)},
+                     policy={"max_auto_failovers_per_hour": 100})
+    for region in REGIONS:
+        c.add(f"{region[0]}1", region)
+    await c.wait_active("app", "east", 15)
+
+    async def ready() -> bool:
+        for d in c.daemons.values():
+            try:
+                if (await call(d.api, "GET", "/readyz"))[0] != 200:
+                    return False
+            except aiohttp.ClientError:
+                return False
+        return len((await c.view()).members) == 3
+    await wait_until(ready, 15, "every API ready")
+    yield c
+    await c.close()
+
+
+def _fill(path: str) -> str:
+    return path.replace("{group}", "app").replace("{region}", "central")
+
+
+async def test_auth_matrix_over_every_route(cluster: LocalCluster):
+    base = cluster.daemons["w1"].api
+    for route in ROUTES:
+        body = {"to": "east"} if route.body is not None else None  # east is active: no-op
+        for who, token in (("none", None), ("viewer", VIEWER_TOKEN),
+                           ("operator", OPERATOR_TOKEN)):
+            status, data = await call(base, route.method, _fill(route.path), token, body)
+            where = f"{route.method} {route.path} as {who}: {status} {data}"
+            if route.role in {None, "metrics"}:
+                assert status == 200, where
+            elif who == "none":
+                assert status == 401 and data["error"] == "unauthorized", where
+            elif route.role == "operator" and who == "viewer":
+                assert status == 403 and data["error"] == "forbidden", where
+            else:
+                assert status in {200, 409}, where
+    # The matrix left nothing behind: not paused, nothing drained.
+    v = await cluster.view()
+    assert not v.control.paused and not v.control.drained
+
+
+async def test_switchover_on_a_non_coordinator_member(cluster: LocalCluster):
+    v = await cluster.view()
+    member = next(m for m in cluster.daemons if m != v.coordinator.member)
+    status, data = await call(cluster.daemons[member].api, "POST",
+                              "/v1/groups/app/switchover", OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200 and data["status"] == "accepted" and data["epoch"] == 2, data
+    rec = (await cluster.view()).active["app"]
+    assert (rec.region, rec.epoch, rec.trigger, rec.mode) == ("west", 2, "operator", "planned")
+    audit = [e for e in await cluster.history() if e["kind"] == "operator_request"]
+    assert audit[0]["by"] == "ops" and audit[0]["result"] == "accepted"
+    assert audit[0]["action"] == "switchover" and audit[0]["region"] == "west"
+    # Asking again is refused (already active) and audited too.
+    status, data = await call(cluster.daemons[member].api, "POST",
+                              "/v1/groups/app/switchover", OPERATOR_TOKEN, {"to": "west"})
+    assert status == 409 and "already active" in data["message"]
+
+
+async def test_pause_holds_automatic_failover_and_resume_releases_it(cluster: LocalCluster):
+    api = cluster.daemons["c1"].api
+    assert (await call(api, "POST", "/v1/pause", OPERATOR_TOKEN))[0] == 200
+    assert (await cluster.view()).control.paused
+    cluster.daemons["e1"].kill9()
+
+    async def holding() -> bool:
+        return any("paused, holding" in e.get("reason", "")
+                   for d in cluster.daemons.values() if d.alive() for e in d.log_events())
+    await wait_until(holding, 10, "the coordinator to hold because paused")
+    assert (await cluster.view()).active["app"].region == "east"
+    assert (await call(api, "POST", "/v1/resume", OPERATOR_TOKEN))[0] == 200
+    rec = await cluster.wait_active("app", "west", 5)
+    assert rec.trigger == "member_loss"
+
+
+async def test_drain_removes_a_region_from_candidacy(cluster: LocalCluster):
+    api = cluster.daemons["c1"].api
+    status, _ = await call(api, "POST", "/v1/regions/west/drain", OPERATOR_TOKEN)
+    assert status == 200
+    status, data = await call(api, "POST", "/v1/groups/app/switchover", OPERATOR_TOKEN,
+                              {"to": "west"})
+    assert status == 409 and "not a candidate: drained" in data["message"]
+    cluster.daemons["e1"].kill9()
+    rec = await cluster.wait_active("app", "central", 10)
+    assert rec.epoch == 2
+    st = (await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+    assert st["regions"]["west"]["drained"] is True
+    assert st["groups"]["app"]["active"]["region"] == "central"
+
+
+async def test_bad_requests_get_json_errors_and_change_nothing(cluster: LocalCluster):
+    api = cluster.daemons["w1"].api
+    cases = [
+        ("/v1/groups/app/switchover", {"to": 5}, None, 400),
+        ("/v1/groups/app/switchover", {"to": "west", "extra": 1}, None, 400),
+        ("/v1/groups/app/switchover", {}, None, 400),
+        ("/v1/groups/app/switchover", None, b"{not json", 400),
+        ("/v1/groups/app/failover", {"to": "west", "force": "yes"}, None, 400),
+        ("/v1/groups/nope/switchover", {"to": "west"}, None, 404),
+        ("/v1/groups/app/switchover", {"to": "mars"}, None, 404),
+        ("/v1/regions/mars/drain", None, None, 404),
+        ("/v1/groups/app/switchover", None, b'{"to": "' + b"x" * 20000 + b'"}', 413),
+    ]
+    for path, body, raw, want in cases:
+        status, data = await call(api, "POST", path, OPERATOR_TOKEN, body, raw)
+        assert status == want, (path, body, status, data)
+        assert set(data) == {"error", "message"}, data
+    status, data = await call(api, "GET", "/v1/history?limit=banana", VIEWER_TOKEN)
+    assert status == 400
+    assert (await call(api, "GET", "/healthz"))[0] == 200
+    rec = (await cluster.view()).active["app"]
+    assert (rec.region, rec.epoch) == ("east", 1)
+
+
+async def test_metrics(cluster: LocalCluster):
+    coordinator = (await cluster.view()).coordinator.member
+    status, text = await call(cluster.daemons[coordinator].api, "GET", "/metrics")
+    assert status == 200
+    assert "failoverd_is_coordinator 1.0" in text
+    assert 'failoverd_epoch{group="app"} 1.0' in text
+    assert 'failoverd_active_region{group="app",region="east"} 1.0' in text
+    assert "failoverd_etcd_op_seconds_bucket" in text
+
+
+def test_openapi_document_matches_the_routes() -> None:
+    app = Api(None, None, None, asyncio.Event()).app()  # type: ignore[arg-type]
+    served = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    doc = openapi_document()
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    assert doc["openapi"].startswith("3.1")
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            if "{" in path:
+                assert {p["name"] for p in op["parameters"]} >= {
+                    seg[1:-1] for seg in path.split("/") if seg.startswith("{")}
+
+
+def ctl(*args: str, api: str, token: str | None = OPERATOR_TOKEN) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "failoverd.ctl", "--api", api]
+    if token:
+        cmd += ["--token", token]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+async def test_failoverctl_end_to_end(cluster: LocalCluster):
+    api = cluster.daemons["w1"].api
+    r = await asyncio.to_thread(ctl, "status", api=api)
+    assert r.returncode == 0, r.stderr
+    assert "coordinator" in r.stdout and "east" in r.stdout and "app" in r.stdout
+    r = await asyncio.to_thread(ctl, "-o", "json", "status", api=api)
+    assert set(json.loads(r.stdout)["regions"]) == set(REGIONS)
+    r = await asyncio.to_thread(ctl, "switchover", "app", "--to", "west", api=api)
+    assert r.returncode == 0 and "accepted" in r.stdout and "epoch 2" in r.stdout, r.stderr
+    r = await asyncio.to_thread(ctl, "switchover", "app", "--to", "west", api=api)
+    assert r.returncode == 1 and "already active" in r.stderr
+    r = await asyncio.to_thread(ctl, "failover", "app", "--to", "east", api=api)
+    assert r.returncode == 2 and "--yes" in r.stderr  # no terminal to ask on
+    r = await asyncio.to_thread(ctl, "failover", "app", "--to", "east", "--yes", api=api)
+    assert r.returncode == 0, r.stderr
+    for cmd in (("pause",), ("resume",), ("drain", "central"), ("undrain", "central")):
+        r = await asyncio.to_thread(ctl, *cmd, api=api)
+        assert r.returncode == 0, (cmd, r.stderr)
+    r = await asyncio.to_thread(ctl, "history", "--limit", "50", api=api)
+    assert r.returncode == 0 and r.stdout.count("operator_request") >= 6
+    r = await asyncio.to_thread(ctl, "-o", "json", "history", api=api)
+    assert json.loads(r.stdout)["events"]
+    r = await asyncio.to_thread(ctl, "pause", api=api, token=VIEWER_TOKEN)
+    assert r.returncode == 1 and "forbidden" in r.stderr
+    r = await asyncio.to_thread(ctl, "drain", "mars", api=api)
+    assert r.returncode == 2
+    r = await asyncio.to_thread(ctl, "status", api=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 3 and "cannot reach" in r.stderr
