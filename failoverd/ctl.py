@@ -103,7 +103,7 @@ def _token(args: argparse.Namespace) -> str | None:
     if os.environ.get("FAILOVERD_TOKEN"):
         return os.environ["FAILOVERD_TOKEN"]
     if args.token_file is not None:
-        return args.token_file.read_text().strip()
+        return Path(args.token_file).read_text().strip()
     return None
 
 
