@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from failoverd import __version__, metrics
-from failoverd.config import Settings
+from failoverd.config import ApiSettings, Settings
 from failoverd.engine import Policy, power_of, region_health
 from failoverd.history import read_history
 from failoverd.model import ClusterView, Keyspace, OperatorRequest, parse_view
+from failoverd.statuspage import render_page
 from failoverd.store import Compare, Delete, Store, StoreError
 
 log = structlog.get_logger("failoverd.api")
@@ -77,6 +79,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", None, "Liveness"),
     Route("GET", "/readyz", None, "Ready: store reachable and API up"),
     Route("GET", "/metrics", "metrics", "Prometheus metrics"),
+    Route("GET", "/", None, "The status page (HTML; its script needs a viewer token)"),
 )
 
 
@@ -110,6 +113,7 @@ class Api:
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.metrics,
+            ("GET", "/"): self.page,
         }
         for r in ROUTES:
             app.router.add_route(r.method, r.path, handlers[(r.method, r.path)])
@@ -125,6 +129,8 @@ class Api:
             code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                     413: "too_large"}.get(exc.status, "http_error")
             resp = error(exc.status, code, exc.reason)
+            if "Allow" in exc.headers:  # RFC 9110: a 405 says what is allowed
+                resp.headers["Allow"] = exc.headers["Allow"]
         except StoreError as exc:
             resp = error(503, "store_unavailable", str(exc))
         metrics.API_REQUESTS.labels(name, str(resp.status)).inc()
@@ -191,6 +197,13 @@ class Api:
         resp = web.Response(body=generate_latest())
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
+
+    async def page(self, request: web.Request) -> web.Response:
+        s = self._settings()
+        return web.Response(text=render_page(s.cluster, s.member), content_type="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; "
+                                     "script-src 'unsafe-inline' 'self'; "
+                                     "style-src 'unsafe-inline'"})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
@@ -359,6 +372,9 @@ def openapi_document() -> dict[str, Any]:
         if r.path == "/metrics":
             op["responses"]["200"] = {"description": "Prometheus text format",
                                       "content": {"text/plain": {"schema": {"type": "string"}}}}
+        if r.path == "/":
+            op["responses"]["200"] = {"description": "HTML",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -368,25 +384,31 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-async def serve_api(api: Api, listen: str) -> None:
+async def serve_api(api: Api, settings: ApiSettings) -> None:
     """Run the API until cancelled (a task of the daemon's TaskGroup).
 
     A port that cannot be bound is retried: the API must never take the
     failover machinery down with it.
     """
+    listen = settings.listen
     host, _, port = listen.rpartition(":")
+    context = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
         while True:
             try:
-                await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+                await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port),
+                                  ssl_context=context).start()
                 break
             except OSError as exc:
                 log.error("api cannot listen; retrying", listen=listen, error=str(exc))
                 await asyncio.sleep(5)
         api.ready = True
-        log.info("api listening", listen=listen)
+        log.info("api listening", listen=listen, tls=context is not None)
         await asyncio.Event().wait()
     finally:
         api.ready = False

@@ -70,6 +70,15 @@ class ApiSettings(_Model):
     listen: str = "127.0.0.1:8080"
     tokens: list[ApiToken] = Field(default_factory=list)
     metrics_public: bool = True
+    # HTTPS when both are set (PEM files).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
 
 class MqttSettings(_Model):

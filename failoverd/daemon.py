@@ -123,7 +123,7 @@ class Daemon:
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self.power.run(), name="mqtt")
-                tg.create_task(serve_api(self.api, self.settings.api.listen), name="api")
+                tg.create_task(serve_api(self.api, self.settings.api), name="api")
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")

@@ -41,6 +41,6 @@ ensure_venv() {
 }
 
 ensure_all() {
-    ensure_debs etcd:etcd-server mosquitto:mosquitto
+    ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium
     ensure_venv
 }

@@ -5,9 +5,12 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster
+from tests.harness import EtcdCluster, LocalCluster, call, wait_until
+
+API_REGIONS = {"east": 100, "west": 50, "central": 25}
 
 _names = itertools.count()
 
@@ -43,5 +46,28 @@ async def two_regions(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
     """east (priority 100) and west (50), group ``app`` over both; no daemons yet."""
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
                      regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]})
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def api_cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+                  ) -> AsyncIterator[LocalCluster]:
+    """east/west/central, one daemon each, group app; every API ready."""
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, API_REGIONS,
+                     {"app": list(API_REGIONS)}, policy={"max_auto_failovers_per_hour": 100})
+    for region in API_REGIONS:
+        c.add(f"{region[0]}1", region)
+    await c.wait_active("app", "east", 15)
+
+    async def ready() -> bool:
+        for d in c.daemons.values():
+            try:
+                if (await call(d.api, "GET", "/readyz"))[0] != 200:
+                    return False
+            except aiohttp.ClientError:
+                return False
+        return len((await c.view()).members) == 3
+    await wait_until(ready, 15, "every API ready")
     yield c
     await c.close()

@@ -490,3 +490,19 @@ def http_probe(url: str, **kw: Any) -> dict[str, Any]:
     """A fast probe: 0.2 s interval, fall 3, rise 2 (detection window 0.6 s)."""
     return {"kind": "http", "target": url, "interval_s": 0.2, "timeout_s": 0.15, "fall": 3,
             "rise": 2, **kw}
+
+
+async def call(base: str, method: str, path: str, token: str | None = None,
+               body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    """One API request; (status, parsed JSON or text)."""
+    import aiohttp  # noqa: PLC0415
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.request(
+            method, base + path, headers=headers,
+            json=body if raw is None else None, data=raw) as r:
+        text = await r.text()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text

@@ -5,69 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from failoverd.api import ROUTES, Api, openapi_document
+from failoverd.api import ROUTES, Api, openapi_document, serve_api
+from failoverd.config import ApiSettings
 from tests.harness import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
-    EtcdCluster,
     LocalCluster,
+    call,
     free_port,
     wait_until,
 )
 
 pytestmark = pytest.mark.cluster
-REGIONS = {"east": 100, "west": 50, "central": 25}
-
-
-async def call(base: str, method: str, path: str, token: str | None = None,
-               body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as s, s.request(
-            method, base + path, headers=headers,
-            json=body if raw is None else None, data=raw) as r:
-        text = await r.text()
-        try:
-            return r.status, json.loads(text)
-        except ValueError:
-            return r.status, text
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
-                  ) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS, {"app": list(REGIONS)},
-                     policy={"max_auto_failovers_per_hour": 100})
-    for region in REGIONS:
-        c.add(f"{region[0]}1", region)
-    await c.wait_active("app", "east", 15)
-
-    async def ready() -> bool:
-        for d in c.daemons.values():
-            try:
-                if (await call(d.api, "GET", "/readyz"))[0] != 200:
-                    return False
-            except aiohttp.ClientError:
-                return False
-        return len((await c.view()).members) == 3
-    await wait_until(ready, 15, "every API ready")
-    yield c
-    await c.close()
+REGIONS = {"east": 100, "west": 50, "central": 25}  # as in the api_cluster fixture
 
 
 def _fill(path: str) -> str:
     return path.replace("{group}", "app").replace("{region}", "central")
 
 
-async def test_auth_matrix_over_every_route(cluster: LocalCluster):
+async def test_auth_matrix_over_every_route(api_cluster: LocalCluster):
+    cluster = api_cluster
     base = cluster.daemons["w1"].api
     for route in ROUTES:
         body = {"to": "east"} if route.body is not None else None  # east is active: no-op
@@ -88,7 +54,8 @@ async def test_auth_matrix_over_every_route(cluster: LocalCluster):
     assert not v.control.paused and not v.control.drained
 
 
-async def test_switchover_on_a_non_coordinator_member(cluster: LocalCluster):
+async def test_switchover_on_a_non_coordinator_member(api_cluster: LocalCluster):
+    cluster = api_cluster
     v = await cluster.view()
     member = next(m for m in cluster.daemons if m != v.coordinator.member)
     status, data = await call(cluster.daemons[member].api, "POST",
@@ -105,7 +72,8 @@ async def test_switchover_on_a_non_coordinator_member(cluster: LocalCluster):
     assert status == 409 and "already active" in data["message"]
 
 
-async def test_pause_holds_automatic_failover_and_resume_releases_it(cluster: LocalCluster):
+async def test_pause_holds_automatic_failover_and_resume_releases_it(api_cluster: LocalCluster):
+    cluster = api_cluster
     api = cluster.daemons["c1"].api
     assert (await call(api, "POST", "/v1/pause", OPERATOR_TOKEN))[0] == 200
     assert (await cluster.view()).control.paused
@@ -121,7 +89,8 @@ async def test_pause_holds_automatic_failover_and_resume_releases_it(cluster: Lo
     assert rec.trigger == "member_loss"
 
 
-async def test_drain_removes_a_region_from_candidacy(cluster: LocalCluster):
+async def test_drain_removes_a_region_from_candidacy(api_cluster: LocalCluster):
+    cluster = api_cluster
     api = cluster.daemons["c1"].api
     status, _ = await call(api, "POST", "/v1/regions/west/drain", OPERATOR_TOKEN)
     assert status == 200
@@ -136,7 +105,8 @@ async def test_drain_removes_a_region_from_candidacy(cluster: LocalCluster):
     assert st["groups"]["app"]["active"]["region"] == "central"
 
 
-async def test_bad_requests_get_json_errors_and_change_nothing(cluster: LocalCluster):
+async def test_bad_requests_get_json_errors_and_change_nothing(api_cluster: LocalCluster):
+    cluster = api_cluster
     api = cluster.daemons["w1"].api
     cases = [
         ("/v1/groups/app/switchover", {"to": 5}, None, 400),
@@ -160,7 +130,8 @@ async def test_bad_requests_get_json_errors_and_change_nothing(cluster: LocalClu
     assert (rec.region, rec.epoch) == ("east", 1)
 
 
-async def test_metrics(cluster: LocalCluster):
+async def test_metrics(api_cluster: LocalCluster):
+    cluster = api_cluster
     coordinator = (await cluster.view()).coordinator.member
     status, text = await call(cluster.daemons[coordinator].api, "GET", "/metrics")
     assert status == 200
@@ -193,7 +164,8 @@ def ctl(*args: str, api: str, token: str | None = OPERATOR_TOKEN) -> subprocess.
                           stdin=subprocess.DEVNULL, check=False)
 
 
-async def test_failoverctl_end_to_end(cluster: LocalCluster):
+async def test_failoverctl_end_to_end(api_cluster: LocalCluster):
+    cluster = api_cluster
     api = cluster.daemons["w1"].api
     r = await asyncio.to_thread(ctl, "status", api=api)
     assert r.returncode == 0, r.stderr
@@ -221,3 +193,31 @@ async def test_failoverctl_end_to_end(cluster: LocalCluster):
     assert r.returncode == 2
     r = await asyncio.to_thread(ctl, "status", api=f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 3 and "cannot reach" in r.stderr
+
+
+async def test_api_over_tls(tmp_path: Path) -> None:
+    """With a certificate configured the listener speaks HTTPS (checked with
+    a real self-signed certificate made by openssl)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    port = free_port()
+    api = Api(None, None, None, asyncio.Event())  # type: ignore[arg-type]
+    task = asyncio.create_task(serve_api(api, ApiSettings(
+        listen=f"127.0.0.1:{port}", tls_cert_file=cert, tls_key_file=key)))
+    try:
+        await wait_until(lambda: _ready(api), 5, "TLS listener")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as s, s.get(
+                f"https://127.0.0.1:{port}/healthz", ssl=ctx) as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        with pytest.raises(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz"):
+                pass
+    finally:
+        task.cancel()
+
+
+async def _ready(api: Api) -> bool:
+    return api.ready

@@ -1,0 +1,69 @@
+"""The status page as a person sees it: real headless Chromium (Debian
+``chromium``) on loopback, after a failover."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, LocalCluster, call
+
+pytestmark = pytest.mark.cluster
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=1200,900"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        raise RuntimeError("chromium not found: scripts/test installs Debian's chromium")
+    return path
+
+
+def render(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    args = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}",
+            "--virtual-time-budget=6000"]
+    args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=90, check=True)
+    return out.stdout
+
+
+def row(dom: str, attr: str, name: str) -> str:
+    m = re.search(rf'<tr data-{attr}="{name}">(.*?)</tr>', dom, re.S)
+    assert m, f"no row for {name} in the page"
+    return re.sub(r"<[^>]+>", " ", m.group(1))
+
+
+async def test_status_page_shows_the_failover(api_cluster: LocalCluster, tmp_path: Path):
+    c = api_cluster
+    api = c.daemons["c1"].api
+    status, data = await call(api, "POST", "/v1/groups/app/switchover", OPERATOR_TOKEN,
+                              {"to": "west"})
+    assert status == 200, data
+    url = f"{api}/#token={VIEWER_TOKEN}"
+    dom = await asyncio.to_thread(render, url, tmp_path)
+    west, east = row(dom, "region", "west"), row(dom, "region", "east")
+    assert "active: app" in west and "standby" in east
+    app = row(dom, "group", "app").split()
+    assert app[:3] == ["app", "west", "2"], app
+    assert 'data-kind="epoch_changed"' in dom and 'data-kind="operator_request"' in dom
+    assert "operator switchover by ops" in dom
+    # And a picture of it, for people reviewing a run.
+    shot = tmp_path / "status.png"
+    await asyncio.to_thread(render, url, tmp_path, shot)
+    assert shot.stat().st_size > 10_000
+
+
+async def test_status_page_without_a_token_asks_for_one(api_cluster: LocalCluster,
+                                                        tmp_path: Path):
+    dom = await asyncio.to_thread(render, api_cluster.daemons["w1"].api + "/", tmp_path)
+    assert '<form id="login">' in dom  # no longer hidden
+    assert "a viewer token is needed" in dom
+    assert 'data-region="east"' not in dom
