@@ -41,6 +41,7 @@ ensure_venv() {
 }
 
 ensure_all() {
-    ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium
+    ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium haproxy:haproxy \
+        named:bind9 tsig-keygen:bind9-utils
     ensure_venv
 }

@@ -506,3 +506,119 @@ async def call(base: str, method: str, path: str, token: str | None = None,
             return r.status, json.loads(text)
         except ValueError:
             return r.status, text
+
+
+class Haproxy:
+    """A real HAProxy (Debian ``haproxy``): frontend on a free port, backend
+    ``app`` with one server per region, admin socket in the workdir."""
+
+    def __init__(self, workdir: Path, servers: dict[str, int], active: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.socket = str(workdir / "haproxy.sock")
+        self.servers = servers
+        self.active = active
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Haproxy:
+        lines = ["global", f"    stats socket {self.socket} mode 600 level admin",
+                 "defaults", "    mode http", "    timeout connect 1s", "    timeout client 5s",
+                 "    timeout server 5s", "frontend fe", f"    bind 127.0.0.1:{self.port}",
+                 "    default_backend app", "backend app"]
+        for name, port in self.servers.items():
+            lines.append(f"    server {name} 127.0.0.1:{port}"
+                         + ("" if name == self.active else " disabled"))
+        cfg = self.workdir / "haproxy.cfg"
+        cfg.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(cfg)],
+            stdout=open(self.workdir / "haproxy.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(self.socket) and _connects(self.port)):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("haproxy did not start: "
+                                   + (self.workdir / "haproxy.log").read_text()[-1000:])
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Bind:
+    """A real authoritative BIND 9 (Debian ``bind9``) on a free loopback port
+    serving ``example.test`` with RFC 2136 updates allowed for a TSIG key."""
+
+    ZONE = "example.test"
+
+    def __init__(self, workdir: Path, a_record: str = "192.0.2.10") -> None:
+        import base64  # noqa: PLC0415
+
+        self.dir = workdir / "bind"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.a_record = a_record
+        secret = base64.b64encode(os.urandom(32)).decode()
+        self.key_file = self.dir / "tsig.key"
+        self.key_file.write_text(
+            f'key "failoverd" {{\n\talgorithm hmac-sha256;\n\tsecret "{secret}";\n}};\n')
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Bind:
+        d = self.dir
+        (d / f"{self.ZONE}.zone").write_text(
+            "$TTL 30\n"
+            f"@ IN SOA ns.{self.ZONE}. admin.{self.ZONE}. 1 60 60 600 30\n"
+            f"@ IN NS ns.{self.ZONE}.\nns IN A 127.0.0.1\n"
+            f"app IN A {self.a_record}\n")
+        (d / "named.conf").write_text(
+            f'include "{self.key_file}";\n'
+            "options {\n"
+            f'  directory "{d}";\n  pid-file "{d}/named.pid";\n'
+            f'  session-keyfile "{d}/session.key";\n  managed-keys-directory "{d}";\n'
+            f"  listen-on port {self.port} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n"
+            "  recursion no;\n  dnssec-validation no;\n  notify no;\n};\n"
+            "controls { };\n"
+            f'zone "{self.ZONE}" {{\n  type primary;\n  file "{d}/{self.ZONE}.zone";\n'
+            '  allow-update { key "failoverd"; };\n};\n')
+        self.proc = subprocess.Popen(
+            [shutil.which("named") or "/usr/sbin/named", "-g", "-4", "-c", str(d / "named.conf")],
+            stdout=open(d / "named.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not self._answers():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("named did not start: " + (d / "named.log").read_text()[-1500:])
+            time.sleep(0.05)
+        return self
+
+    def _answers(self) -> bool:
+        import dns.exception  # noqa: PLC0415
+        import dns.message  # noqa: PLC0415
+        import dns.query  # noqa: PLC0415
+
+        try:
+            q = dns.message.make_query(f"{self.ZONE}.", "SOA")
+            return bool(dns.query.tcp(q, "127.0.0.1", port=self.port, timeout=0.3).answer)
+        except (OSError, dns.exception.DNSException):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,176 @@
+"""Routers against real HAProxy and a real authoritative BIND 9 on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from failoverd.config import DnsRoute, ExecRoute, HaproxyRoute, WebhookRoute
+from failoverd.routers import (
+    ADMIN_DRAIN,
+    ADMIN_MAINT,
+    Change,
+    DnsRouter,
+    ExecRouter,
+    FencedOut,
+    HaproxyRouter,
+    RouterError,
+    WebhookRouter,
+)
+from tests.harness import Bind, Haproxy, HttpService, free_port
+
+ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10", "198.51.100.11"]}
+
+
+@pytest.fixture
+async def haproxy(tmp_path: Path) -> AsyncIterator[tuple[Haproxy, dict[str, HttpService]]]:
+    apps = {r: await HttpService(r).start() for r in ("east", "west")}
+    hp = Haproxy(tmp_path, {r: s.port for r, s in apps.items()}, active="east").start()
+    yield hp, apps
+    hp.stop()
+    for s in apps.values():
+        await s.stop()
+
+
+async def through(hp: Haproxy, n: int = 6) -> set[str]:
+    """Which regions answer requests sent through the HAProxy frontend."""
+    seen = set()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.get(f"http://127.0.0.1:{hp.port}/health") as r:
+                seen.add((await r.text()).strip())
+    return seen
+
+
+async def test_haproxy_moves_traffic_and_confirms(haproxy):
+    hp, _ = haproxy
+    router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=hp.socket, backend="app",
+                                        servers={"east": "east", "west": "west"}))
+    assert await through(hp) == {"region east"}
+    await router.apply(Change("app", "east", "west", 2, "drain"))
+    assert (await router.states())["east"] & ADMIN_DRAIN
+    done = await router.apply(Change("app", "east", "west", 2, "reroute"))
+    assert "west=ready" in done and "east=maint" in done
+    states = await router.states()
+    assert states["west"] & (ADMIN_MAINT | ADMIN_DRAIN) == 0 and states["east"] & ADMIN_MAINT
+    assert await through(hp) == {"region west"}
+    # Idempotent: the same change again is fine and changes nothing.
+    await router.apply(Change("app", "east", "west", 2, "reroute"))
+    assert await through(hp) == {"region west"}
+
+
+async def test_haproxy_unreachable_socket_is_a_router_error(tmp_path: Path):
+    router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=str(tmp_path / "nope.sock"),
+                                        backend="app", servers={"east": "e", "west": "w"}))
+    with pytest.raises(RouterError):
+        await router.apply(Change("app", "east", "west", 2, "reroute"))
+
+
+@pytest.fixture
+def bind(tmp_path: Path):
+    b = Bind(tmp_path).start()
+    yield b
+    b.stop()
+
+
+def dns_router(b: Bind, **kw) -> DnsRouter:
+    return DnsRouter(DnsRoute(kind="dns", server=b.server, zone="example.test.", name="app",
+                              ttl=5, tsig_key_file=b.key_file, addresses=kw.get("addresses",
+                                                                                ADDRS)))
+
+
+async def test_dns_reroute_is_fenced_by_epoch(bind: Bind):
+    router = dns_router(bind)
+    assert await router.addresses() == {"192.0.2.10"}
+    assert await router.fence_epoch() is None
+    await router.apply(Change("app", "east", "west", 2, "reroute"))
+    assert await router.addresses() == set(ADDRS["west"])
+    assert await router.fence_epoch() == 2
+    # The same change again (a retry) is idempotent.
+    assert "already" in await router.apply(Change("app", "east", "west", 2, "reroute"))
+    await router.apply(Change("app", "west", "east", 3, "reroute"))
+    assert (await router.addresses(), await router.fence_epoch()) == ({"192.0.2.10"}, 3)
+    # A stale writer (epoch 2) is refused before it sends anything...
+    with pytest.raises(FencedOut):
+        await router.apply(Change("app", "east", "west", 2, "reroute"))
+    # ...and if it sends its update anyway (it read the fence before the
+    # newer writer moved it), the DNS server itself refuses the prerequisite.
+    stale = router.update(2, ADDRS["west"], current=1)
+    assert await router.send(stale) != 0  # NXRRSET
+    assert (await router.addresses(), await router.fence_epoch()) == ({"192.0.2.10"}, 3)
+
+
+async def test_dns_without_the_key_is_refused(bind: Bind, tmp_path: Path):
+    other = tmp_path / "other.key"
+    other.write_text('key "failoverd" { algorithm hmac-sha256; secret "'
+                     + "A" * 43 + '="; };\n')
+    route = DnsRoute(kind="dns", server=bind.server, zone="example.test.", name="app",
+                     tsig_key_file=other, addresses=ADDRS)
+    with pytest.raises(RouterError):
+        await DnsRouter(route).apply(Change("app", "east", "west", 2, "reroute"))
+    assert await dns_router(bind).addresses() == {"192.0.2.10"}
+
+
+async def test_dns_never_writes_an_empty_record_set(bind: Bind):
+    router = dns_router(bind)
+    router.route = router.route.model_copy(update={"addresses": {"east": ["192.0.2.10"],
+                                                                  "west": []}})
+    with pytest.raises(RouterError, match="refusing"):
+        await router.apply(Change("app", "east", "west", 2, "reroute"))
+    assert await router.addresses() == {"192.0.2.10"}
+
+
+async def test_webhook_is_signed_and_verified(tmp_path: Path):
+    secret = b"shared-webhook-secret"
+    (tmp_path / "secret").write_bytes(secret)
+    got: list[dict] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, request.headers["X-Failoverd-Signature"]):
+            return web.Response(status=401)
+        got.append(json.loads(body))
+        return web.Response(status=204)
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}/hook"
+        router = WebhookRouter(WebhookRoute(kind="webhook", url=url,
+                                            secret_file=tmp_path / "secret"))
+        await router.apply(Change("app", "east", "west", 4, "reroute"))
+        assert got and (got[0]["group"], got[0]["from"], got[0]["to"], got[0]["epoch"],
+                        got[0]["step"]) == ("app", "east", "west", 4, "reroute")
+        (tmp_path / "wrong").write_bytes(b"not-the-secret")
+        bad = WebhookRouter(WebhookRoute(kind="webhook", url=url,
+                                         secret_file=tmp_path / "wrong"))
+        with pytest.raises(RouterError, match="HTTP 401"):
+            await bad.apply(Change("app", "east", "west", 4, "reroute"))
+        assert len(got) == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_exec_router_gets_the_change(tmp_path: Path):
+    out = tmp_path / "out"
+    script = tmp_path / "route.sh"
+    script.write_text(f'#!/bin/sh\necho "$FAILOVERD_GROUP $FAILOVERD_FROM $FAILOVERD_TO '
+                      f'$FAILOVERD_EPOCH $FAILOVERD_STEP" > {out}\n')
+    script.chmod(0o755)
+    await ExecRouter(ExecRoute(kind="exec", command=[str(script)])).apply(
+        Change("app", "east", "west", 7, "reroute"))
+    assert out.read_text().strip() == "app east west 7 reroute"
+    failing = ExecRouter(ExecRoute(kind="exec", command=["/bin/false"]))
+    with pytest.raises(RouterError):
+        await failing.apply(Change("app", "east", "west", 7, "reroute"))
