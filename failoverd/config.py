@@ -191,6 +191,15 @@ class GroupSettings(_Model):
     hook_timeout_s: PositiveFloat = 30.0
     hook_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     routes: list[Route] = Field(default_factory=list)
+    # Planned switchover: how long the old region drains before promotion.
+    drain_s: Annotated[float, Field(ge=0)] = 5.0
+    # Verify after reroute: GET this URL (through the traffic path) until the
+    # body names the new region; routers' own read-backs are checked too.
+    verify_url: str | None = None
+    verify_timeout_s: PositiveFloat = 15.0
+    # A failing saga step is retried (jittered backoff) this many times,
+    # then the saga is marked failed and an alert recorded.
+    step_attempts: Annotated[int, Field(ge=1, le=50)] = 5
 
 
 class PolicySettings(_Model):

@@ -17,6 +17,7 @@ from dataclasses import replace
 import structlog
 
 from failoverd import metrics
+from failoverd.config import Settings
 from failoverd.engine import (
     Alert,
     Decision,
@@ -38,7 +39,9 @@ from failoverd.model import (
     parse_view,
     to_json,
 )
+from failoverd.saga import Saga, SagaFenced
 from failoverd.store import Compare, Delete, Get, Op, Put, Store, StoreError, TxnResult
+from failoverd.workflow import Workflow
 
 log = structlog.get_logger("failoverd.coordinator")
 
@@ -54,7 +57,8 @@ class Coordinator:
     def __init__(self, store: Store, keys: Keyspace, member: str, term: int,
                  lease: KeptLease, history: History, policy: Callable[[], Policy],
                  tick_s: Callable[[], float], history_limit: Callable[[], int],
-                 wake: asyncio.Event, clock: Callable[[], float] = time.time) -> None:
+                 wake: asyncio.Event, settings: Callable[[], Settings],
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._keys = keys
         self._member = member
@@ -70,6 +74,7 @@ class Coordinator:
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
+        self._saga = Saga(store, keys, term, history, settings, clock)
         self.learned_failover_s: float | None = None
         self.cycles = 0
 
@@ -109,6 +114,13 @@ class Coordinator:
             _export(view, policy, now)
             self._log(decision, view)
             await self._apply(decision, view)
+            if not decision.changes:
+                try:
+                    await self._saga.advance(view)
+                except SagaFenced as exc:
+                    raise NotCoordinator(str(exc)) from exc
+                except StoreError as exc:
+                    log.warning("saga paused: store error", error=str(exc))
             await self._maybe_prune()
             await self._sleep(self._tick_s())
 
@@ -178,6 +190,10 @@ class Coordinator:
                 reason=intent.reason, term=self.term, mode=mode,
             ),
         ]
+        # The saga that carries the change out, durable with the decision.
+        wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
+                          intent.region, mode, now)
+        success.append(Put(self._keys.workflow(intent.group), wf.to_value()))
         if intent.automatic:
             times = [t for t in view.control.auto_failovers if now - t < HOUR_S] + [now]
             compares.append(Compare(self._keys.auto_failovers, "mod",
@@ -331,5 +347,11 @@ def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float |
         start = changed[key]
         if isinstance(start, float) and end >= start:
             durations.append((start, end - start))
+    # A completed saga measures the whole failover (reroute and verify too).
+    for e in events:
+        start, took = e.get("ts"), e.get("duration_s")
+        if (e.get("kind") == "workflow_done" and e.get("previous_region")
+                and isinstance(start, float) and isinstance(took, int | float)):
+            durations.append((start, float(took)))
     recent = [d for _, d in sorted(durations, reverse=True)[:last]]
     return max(recent) if len(recent) >= 3 else None

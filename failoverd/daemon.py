@@ -111,7 +111,7 @@ class Daemon:
         if isinstance(self.store, EtcdStore):
             await self.store.authenticate()
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
-                               self.watcher.subscribe("groups/"))
+                               self.watcher.subscribe("groups/"), self._live_lease)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.api = Api(self.store, self.keys, lambda: self.settings,
@@ -250,6 +250,7 @@ class Daemon:
             self.store, self.keys, s.member, term, lease, self.history,
             policy=self._policy, tick_s=lambda: self.settings.policy.tick_s,
             history_limit=lambda: self.settings.policy.history_limit, wake=wake,
+            settings=lambda: self.settings,
         )
         self.coordinator = coord
         metrics.IS_COORDINATOR.set(1)

@@ -31,6 +31,9 @@ MQTT_MESSAGES = Counter("failoverd_mqtt_messages_total", "MQTT messages by resul
 ETCD_LATENCY = Histogram("failoverd_etcd_op_seconds", "etcd call duration", ["op"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
 ETCD_ERRORS = Counter("failoverd_etcd_errors_total", "etcd calls that failed", ["op"])
+WORKFLOW_STEP = Histogram("failoverd_workflow_step_seconds", "Failover workflow step "
+                          "durations", ["step", "outcome"],
+                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 API_REQUESTS = Counter("failoverd_api_requests_total", "API requests", ["route", "status"])
 
 VERDICTS = ("up", "down", "unknown", "unprobed")

@@ -14,6 +14,7 @@ from typing import Literal
 
 from failoverd.power import Reading, reading_from_json
 from failoverd.store import KeyValue, Snapshot
+from failoverd.workflow import Workflow, parse_workflow
 
 Trigger = Literal[
     "bootstrap", "member_loss", "health", "power", "operator", "config", "failback"
@@ -45,6 +46,12 @@ class Keyspace:
 
     def power(self, region: str, sensor: str, member: str) -> str:
         return f"{self.prefix}power/{region}/{sensor}/{member}"
+
+    def workflow(self, group: str) -> str:
+        return f"{self.prefix}groups/{group}/workflow"
+
+    def ack(self, group: str, member: str) -> str:
+        return f"{self.prefix}groups/{group}/applied/{member}"
 
     def active(self, group: str) -> str:
         return f"{self.prefix}groups/{group}/active"
@@ -195,6 +202,9 @@ class ClusterView:
     learned_failover_s: float | None = None
     # Operator requests waiting for the coordinator, oldest first.
     requests: tuple[OperatorRequest, ...] = ()
+    workflows: Mapping[str, Workflow] = field(default_factory=dict)
+    # (group, member) -> (epoch, role) the member has applied (its hooks ran).
+    acks: Mapping[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
@@ -267,6 +277,19 @@ def parse_observation(member: str, target: str, kv: KeyValue) -> Observation:
     )
 
 
+def parse_ack(kv: KeyValue) -> tuple[int, str]:
+    d = _obj(kv)
+    return int(_num(d, "epoch")), _str(d, "role")
+
+
+def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
+    d = _obj(kv)
+    return OperatorRequest(
+        id=request_id, action=_str(d, "action"), by=_str(d, "by"), at=_num(d, "at"),
+        group=_opt_str(d, "group"), region=_opt_str(d, "region"),
+        force=d.get("force") is True, revision=kv.mod_revision)
+
+
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     coordinator: CoordinatorRecord | None = None
     members: dict[str, MemberRecord] = {}
@@ -278,6 +301,8 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     observations: dict[tuple[str, str], Observation] = {}
     relays: dict[str, list[Reading]] = {}
     requests: list[OperatorRequest] = []
+    workflows: dict[str, Workflow] = {}
+    acks: dict[tuple[str, str], tuple[int, str]] = {}
     problems: list[str] = []
     p = keys.prefix
     for kv in snap.kvs:
@@ -299,17 +324,18 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
                     raise ValueError("power key without a relaying member")
                 relays.setdefault(member, []).append(reading_from_json(region, sensor,
                                                                        kv.value))
+            elif rel.startswith("groups/") and rel.endswith("/workflow"):
+                workflows[rel[len("groups/"):-len("/workflow")]] = parse_workflow(
+                    kv.value, kv.mod_revision)
+            elif rel.startswith("groups/") and "/applied/" in rel:
+                group, _, member = rel[len("groups/"):].partition("/applied/")
+                acks[(group, member)] = parse_ack(kv)
             elif rel.startswith("groups/") and rel.endswith("/active"):
                 active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
             elif rel == "control/paused":
                 paused = bool(_obj(kv).get("paused", False))
             elif rel.startswith("control/requests/"):
-                d = _obj(kv)
-                requests.append(OperatorRequest(
-                    id=rel[len("control/requests/"):], action=_str(d, "action"),
-                    by=_str(d, "by"), at=_num(d, "at"),
-                    group=_opt_str(d, "group"), region=_opt_str(d, "region"),
-                    force=d.get("force") is True, revision=kv.mod_revision))
+                requests.append(parse_request(rel[len("control/requests/"):], kv))
             elif rel.startswith("control/drained/"):
                 drained.add(rel[len("control/drained/"):])
             elif rel == "control/auto_failovers":
@@ -334,6 +360,8 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         observations={k: o for k, o in observations.items() if k[0] in members},
         power=_live_power(relays, members),
         requests=tuple(sorted(requests, key=lambda r: r.id)),
+        workflows=workflows,
+        acks={k: v for k, v in acks.items() if k[1] in members},
     )
 
 

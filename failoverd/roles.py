@@ -24,8 +24,9 @@ from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.history import History
 from failoverd.hooks import run_hook
-from failoverd.model import ActiveRecord, Keyspace, parse_active
+from failoverd.model import ActiveRecord, Keyspace, parse_active, to_json
 from failoverd.store import Store, StoreError
+from failoverd.workflow import Workflow, may_demote, may_promote, parse_workflow
 
 log = structlog.get_logger("failoverd.roles")
 
@@ -68,8 +69,10 @@ class AppliedState:
 
 class RoleReconciler:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
-                 history: History, wake: asyncio.Event) -> None:
+                 history: History, wake: asyncio.Event,
+                 lease_id: Callable[[], int | None] = lambda: None) -> None:
         self._store = store
+        self._lease_id = lease_id
         self._keys = keys
         self._settings = settings
         self._history = history
@@ -96,13 +99,20 @@ class RoleReconciler:
             log.warning("cannot read active records; holding local roles", error=str(exc))
             return
         records: dict[str, ActiveRecord] = {}
+        workflows: dict[str, Workflow] = {}
+        acks: dict[str, str] = {}
+        me = self._settings().member
         for kv in snap.kvs:
-            if kv.key.endswith("/active"):
-                name = kv.key[len(self._keys.groups):-len("/active")]
-                try:
+            name = kv.key[len(self._keys.groups):].split("/", 1)[0]
+            try:
+                if kv.key.endswith("/active"):
                     records[name] = parse_active(kv)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.warning("ignoring malformed active record", key=kv.key, error=str(exc))
+                elif kv.key.endswith("/workflow"):
+                    workflows[name] = parse_workflow(kv.value, kv.mod_revision)
+                elif kv.key == self._keys.ack(name, me):
+                    acks[name] = kv.value
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring malformed key", key=kv.key, error=str(exc))
         s = self._settings()
         for name, record in records.items():
             metrics.EPOCH.labels(name).set(record.epoch)
@@ -112,13 +122,29 @@ class RoleReconciler:
         for group in s.groups:
             rec = records.get(group.name)
             if rec is not None and s.region in group.regions:
-                await self._reconcile(s, group, rec)
+                await self._reconcile(s, group, rec, workflows.get(group.name))
+                await self._ack(group.name, acks.get(group.name))
 
-    async def _reconcile(self, s: Settings, group: GroupSettings, rec: ActiveRecord) -> None:
+    async def _ack(self, group: str, seen: str | None) -> None:
+        """Tell the coordinator (under our lease) which epoch/role we applied."""
+        applied = self.state.groups.get(group)
+        lease = self._lease_id()
+        if applied is None or lease is None:
+            return
+        value = to_json({"epoch": applied.epoch, "role": applied.role})
+        if value == seen:
+            return
+        try:
+            await self._store.put(self._keys.ack(group, self._settings().member), value, lease)
+        except StoreError as exc:
+            log.warning("cannot acknowledge applied role", group=group, error=str(exc))
+
+    async def _reconcile(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
+                         wf: Workflow | None) -> None:
         applied = self.state.groups.get(group.name)
         if rec.region == s.region:
-            if applied == Applied(rec.epoch, "active"):
-                return
+            if applied == Applied(rec.epoch, "active") or not may_promote(wf, rec.epoch):
+                return  # done already, or the saga has not reached promote_new
             role, argv = "active", group.promote
         else:
             # Fence on doubt: demote unless we *know* we are standby already.
@@ -126,6 +152,8 @@ class RoleReconciler:
             # come back half-active.
             if applied is not None and applied.role == "standby":
                 return
+            if not may_demote(wf, rec.epoch):
+                return  # planned switchover: keep serving while traffic drains
             role, argv = "standby", group.demote
         now = time.monotonic()
         if now < self._retry_at.get(group.name, 0.0):

@@ -60,7 +60,7 @@ class Change:
     from_region: str | None
     to_region: str
     epoch: int
-    step: str  # "drain" (planned: stop new traffic to the old region) | "reroute"
+    step: str  # "drain" (planned) | "fence" (forced: old region out) | "reroute"
 
 
 class Router(Protocol):
@@ -127,9 +127,10 @@ class HaproxyRouter:
         if new is None:
             raise RouterError(f"no HAProxy server for {change.to_region}")
         want: dict[str, str] = {}
-        if change.step == "drain":
+        if change.step in {"drain", "fence"}:
+            # drain: no new sessions to the old region; fence: none at all.
             if change.from_region in servers:
-                want[servers[change.from_region]] = "drain"
+                want[servers[change.from_region]] = "drain" if change.step == "drain" else "maint"
         else:
             # Ready first, then take the others out: never zero servers up.
             want = {new: "ready"} | {s: "maint" for r, s in servers.items()
@@ -217,8 +218,8 @@ class DnsRouter:
         return resp.rcode()
 
     async def apply(self, change: Change) -> str:
-        if change.step == "drain":
-            return "dns: nothing to drain"
+        if change.step in {"drain", "fence"}:
+            return "dns: moves at reroute (fenced)"
         addresses = self.route.addresses.get(change.to_region) or []
         if not addresses:  # safety rule 8: never an empty record set
             raise RouterError(f"dns: no addresses for {change.to_region}; refusing")

@@ -220,7 +220,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
             lines += ["[[regions.probes]]", *(f"{k} = {_toml(v)}" for k, v in probe.items()), ""]
     for name, members in groups.items():
         lines += ["[[groups]]", f'name = "{name}"', f"regions = {json.dumps(members)}",
-                  "hook_timeout_s = 5", "hook_attempts = 2"]
+                  "hook_timeout_s = 5", "hook_attempts = 2", "drain_s = 0.5"]
         if hook is not None:
             lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
         lines.append("")

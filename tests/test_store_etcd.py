@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from failoverd.config import EtcdSettings
+from failoverd.config import EtcdSettings, Settings
 from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
 from failoverd.engine import GroupPolicy, Policy, SetActive
@@ -144,9 +144,13 @@ def _coordinator(store: EtcdStore, keys: Keyspace, member: str, term: int,
     p = Policy(priorities=(("east", 100), ("west", 50)),
                groups=(GroupPolicy("app", ("east", "west")),), cooldown_s=0,
                max_auto_failovers_per_hour=10, failback="manual", failback_stable_s=0)
+    settings = Settings.model_validate({
+        "cluster": keys.cluster, "member": member, "region": "east",
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": "app", "regions": ["east", "west"]}]})
     return Coordinator(store, keys, member, term, lease, History(store, keys, member, "x"),
                        policy=lambda: p, tick_s=lambda: 0.1, history_limit=lambda: 100,
-                       wake=asyncio.Event())
+                       wake=asyncio.Event(), settings=lambda: settings)
 
 
 async def test_safety_rule_1_deposed_coordinator_write_fails(store: EtcdStore,

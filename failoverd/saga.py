@@ -1,0 +1,223 @@
+"""Running the failover saga (the coordinator's imperative half).
+
+Each coordinator cycle advances every running workflow whose epoch is still
+the group's epoch: it records the step as running, executes it (idempotent,
+carrying the epoch), and records done / retry / failed — each record a txn
+fenced by the coordinator term and the workflow's own ``mod_revision``.  A
+successor coordinator finds the recorded step and runs it again.  Waiting
+steps (drain time, members' acks, verification) are polled each cycle.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import aiohttp
+import structlog
+
+from failoverd import metrics
+from failoverd.config import DnsRoute, GroupSettings, HaproxyRoute, Settings
+from failoverd.faults import fault_point
+from failoverd.history import History
+from failoverd.model import ClusterView, Keyspace
+from failoverd.routers import Change, DnsRouter, FencedOut, HaproxyRouter, RouterError, make_router
+from failoverd.store import Compare, Get, Op, Put, Store, StoreError
+from failoverd.workflow import Step, Workflow
+
+log = structlog.get_logger("failoverd.saga")
+
+ACK_SLACK_S = 15.0
+
+
+class StepFailed(Exception):
+    """This attempt of the step failed; it may be retried."""
+
+
+class SagaFenced(Exception):
+    """The coordinator lost its term while recording a step."""
+
+
+class Saga:
+    def __init__(self, store: Store, keys: Keyspace, term: int, history: History,
+                 settings: Callable[[], Settings], clock: Callable[[], float] = time.time
+                 ) -> None:
+        self._store = store
+        self._keys = keys
+        self._term = term
+        self._history = history
+        self._settings = settings
+        self._clock = clock
+
+    async def advance(self, view: ClusterView) -> None:
+        for group, wf in sorted(view.workflows.items()):
+            rec = view.active.get(group)
+            g = self._settings().group_by_name(group)
+            if wf.state == "running" and rec is not None and rec.epoch == wf.epoch and g:
+                await self._advance(wf, g, view)
+
+    async def _advance(self, wf: Workflow, group: GroupSettings, view: ClusterView) -> None:
+        for _ in range(len(wf.steps)):
+            step = wf.current()
+            now = self._clock()
+            if step is None or step.state == "failed" or now < step.retry_at:
+                return
+            if step.state == "pending":
+                step = replace(step, state="running", started=now)
+                wf = await self._record(wf, step, now)
+            fault_point(f"before-{step.name}")
+            bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
+            try:
+                done, detail = await self._run(step, wf, group, view, now)
+            except FencedOut as exc:
+                bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
+                step = replace(step, state="failed", error=str(exc), finished=now,
+                               attempts=step.attempts + 1)
+                await self._record(wf, step, now)
+                return
+            except (StepFailed, RouterError, StoreError) as exc:
+                attempts = step.attempts + 1
+                if attempts >= group.step_attempts:
+                    bound.error("saga step failed; giving up", error=str(exc), attempts=attempts)
+                    step = replace(step, state="failed", error=str(exc), attempts=attempts,
+                                   finished=now)
+                else:
+                    delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
+                    bound.warning("saga step failed; retrying", error=str(exc),
+                                  attempts=attempts, retry_in_s=round(delay, 2))
+                    step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
+                                   started=now)
+                await self._record(wf, step, now)
+                return
+            if not done:
+                return  # waiting; polled again next cycle
+            step = replace(step, state="done", finished=now, detail=detail, error="",
+                           attempts=step.attempts + 1)
+            wf = await self._record(wf, step, now)
+            fault_point(f"after-{step.name}")
+            bound.info("saga step done", detail=detail)
+
+    async def _record(self, wf: Workflow, step: Step, now: float) -> Workflow:
+        new = wf.with_step(step, now)
+        ops: list[Op] = [Put(self._keys.workflow(wf.group), new.to_value())]
+        if step.state in {"done", "failed"}:
+            took = (step.finished or now) - (step.started or now)
+            metrics.WORKFLOW_STEP.labels(step.name, step.state).observe(took)
+            ops.append(self._history.put_op(
+                "workflow_step", group=wf.group, epoch=wf.epoch, step=step.name,
+                state=step.state, attempts=step.attempts, duration_s=round(took, 3),
+                detail=step.detail, error=step.error, term=self._term))
+        if new.state == "done":
+            ops.append(self._history.put_op(
+                "workflow_done", group=wf.group, epoch=wf.epoch, mode=wf.mode,
+                previous_region=wf.from_region, region=wf.to_region,
+                duration_s=round(now - wf.created, 3), term=self._term))
+        elif new.state == "failed":
+            ops.append(self._history.put_op(
+                "alert", group=wf.group, epoch=wf.epoch,
+                reason=f"failover workflow failed at {step.name}: {step.error}",
+                term=self._term))
+        result = await self._store.txn(
+            [Compare(self._keys.coordinator, "create", self._term),
+             Compare(self._keys.workflow(wf.group), "mod", wf.mod_revision)],
+            ops, [Get(self._keys.coordinator)])
+        if not result.succeeded:
+            seat = result.gets[0] if result.gets else None
+            if seat is None or seat.create_revision != self._term:
+                raise SagaFenced("workflow write rejected: a newer term holds the seat")
+            raise StoreError("workflow changed under us; re-reading")
+        return replace(new, mod_revision=result.revision)
+
+    # -- the steps ----------------------------------------------------------
+    async def _run(self, step: Step, wf: Workflow, group: GroupSettings, view: ClusterView,
+                   now: float) -> tuple[bool, str]:
+        change = Change(wf.group, wf.from_region, wf.to_region, wf.epoch, step.name)
+        started = step.started or now
+        if step.name == "precheck":
+            return True, self._precheck(wf, group)
+        if step.name == "drain_old":
+            if wf.from_region:  # idempotent: re-applied while the drain time runs
+                await self._each_router(group, replace(change, step="drain"))
+            if now - started < group.drain_s:
+                return False, "draining"
+            return True, f"drained for {group.drain_s:.0f}s"
+        if step.name == "fence_old":
+            await self._each_router(group, replace(change, step="fence"))
+            return True, f"{wf.from_region} fenced"
+        if step.name == "promote_new":
+            return self._acked(wf, group, view, wf.to_region, "active", started, now,
+                               required=True)
+        if step.name == "reroute":
+            return True, await self._each_router(group, replace(change, step="reroute"))
+        if step.name == "verify":
+            return await self._verify(wf, group, started, now)
+        if step.name == "demote_old":
+            if wf.from_region is None:
+                return True, "no old region"
+            return self._acked(wf, group, view, wf.from_region, "standby", started, now,
+                               required=False)
+        raise StepFailed(f"unknown step {step.name}")
+
+    def _precheck(self, wf: Workflow, group: GroupSettings) -> str:
+        for route in group.routes:
+            if isinstance(route, HaproxyRoute) and wf.to_region not in route.servers:
+                raise FencedOut(f"no haproxy server for {wf.to_region}")  # config: no retry
+            if isinstance(route, DnsRoute) and not route.addresses.get(wf.to_region):
+                raise FencedOut(f"no DNS addresses for {wf.to_region}")
+        return f"{len(group.routes)} route(s) ready for {wf.to_region}"
+
+    async def _each_router(self, group: GroupSettings, change: Change) -> str:
+        done = []
+        for route in group.routes:
+            router = make_router(route)
+            if change.step == "fence" and not isinstance(router, HaproxyRouter):
+                continue  # only traffic switches fence; DNS moves (fenced) at reroute
+            done.append(await router.apply(change))
+        return "; ".join(done) or "no routes"
+
+    def _acked(self, wf: Workflow, group: GroupSettings, view: ClusterView, region: str,
+               role: str, started: float, now: float, *, required: bool) -> tuple[bool, str]:
+        members = [m.member for m in view.members_in(region)]
+        missing = [m for m in members if view.acks.get((wf.group, m)) != (wf.epoch, role)]
+        if members and not missing:
+            return True, f"{role} on {', '.join(members)}"
+        if not members and not required:
+            return True, f"no live member in {region} (fenced by routing)"
+        deadline = group.hook_timeout_s * group.hook_attempts + ACK_SLACK_S
+        if now - started < deadline:
+            return False, f"waiting for {', '.join(missing) or 'members'}"
+        if required:
+            raise StepFailed(f"{region} did not become {role}: "
+                             f"{', '.join(missing) or 'no live member'}")
+        return True, f"not confirmed by {', '.join(missing)}"
+
+    async def _verify(self, wf: Workflow, group: GroupSettings, started: float, now: float
+                      ) -> tuple[bool, str]:
+        problems = []
+        for route in group.routes:
+            router = make_router(route)
+            if isinstance(router, HaproxyRouter):
+                states = await router.states()
+                server = route.servers[wf.to_region]  # type: ignore[union-attr]
+                if states.get(server, 1) & 0x09:
+                    problems.append(f"haproxy {server} not ready")
+            elif isinstance(router, DnsRouter):
+                want = set(router.route.addresses[wf.to_region])
+                if await router.addresses() != want:
+                    problems.append("dns answer not updated")
+        if group.verify_url and not problems:
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s, \
+                        s.get(group.verify_url) as resp:
+                    body = await resp.text()
+                if wf.to_region not in body:
+                    problems.append(f"{group.verify_url} answers {body.strip()[:60]!r}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problems.append(f"{group.verify_url}: {type(exc).__name__}")
+        if not problems:
+            return True, f"traffic reaches {wf.to_region}"
+        if now - started < group.verify_timeout_s:
+            return False, "; ".join(problems)
+        raise StepFailed("verify: " + "; ".join(problems))
