@@ -43,6 +43,7 @@ import dns.tsigkeyring
 import dns.update
 
 from failoverd.config import DnsRoute, ExecRoute, HaproxyRoute, WebhookRoute
+from failoverd.faults import fault_point
 from failoverd.hooks import HookFailed, run_once
 
 
@@ -229,13 +230,15 @@ class DnsRouter:
                 if current == change.epoch and await self.addresses() == set(addresses):
                     return f"dns: already at epoch {change.epoch}"  # idempotent retry
                 raise FencedOut(f"dns: fence holds epoch {current} >= {change.epoch}")
-            rcode = await self.send(self.update(change.epoch, addresses, current))
+            update = self.update(change.epoch, addresses, current)
+            fault_point("dns-before-send")  # tests: a writer paused between read and send
+            rcode = await self.send(update)
         except (OSError, TimeoutError, dns.exception.DNSException) as exc:
             raise RouterError(f"dns: {type(exc).__name__}: {exc}") from exc
         if rcode in {dns.rcode.NXRRSET, dns.rcode.YXDOMAIN, dns.rcode.NXDOMAIN,
                      dns.rcode.YXRRSET}:
-            raise FencedOut(f"dns: prerequisite failed ({dns.rcode.to_text(rcode)}): "
-                            "the fence moved under us")
+            raise FencedOut(f"dns: server refused the update, prerequisite failed "
+                            f"({dns.rcode.to_text(rcode)}): the fence moved under us")
         if rcode != dns.rcode.NOERROR:
             raise RouterError(f"dns: update refused: {dns.rcode.to_text(rcode)}")
         return f"dns: {self.name} -> {', '.join(addresses)} at epoch {change.epoch}"

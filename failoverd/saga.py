@@ -10,10 +10,12 @@ steps (drain time, members' acks, verification) are polled each cycle.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import structlog
@@ -67,10 +69,10 @@ class Saga:
             if step.state == "pending":
                 step = replace(step, state="running", started=now)
                 wf = await self._record(wf, step, now)
-            fault_point(f"before-{step.name}")
+            fault_point(f"before-{wf.mode}-{step.name}")
             bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
             try:
-                done, detail = await self._run(step, wf, group, view, now)
+                done, detail = await self._run_to_outcome(step, wf, group, view, now, bound)
             except FencedOut as exc:
                 bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
                 step = replace(step, state="failed", error=str(exc), finished=now,
@@ -96,8 +98,27 @@ class Saga:
             step = replace(step, state="done", finished=now, detail=detail, error="",
                            attempts=step.attempts + 1)
             wf = await self._record(wf, step, now)
-            fault_point(f"after-{step.name}")
+            fault_point(f"after-{wf.mode}-{step.name}")
             bound.info("saga step done", detail=detail)
+
+    async def _run_to_outcome(self, step: Step, wf: Workflow, group: GroupSettings,
+                              view: ClusterView, now: float, bound: Any) -> tuple[bool, str]:
+        """Run the step; if our term ends meanwhile, let a router change that
+        is under way finish (a half-applied switch is worse than either
+        state; the resource's fence stops a stale one) and log its outcome."""
+        task = asyncio.create_task(self._run(step, wf, group, view, now),
+                                   name=f"saga-{wf.group}-{step.name}")
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                await task
+                bound.warning("saga step finished after our term ended")
+            except FencedOut as exc:
+                bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
+            except (StepFailed, RouterError, StoreError) as exc:
+                bound.warning("saga step failed after our term ended", error=str(exc))
+            raise
 
     async def _record(self, wf: Workflow, step: Step, now: float) -> Workflow:
         new = wf.with_step(step, now)

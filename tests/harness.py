@@ -199,8 +199,10 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
                  ttl: int = 2, policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
-                 mqtt: list[str] | None = None) -> Path:
-    """A TOML config shared by every member (member/region come from flags)."""
+                 mqtt: list[str] | None = None, group_toml: str = "") -> Path:
+    """A TOML config shared by every member (member/region come from flags).
+
+    ``group_toml`` is raw TOML added to every group (settings, routes)."""
     first = next(iter(regions))
     lines = [
         f'cluster = "{cluster}"', 'member = "unset"', f'region = "{first}"',
@@ -223,7 +225,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                   "hook_timeout_s = 5", "hook_attempts = 2", "drain_s = 0.5"]
         if hook is not None:
             lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
-        lines.append("")
+        lines += [group_toml, ""]
     pol = {"cooldown_s": 0, "tick_s": 0.5, "bootstrap_grace_s": 2,
            "member_loss_grace_s": 0, **(policy or {})}
     lines.append("[policy]")
@@ -324,7 +326,7 @@ class LocalCluster:
                  regions: dict[str, int], groups: dict[str, list[str]], ttl: int = 2,
                  policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
-                 mqtt: list[str] | None = None) -> None:
+                 mqtt: list[str] | None = None, group_toml: str = "") -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -335,7 +337,7 @@ class LocalCluster:
         self._config_args: dict[str, Any] = dict(
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
-            mqtt=mqtt,
+            mqtt=mqtt, group_toml=group_toml,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl
