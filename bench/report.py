@@ -10,18 +10,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import health, power, takeover
+from bench import health, power, routers, takeover
 
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
-    ap.add_argument("--only", choices=("takeover", "health", "power"), action="append")
+    ap.add_argument("--only", choices=("takeover", "health", "power", "routers"),
+                    action="append")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
-    for name, mod in (("takeover", takeover), ("health", health), ("power", power)):
+    for name, mod in (("takeover", takeover), ("health", health), ("power", power),
+                      ("routers", routers)):
         if not args.only or name in args.only:
             rows += await mod.run(args.trials, args.ttl)
     if args.json:
