@@ -287,8 +287,10 @@ class Api:
                              "has not answered; see /v1/history")
         if result.get("status") != "accepted":
             return error(409, "refused", str(result.get("reason", "refused")))
-        return web.json_response({"request": req.id, "workflow": req.id, "status": "accepted",
-                                  "reason": result.get("reason"), "epoch": result.get("epoch")})
+        epoch = result.get("epoch")
+        return web.json_response({
+            "request": req.id, "status": "accepted", "reason": result.get("reason"),
+            "epoch": epoch, "workflow": f"{group}-{epoch}" if group and epoch else None})
 
     async def _await_result(self, request_id: str) -> dict[str, Any] | None:
         deadline = time.monotonic() + REQUEST_DEADLINE_S
@@ -337,7 +339,8 @@ def status_document(view: ClusterView, s: Settings, now: float) -> dict[str, Any
                                         "since": rec.since, "reason": rec.reason,
                                         "trigger": rec.trigger, "mode": rec.mode}
                                        if (rec := view.active.get(g.name)) else None),
-                            "workflow": None}
+                            "workflow": (wf.summary() if (wf := view.workflows.get(g.name))
+                                         else None)}
                    for g in s.groups},
         "paused": view.control.paused,
     }

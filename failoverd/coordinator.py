@@ -114,15 +114,17 @@ class Coordinator:
             _export(view, policy, now)
             self._log(decision, view)
             await self._apply(decision, view)
+            progressed = False
             if not decision.changes:
                 try:
-                    await self._saga.advance(view)
+                    progressed = await self._saga.advance(view)
                 except SagaFenced as exc:
                     raise NotCoordinator(str(exc)) from exc
                 except StoreError as exc:
                     log.warning("saga paused: store error", error=str(exc))
             await self._maybe_prune()
-            await self._sleep(self._tick_s())
+            # A saga that moved goes on at once, after a fresh look at the cluster.
+            await self._sleep(0 if progressed else self._tick_s())
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()

@@ -66,14 +66,18 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"{name:<12}{r['health']['verdict']:<10}{str(r['health']['ready']).lower():<7}"
               f"{r['power']['state']:<14}{str(r['drained']).lower():<9}"
               f"{','.join(r['active_for']) or '-':<16}{','.join(r['members']) or '-'}")
-    print(f"\n{'GROUP':<12}{'ACTIVE':<10}{'EPOCH':<7}{'SINCE':<12}REASON")
+    print(f"\n{'GROUP':<12}{'ACTIVE':<10}{'EPOCH':<7}{'SINCE':<12}{'WORKFLOW':<22}REASON")
     for name, g in st["groups"].items():
-        a = g.get("active")
+        a, wf = g.get("active"), g.get("workflow")
+        flow = "-"
+        if wf:
+            step = next((s["name"] for s in wf["steps"] if s["state"] != "done"), "")
+            flow = f"{wf['state']}{' at ' + step if step else ''}"
         if a is None:
-            print(f"{name:<12}{'-':<10}{'-':<7}{'-':<12}not bootstrapped")
+            print(f"{name:<12}{'-':<10}{'-':<7}{'-':<12}{flow:<22}not bootstrapped")
         else:
             print(f"{name:<12}{a['region']:<10}{a['epoch']:<7}{_ago(a['since']):<12}"
-                  f"{a['reason']}")
+                  f"{flow:<22}{a['reason']}")
 
 
 def print_history(events: list[dict[str, Any]]) -> None:

@@ -32,6 +32,10 @@ from failoverd.workflow import Step, Workflow
 log = structlog.get_logger("failoverd.saga")
 
 ACK_SLACK_S = 15.0
+STEP_BUDGET_S = 0.05
+# Steps members watch for: recorded as running before they execute.  Other
+# steps are idempotent and recorded once, with their outcome.
+GATES = frozenset({"promote_new", "demote_old"})
 
 
 class StepFailed(Exception):
@@ -53,53 +57,73 @@ class Saga:
         self._settings = settings
         self._clock = clock
 
-    async def advance(self, view: ClusterView) -> None:
+    async def advance(self, view: ClusterView) -> bool:
+        """Advance running workflows; True if any step finished.
+
+        Steps that finish at once run back to back, but only within
+        ``STEP_BUDGET_S``: then the coordinator re-reads the cluster and
+        decides before going on, so a new emergency never queues behind a
+        saga for longer than the budget plus one step.
+        """
+        progressed = False
+        started = time.monotonic()
         for group, wf in sorted(view.workflows.items()):
             rec = view.active.get(group)
             g = self._settings().group_by_name(group)
-            if wf.state == "running" and rec is not None and rec.epoch == wf.epoch and g:
-                await self._advance(wf, g, view)
+            if wf.state != "running" or rec is None or rec.epoch != wf.epoch or g is None:
+                continue
+            current: Workflow | None = wf
+            while current is not None and time.monotonic() - started < STEP_BUDGET_S:
+                current = await self._advance(current, g, view)
+                progressed |= current is not None
+        return progressed
 
-    async def _advance(self, wf: Workflow, group: GroupSettings, view: ClusterView) -> None:
-        for _ in range(len(wf.steps)):
-            step = wf.current()
-            now = self._clock()
-            if step is None or step.state == "failed" or now < step.retry_at:
-                return
-            if step.state == "pending":
-                step = replace(step, state="running", started=now)
+    async def _advance(self, wf: Workflow, group: GroupSettings, view: ClusterView
+                       ) -> Workflow | None:
+        """Run the current step; the updated workflow if it finished, else None."""
+        step = wf.current()
+        now = self._clock()
+        if step is None or step.state == "failed" or now < step.retry_at:
+            return None
+        was_pending = step.state == "pending"
+        if was_pending:
+            step = replace(step, state="running", started=now)
+            if step.name in GATES:  # members act when they see it running
                 wf = await self._record(wf, step, now)
-            fault_point(f"before-{wf.mode}-{step.name}")
-            bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
-            try:
-                done, detail = await self._run_to_outcome(step, wf, group, view, now, bound)
-            except FencedOut as exc:
-                bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
-                step = replace(step, state="failed", error=str(exc), finished=now,
-                               attempts=step.attempts + 1)
-                await self._record(wf, step, now)
-                return
-            except (StepFailed, RouterError, StoreError) as exc:
-                attempts = step.attempts + 1
-                if attempts >= group.step_attempts:
-                    bound.error("saga step failed; giving up", error=str(exc), attempts=attempts)
-                    step = replace(step, state="failed", error=str(exc), attempts=attempts,
-                                   finished=now)
-                else:
-                    delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
-                    bound.warning("saga step failed; retrying", error=str(exc),
-                                  attempts=attempts, retry_in_s=round(delay, 2))
-                    step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
-                                   started=now)
-                await self._record(wf, step, now)
-                return
-            if not done:
-                return  # waiting; polled again next cycle
-            step = replace(step, state="done", finished=now, detail=detail, error="",
+        fault_point(f"before-{wf.mode}-{step.name}")
+        bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
+        try:
+            done, detail = await self._run_to_outcome(step, wf, group, view, now, bound)
+        except FencedOut as exc:
+            bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
+            step = replace(step, state="failed", error=str(exc), finished=now,
                            attempts=step.attempts + 1)
-            wf = await self._record(wf, step, now)
-            fault_point(f"after-{wf.mode}-{step.name}")
-            bound.info("saga step done", detail=detail)
+            await self._record(wf, step, now)
+            return None
+        except (StepFailed, RouterError, StoreError) as exc:
+            attempts = step.attempts + 1
+            if attempts >= group.step_attempts:
+                bound.error("saga step failed; giving up", error=str(exc), attempts=attempts)
+                step = replace(step, state="failed", error=str(exc), attempts=attempts,
+                               finished=now)
+            else:
+                delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
+                bound.warning("saga step failed; retrying", error=str(exc),
+                              attempts=attempts, retry_in_s=round(delay, 2))
+                step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
+                               started=now)
+            await self._record(wf, step, now)
+            return None
+        if not done:
+            if was_pending and step.name not in GATES:
+                await self._record(wf, step, now)  # keep its start time (drain, deadlines)
+            return None  # waiting; polled again next cycle
+        step = replace(step, state="done", finished=now, detail=detail, error="",
+                       attempts=step.attempts + 1)
+        wf = await self._record(wf, step, now)
+        fault_point(f"after-{wf.mode}-{step.name}")
+        bound.info("saga step done", detail=detail)
+        return wf if wf.state == "running" else None
 
     async def _run_to_outcome(self, step: Step, wf: Workflow, group: GroupSettings,
                               view: ClusterView, now: float, bound: Any) -> tuple[bool, str]:

@@ -40,7 +40,7 @@ PAGE = """<!doctype html>
  <th>Drained</th><th>Members</th></tr></thead><tbody></tbody></table>
 <h2>Groups</h2>
 <table id="groups"><thead><tr><th>Group</th><th>Active</th><th>Epoch</th><th>Since</th>
- <th>Reason</th></tr></thead><tbody></tbody></table>
+ <th>Workflow</th><th>Reason</th></tr></thead><tbody></tbody></table>
 <h2>Timeline</h2>
 <table id="timeline"><tbody></tbody></table>
 <script>
@@ -87,7 +87,11 @@ function render(st, events) {
     const row = groups.insertRow(); row.dataset.group = name; cell(row, name);
     const a = g.active;
     cell(row, a ? a.region : "—"); cell(row, a ? String(a.epoch) : "—");
-    cell(row, a ? ago(a.since) : "—"); cell(row, a ? a.reason : "not bootstrapped");
+    cell(row, a ? ago(a.since) : "—");
+    const wf = g.workflow, cur = wf && wf.steps.find((s) => s.state !== "done");
+    cell(row, wf ? wf.state + (cur ? " at " + cur.name : "") : "—",
+         wf && wf.state === "failed" ? "critical" : "");
+    cell(row, a ? a.reason : "not bootstrapped");
   }
   const tl = $("timeline").tBodies[0]; tl.replaceChildren();
   for (const e of events) {

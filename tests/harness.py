@@ -199,7 +199,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
                  ttl: int = 2, policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
-                 mqtt: list[str] | None = None, group_toml: str = "") -> Path:
+                 mqtt: list[str] | None = None, group_toml: str = "",
+                 drain_s: float = 0.5) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes)."""
@@ -222,7 +223,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
             lines += ["[[regions.probes]]", *(f"{k} = {_toml(v)}" for k, v in probe.items()), ""]
     for name, members in groups.items():
         lines += ["[[groups]]", f'name = "{name}"', f"regions = {json.dumps(members)}",
-                  "hook_timeout_s = 5", "hook_attempts = 2", "drain_s = 0.5"]
+                  "hook_timeout_s = 5", "hook_attempts = 2", f"drain_s = {drain_s}"]
         if hook is not None:
             lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
         lines += [group_toml, ""]
@@ -326,7 +327,8 @@ class LocalCluster:
                  regions: dict[str, int], groups: dict[str, list[str]], ttl: int = 2,
                  policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
-                 mqtt: list[str] | None = None, group_toml: str = "") -> None:
+                 mqtt: list[str] | None = None, group_toml: str = "",
+                 drain_s: float = 0.5) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -337,7 +339,7 @@ class LocalCluster:
         self._config_args: dict[str, Any] = dict(
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
-            mqtt=mqtt, group_toml=group_toml,
+            mqtt=mqtt, group_toml=group_toml, drain_s=drain_s,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl

@@ -61,6 +61,7 @@ async def test_switchover_on_a_non_coordinator_member(api_cluster: LocalCluster)
     status, data = await call(cluster.daemons[member].api, "POST",
                               "/v1/groups/app/switchover", OPERATOR_TOKEN, {"to": "west"})
     assert status == 200 and data["status"] == "accepted" and data["epoch"] == 2, data
+    assert data["workflow"] == "app-2"
     rec = (await cluster.view()).active["app"]
     assert (rec.region, rec.epoch, rec.trigger, rec.mode) == ("west", 2, "operator", "planned")
     audit = [e for e in await cluster.history() if e["kind"] == "operator_request"]

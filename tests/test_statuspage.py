@@ -53,6 +53,7 @@ async def test_status_page_shows_the_failover(api_cluster: LocalCluster, tmp_pat
     assert "active: app" in west and "standby" in east
     app = row(dom, "group", "app").split()
     assert app[:3] == ["app", "west", "2"], app
+    assert "done" in app or "running" in app  # the switchover's workflow
     assert 'data-kind="epoch_changed"' in dom and 'data-kind="operator_request"' in dom
     assert "operator switchover by ops" in dom
     # And a picture of it, for people reviewing a run.
