@@ -196,6 +196,13 @@ class Coordinator:
         wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
                           intent.region, mode, now)
         success.append(Put(self._keys.workflow(intent.group), wf.to_value()))
+        old = view.workflows.get(intent.group)
+        if old is not None and old.state == "running":
+            # A newer epoch takes over: say so, never drop a saga silently.
+            step = old.current()
+            success.append(self._history.put_op(
+                "workflow_superseded", group=intent.group, epoch=old.epoch,
+                at_step=step.name if step else None, by_epoch=intent.epoch, term=self.term))
         if intent.automatic:
             times = [t for t in view.control.auto_failovers if now - t < HOUR_S] + [now]
             compares.append(Compare(self._keys.auto_failovers, "mod",
