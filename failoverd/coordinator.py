@@ -76,7 +76,6 @@ class Coordinator:
         self._absent_since: dict[str, float] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
         self.learned_failover_s: float | None = None
-        self.cycles = 0
 
     def _ensure_leading(self, view: ClusterView | None = None) -> None:
         if not self._lease.valid():
@@ -110,7 +109,6 @@ class Coordinator:
                 continue
             policy = self._policy()
             decision = decide(view, policy, now)
-            self.cycles += 1
             _export(view, policy, now)
             self._log(decision, view)
             await self._apply(decision, view)
@@ -333,9 +331,9 @@ def _older_than(value: str, cutoff: float) -> bool:
 def _export(view: ClusterView, policy: Policy, now: float) -> None:
     """The coordinator's judgement of every region, as metrics."""
     for region, _ in policy.priorities:
-        metrics.set_one_of(metrics.REGION_VERDICT, metrics.VERDICTS,
+        metrics.set_one_of(metrics.REGION_VERDICT, "verdict", metrics.VERDICTS,
                            region_health(view, policy, region).verdict, region=region)
-        metrics.set_one_of(metrics.POWER_STATE, metrics.POWER_STATES,
+        metrics.set_one_of(metrics.POWER_STATE, "state", metrics.POWER_STATES,
                            power_of(view, policy, region, now).state, region=region)
 
 

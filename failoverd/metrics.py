@@ -40,8 +40,8 @@ VERDICTS = ("up", "down", "unknown", "unprobed")
 POWER_STATES = ("normal", "utility_lost", "on_generator", "on_battery", "critical", "unknown")
 
 
-def set_one_of(gauge: Gauge, values: tuple[str, ...], current: str, **labels: str) -> None:
-    """A state gauge: 1 for ``current``, 0 for every other value."""
+def set_one_of(gauge: Gauge, label: str, values: tuple[str, ...], current: str,
+               **labels: str) -> None:
+    """A state gauge: 1 for ``current`` in ``label``, 0 for every other value."""
     for v in values:
-        key = "verdict" if "verdict" in gauge._labelnames else "state"
-        gauge.labels(**labels, **{key: v}).set(1 if v == current else 0)
+        gauge.labels(**labels, **{label: v}).set(1 if v == current else 0)

@@ -225,14 +225,12 @@ class Prober:
             log.warning("cannot publish observation", target=obs.target, error=str(exc))
             return
         if key != reg.published:
-            metrics.set_one_of(metrics.PROBE_VERDICT, metrics.VERDICTS, obs.verdict,
+            metrics.set_one_of(metrics.PROBE_VERDICT, "verdict", metrics.VERDICTS, obs.verdict,
                                region=obs.target)
             log.info("observation changed", target=obs.target, verdict=obs.verdict,
                      ready=obs.ready, detail=obs.detail)
         reg.published, reg.published_at = key, now
 
-    def snapshot(self) -> dict[str, Observation]:
-        return {name: self.observation(reg) for name, reg in self._regions.items()}
 
 
 class _Restart(Exception):
