@@ -108,8 +108,6 @@ class Daemon:
             member=self.settings.member, region=self.settings.region
         )
         self._install_signals()
-        if isinstance(self.store, EtcdStore):
-            await self.store.authenticate()
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
                                self.watcher.subscribe("groups/"), self._live_lease)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)

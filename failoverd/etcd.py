@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import structlog
-from etcd3aio import EtcdError, prefix_range_end
+from etcd3aio import EtcdError, EtcdUnauthenticatedError, prefix_range_end
 from etcd3aio._protobuf import (
     Compare as PbCompare,
 )
@@ -96,28 +96,54 @@ class EtcdStore:
         self._auth_svc = AuthService(self._channel)
         self._watch_stub = WatchStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
+        self._logged_in = False
+
+    @property
+    def _uses_auth(self) -> bool:
+        return self._settings.username is not None and self._settings.password_file is not None
 
     async def authenticate(self) -> None:
-        """Log in when the settings name a user; a no-op otherwise."""
-        if self._settings.username is None or self._settings.password_file is None:
+        """Log in (user/password from the settings) and use the new token.
+
+        Called lazily before the first call and again whenever etcd says the
+        token is no longer valid (simple tokens expire: --auth-token-ttl).
+        """
+        if not self._uses_auth or self._settings.password_file is None:
             return
         password = self._settings.password_file.read_text().strip()
-        resp = await self._call(
-            "auth", lambda: self._auth_svc.authenticate(
-                self._settings.username or "", password, timeout=self._timeout
-            )
-        )
+        async with asyncio.timeout(self._timeout * 2):
+            resp = await self._auth_svc.authenticate(
+                self._settings.username or "", password, timeout=self._timeout)
         token = str(resp.token)
         for svc in (self._kv_svc, self._lease_svc):
             svc.set_token(token)
         self._metadata = (("token", token),)
+        self._logged_in = True
+
+    @staticmethod
+    def _unauthenticated(exc: BaseException) -> bool:
+        return isinstance(exc, EtcdUnauthenticatedError) or (
+            isinstance(exc, grpc.aio.AioRpcError)
+            and exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         op = what.replace(" ", "_")
         try:
             with metrics.ETCD_LATENCY.labels(op).time():
-                async with asyncio.timeout(self._timeout * 2):
-                    return await fn()
+                if self._uses_auth and not self._logged_in:
+                    await self.authenticate()
+                try:
+                    async with asyncio.timeout(self._timeout * 2):
+                        return await fn()
+                except (EtcdError, grpc.aio.AioRpcError) as exc:
+                    if not (self._uses_auth and self._unauthenticated(exc)):
+                        raise
+                    # The token expired.  A call refused for auth was not
+                    # applied, so logging in again and retrying once is safe
+                    # even for a txn.
+                    await self.authenticate()
+                    async with asyncio.timeout(self._timeout * 2):
+                        return await fn()
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             metrics.ETCD_ERRORS.labels(op).inc()
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -276,6 +302,9 @@ class EtcdStore:
             except grpc.aio.AioRpcError as exc:
                 log.warning("watch stream failed; resuming", code=exc.code().name,
                             from_revision=next_rev)
+                if self._uses_auth and self._unauthenticated(exc):
+                    with contextlib.suppress(EtcdError, grpc.aio.AioRpcError, TimeoutError):
+                        await self.authenticate()
             finally:
                 stream.cancel()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))

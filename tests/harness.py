@@ -84,8 +84,10 @@ class EtcdMember:
 class EtcdCluster:
     """One or three etcd members; kill, stop and restart them at will."""
 
-    def __init__(self, workdir: Path, size: int = 1) -> None:
+    def __init__(self, workdir: Path, size: int = 1, extra_args: list[str] | None = None
+                 ) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args or []
         self.members = [
             EtcdMember(f"etcd{i}", free_port(), free_port(), workdir / f"etcd{i}.data",
                        workdir / f"etcd{i}.log")
@@ -109,7 +111,7 @@ class EtcdCluster:
             "--initial-cluster-token", f"failoverd-test-{self.members[0].client_port}",
             "--heartbeat-interval", "50", "--election-timeout", "500",
             "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
-            "--log-level", "warn",
+            "--log-level", "warn", *self.extra_args,
         ]
         m.proc = subprocess.Popen(argv, stdout=open(m.log_path, "ab"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from etcd3aio import Etcd3Client, EtcdError
 
 from failoverd.config import EtcdSettings, Settings
 from failoverd.coordinator import Coordinator, NotCoordinator
@@ -16,7 +17,7 @@ from failoverd.etcd import EtcdStore
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.model import Keyspace, parse_view
-from failoverd.store import LeaseNotFound, Put, StoreError
+from failoverd.store import Compare, LeaseNotFound, Put, StoreError
 from tests.harness import EtcdCluster, free_port, wait_until
 
 
@@ -229,3 +230,52 @@ async def test_safety_rule_3_lease_deadline_from_send_time(store: EtcdStore) -> 
 async def _renewed(lease: KeptLease) -> bool:
     return lease.renewals >= 1
 
+
+
+async def test_expired_auth_token_is_renewed(tmp_path: Path, cluster_name: str) -> None:
+    """With user/password auth, etcd's simple tokens expire (--auth-token-ttl);
+    the store logs in again and carries on, and a txn is not lost to it."""
+    etcd = EtcdCluster(tmp_path / "auth", size=1, extra_args=["--auth-token-ttl", "2"])
+    (tmp_path / "auth").mkdir()
+    etcd.start()
+    admin = Etcd3Client(etcd.endpoints)
+    await admin.connect()
+    try:
+        await admin.auth.user_add("root", "root-password")
+        await admin.auth.user_grant_role("root", "root")
+        await admin.auth.auth_enable()
+        (tmp_path / "pw").write_text("root-password\n")
+        settings = EtcdSettings(endpoints=etcd.endpoints, timeout_s=1.0, username="root",
+                                password_file=tmp_path / "pw")
+        store = EtcdStore(settings)
+        keys = Keyspace(cluster_name)
+        await store.put(keys.prefix + "k", "1")  # logs in on first use
+        first = store._metadata
+
+        async def first_token_refused() -> bool:
+            probe = Etcd3Client(etcd.endpoints, token=dict(first)["token"])
+            await probe.connect()
+            try:
+                await probe.kv.get("/x", timeout=1)
+                return False
+            except EtcdError:
+                return True
+            finally:
+                await probe.close()
+        # etcd renews a simple token's TTL on every use, so look less often
+        # than the TTL: the token is idle in between and expires.
+        await wait_until(first_token_refused, 15, "the first token to expire", interval=3.0)
+        result = await store.txn([Compare(keys.prefix + "k", "create", 0)],
+                                 [Put(keys.prefix + "t", "x")],
+                                 [Put(keys.prefix + "t", "y")])
+        assert not result.succeeded and store._metadata != first
+        assert (await store.get(keys.prefix + "t")).value == "y"
+        await store.close()
+        (tmp_path / "bad").write_text("wrong\n")
+        bad = EtcdStore(settings.model_copy(update={"password_file": tmp_path / "bad"}))
+        with pytest.raises(StoreError):
+            await bad.get(keys.prefix + "k")
+        await bad.close()
+    finally:
+        await admin.close()
+        etcd.stop()
