@@ -106,7 +106,8 @@ async def test_drain_removes_a_region_from_candidacy(api_cluster: LocalCluster):
     assert st["groups"]["app"]["active"]["region"] == "central"
 
 
-async def test_bad_requests_get_json_errors_and_change_nothing(api_cluster: LocalCluster):
+async def test_safety_rule_9_bad_requests_get_json_errors_and_change_nothing(
+        api_cluster: LocalCluster):
     cluster = api_cluster
     api = cluster.daemons["w1"].api
     cases = [

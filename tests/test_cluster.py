@@ -157,7 +157,7 @@ async def test_safety_rule_1_frozen_coordinator_write_is_rejected(two_regions: L
     assert (now.region, now.epoch, now.term) == (rec.region, rec.epoch, new.term)
 
 
-async def test_sighup_with_broken_config_keeps_old(two_regions: LocalCluster):
+async def test_safety_rule_9_sighup_with_broken_config_keeps_old(two_regions: LocalCluster):
     c = two_regions
     d = c.add("e1", "east")
     await c.wait_active("app", "east", 10)
@@ -245,3 +245,29 @@ async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluste
 async def _both_lost(c: LocalCluster) -> bool:
     return all(await asyncio.gather(*(_logged(c, m, "lease lost; starting a new session")
                                       for m in c.daemons)))
+
+
+async def test_safety_rule_6_no_storms_second_failover_waits_for_cooldown(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """Two region losses in a row: the first fails over, the second is held by
+    the group's cooldown (the storm guard's state is in etcd)."""
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
+                     regions={"east": 100, "west": 50, "central": 25},
+                     groups={"app": ["east", "west", "central"]},
+                     policy={"cooldown_s": 600, "max_auto_failovers_per_hour": 10})
+    try:
+        for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
+            c.add(m, r)
+        await c.wait_active("app", "east", 10)
+        await wait_until(lambda: _members(c, 3), 10, "members")
+        c.daemons["e1"].kill9()
+        first = await c.wait_active("app", "west", c.ttl + 5)
+        assert first.trigger == "member_loss"
+        c.daemons["w1"].kill9()
+        await wait_until(lambda: _logged_any(c, "in cooldown for"), c.ttl + 5,
+                         "the coordinator to hold for the cooldown")
+        rec = (await c.view()).active["app"]
+        assert (rec.region, rec.epoch) == ("west", first.epoch)
+        assert len((await c.view()).control.auto_failovers) == 1
+    finally:
+        await c.close()

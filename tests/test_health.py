@@ -116,7 +116,7 @@ async def _decided_since(c: LocalCluster, revision: int) -> bool:
                for d in c.daemons.values() for e in d.log_events())
 
 
-async def test_no_failover_into_unhealthy_standbys_alert_then_retry(stack: Stack):
+async def test_safety_rule_5_and_8_no_failover_into_unhealthy_standbys_traffic_stays(stack: Stack):
     c = stack.c
     stack.start_daemons()
     before = await c.wait_active("app", "east", 10)

@@ -169,7 +169,7 @@ async def _status(s: PowerStack, member: str) -> dict:
     raise AssertionError("no status")
 
 
-async def test_ten_thousand_malformed_messages(power_stack):
+async def test_safety_rule_9_ten_thousand_malformed_messages(power_stack):
     s = power_stack()
     before = await s.started()
     bad = [b"{nope", json.dumps({"state": "on_fire"}).encode(), b"x" * 5000,

@@ -86,7 +86,7 @@ def dns_router(b: Bind, **kw) -> DnsRouter:
                                                                                 ADDRS)))
 
 
-async def test_dns_reroute_is_fenced_by_epoch(bind: Bind):
+async def test_safety_rule_2_dns_reroute_is_fenced_by_epoch(bind: Bind):
     router = dns_router(bind)
     assert await router.addresses() == {"192.0.2.10"}
     assert await router.fence_epoch() is None
@@ -118,7 +118,7 @@ async def test_dns_without_the_key_is_refused(bind: Bind, tmp_path: Path):
     assert await dns_router(bind).addresses() == {"192.0.2.10"}
 
 
-async def test_dns_never_writes_an_empty_record_set(bind: Bind):
+async def test_safety_rule_8_dns_never_writes_an_empty_record_set(bind: Bind):
     router = dns_router(bind)
     router.route = router.route.model_copy(update={"addresses": {"east": ["192.0.2.10"],
                                                                   "west": []}})

@@ -115,7 +115,7 @@ async def test_forced_failover_moves_haproxy_and_dns_traffic(saga_stack):
     assert done and done[0]["duration_s"] > 0
 
 
-async def test_deposed_coordinator_dns_update_is_refused_by_the_server(saga_stack):
+async def test_safety_rule_2_deposed_coordinator_dns_update_is_refused_by_the_server(saga_stack):
     """e1 coordinates the bootstrap and freezes between reading the DNS fence
     and sending its update.  w1 takes over (member loss: east is gone), moves
     the group to west at epoch 2 and the fence with it.  e1 resumes, sends
@@ -146,7 +146,8 @@ async def test_deposed_coordinator_dns_update_is_refused_by_the_server(saga_stac
 
 
 @pytest.mark.parametrize("step", ["precheck", "drain_old", "promote_new", "reroute", "verify"])
-async def test_coordinator_killed_after_each_step_successor_finishes(saga_stack, step: str):
+async def test_safety_rule_7_coordinator_killed_after_each_step_successor_finishes(
+        saga_stack, step: str):
     s = await saga_stack()
     # c1 starts first so it coordinates; it dies right after recording `step`.
     c1 = s.c.add("c1", "central", env={"FAILOVERD_FAULTS": f"after-planned-{step}=exit"})
