@@ -89,8 +89,10 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 class Api:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
-                 results_changed: asyncio.Event) -> None:
+                 results_changed: asyncio.Event,
+                 epochs: Callable[[], dict[str, int]] = dict) -> None:
         self._store = store
+        self._epochs = epochs
         self._keys = keys
         self._settings = settings
         self._results_changed = results_changed
@@ -184,7 +186,10 @@ class Api:
                                                                 limit)})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__})
+        # The epochs this member last read: peers cut off from etcd use them
+        # to tell "still current" from "replaced" (safety rule 4).
+        return web.json_response({"status": "ok", "version": __version__,
+                                  "epochs": self._epochs()})
 
     async def readyz(self, request: web.Request) -> web.Response:
         try:

@@ -224,6 +224,9 @@ class PolicySettings(_Model):
     # Detection after a crash is lease_ttl_s + this.
     member_loss_grace_s: Annotated[float, Field(ge=0)] = 5.0
     history_limit: Annotated[int, Field(ge=10)] = 1000
+    # Safety rule 4: after this long without etcd, a member of the active
+    # region asks the other regions' members; if none answers, it demotes.
+    isolation_grace_s: PositiveFloat = 10.0
     # Observer regions (other than the target) that must agree for a region
     # to be judged down or up; 0 = a majority of the live observer regions.
     health_quorum: Annotated[int, Field(ge=0)] = 0

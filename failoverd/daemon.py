@@ -2,11 +2,11 @@
 
 Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
 promote/demote), ``probes`` (health observations), ``mqtt`` (power feeds),
-``session`` (lease +
-membership + election + coordinator, rebuilt whenever the lease is lost),
-``reload`` (SIGHUP) and ``shutdown`` (SIGTERM/SIGINT).  On the way out the
-coordinator seat is resigned and the lease revoked so a successor takes over
-at once, not after a TTL.
+``api``, ``isolation`` (safety rule 4), ``session`` (lease + membership +
+election + coordinator, rebuilt whenever the lease is lost), ``reload``
+(SIGHUP) and ``shutdown`` (SIGTERM/SIGINT).  On the way out the coordinator
+seat is resigned and the lease revoked so a successor takes over at once, not
+after a TTL.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from failoverd.election import campaign, resign
 from failoverd.engine import Policy
 from failoverd.etcd import EtcdStore
 from failoverd.history import History
+from failoverd.isolation import IsolationGuard
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.model import Keyspace, MemberRecord
 from failoverd.mqtt import PowerFeeds
@@ -113,7 +114,9 @@ class Daemon:
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.api = Api(self.store, self.keys, lambda: self.settings,
-                       self.watcher.subscribe("control/results/"))
+                       self.watcher.subscribe("control/results/"), lambda: dict(roles.epochs))
+        guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
+                               lambda: self._live_lease() is not None)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -122,6 +125,7 @@ class Daemon:
                 tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self.power.run(), name="mqtt")
                 tg.create_task(serve_api(self.api, self.settings.api), name="api")
+                tg.create_task(guard.run(), name="isolation")
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")
@@ -210,7 +214,8 @@ class Daemon:
                 lease_id, ttl = await self.store.grant(s.etcd.lease_ttl_s)
                 member = MemberRecord(
                     member=s.member, region=s.region, version=__version__,
-                    api_url=f"http://{s.api.listen}", started=time.time(),
+                    api_url=f"{'https' if s.api.tls_cert_file else 'http'}://{s.api.listen}",
+                    started=time.time(),
                 )
                 await self.store.put(self.keys.member(s.member), member.to_value(), lease_id)
         return KeptLease(self.store, lease_id, ttl, sent, s.etcd.lease_margin_s)

@@ -81,6 +81,8 @@ class RoleReconciler:
         self.state = AppliedState(s.state_dir / f"{s.cluster}-{s.member}.json")
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
+        # Epochs of the active records as last read from etcd (for peers).
+        self.epochs: dict[str, int] = {}
 
     async def run(self) -> None:
         while True:
@@ -114,6 +116,7 @@ class RoleReconciler:
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring malformed key", key=kv.key, error=str(exc))
         s = self._settings()
+        self.epochs = {name: r.epoch for name, r in records.items()}
         for name, record in records.items():
             metrics.EPOCH.labels(name).set(record.epoch)
             for r in s.regions:
@@ -155,24 +158,54 @@ class RoleReconciler:
             if not may_demote(wf, rec.epoch):
                 return  # planned switchover: keep serving while traffic drains
             role, argv = "standby", group.demote
+        await self._run_role(s, group, rec.epoch, role, argv)
+
+    async def fence(self, group: GroupSettings, reason: str) -> None:
+        """Self-fence (safety rule 4): demote now, without etcd, keeping the
+        epoch we applied; if the record still names us when etcd returns we
+        promote again."""
+        applied = self.state.groups.get(group.name)
+        if applied is None or applied.role != "active":
+            return
+        log.error("self-fencing: demoting without the store", group=group.name,
+                  epoch=applied.epoch, reason=reason)
+        await self._run_role(self._settings(), group, applied.epoch, "standby", group.demote)
+
+    def active_groups(self) -> dict[str, int]:
+        """Groups this member is active for, with the epoch it applied."""
+        return {g: a.epoch for g, a in self.state.groups.items() if a.role == "active"}
+
+    async def _run_role(self, s: Settings, group: GroupSettings, epoch: int, role: str,
+                        argv: list[str]) -> None:
         now = time.monotonic()
         if now < self._retry_at.get(group.name, 0.0):
             return
         action = "promote" if role == "active" else "demote"
-        bound = log.bind(group=group.name, epoch=rec.epoch, role=role)
+        bound = log.bind(group=group.name, epoch=epoch, role=role)
         bound.info(f"{action} starting", command=argv)
         await self._history.record(f"{action}_started", group=group.name, region=s.region,
-                                   epoch=rec.epoch)
-        result = await run_hook(argv, group=group.name, region=s.region, epoch=rec.epoch,
-                                role=role, timeout_s=group.hook_timeout_s,
-                                attempts=group.hook_attempts)
+                                   epoch=epoch)
+        task = asyncio.create_task(
+            run_hook(argv, group=group.name, region=s.region, epoch=epoch, role=role,
+                     timeout_s=group.hook_timeout_s, attempts=group.hook_attempts),
+            name=f"hook-{group.name}-{action}")
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Shutting down: a hook under way finishes (bounded by its own
+            # timeout) and is recorded, so a restart does not run it again.
+            result = await task
+            if result.ok:
+                self.state.save(group.name, Applied(epoch, role))
+                bound.info(f"{action} done during shutdown", attempts=result.attempts)
+            raise
         fields: dict[str, object] = {
-            "group": group.name, "region": s.region, "epoch": rec.epoch,
+            "group": group.name, "region": s.region, "epoch": epoch,
             "attempts": result.attempts,
             "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
         }
         if result.ok:
-            self.state.save(group.name, Applied(rec.epoch, role))
+            self.state.save(group.name, Applied(epoch, role))
             self._retry_at.pop(group.name, None)
             self._retry_delay.pop(group.name, None)
             bound.info(f"{action} done", attempts=result.attempts,

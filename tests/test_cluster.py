@@ -207,14 +207,18 @@ async def _all_renewed(c: LocalCluster, marks: dict[str, int]) -> bool:
     return all(_renewals(c, m) >= n + 2 for m, n in marks.items())
 
 
-async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluster_name: str):
-    """etcd down: no promote/demote runs, daemons stay up, the active record
-    is unchanged when etcd returns."""
+async def test_safety_rule_4_store_outage_holds_then_isolated_member_self_fences(
+        tmp_path: Path, cluster_name: str):
+    """etcd down: nothing is rerouted and no promote/demote runs while the
+    active region's member can reach the other region (it holds).  Once it is
+    cut off from etcd *and* the other region, it fences itself (demote); when
+    etcd returns and still names its region, it promotes again."""
     etcd = EtcdCluster(tmp_path / "etcd", size=1)
     (tmp_path / "etcd").mkdir()
     etcd.start()
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
-                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]})
+                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]},
+                     policy={"isolation_grace_s": 1})
     try:
         c.add("e1", "east")
         c.add("w1", "west")
@@ -225,21 +229,42 @@ async def test_safety_rule_4_store_outage_changes_nothing(tmp_path: Path, cluste
             roles = {(h["member"], h["role"]) for h in c.hooks()}
             return {("e1", "active"), ("w1", "standby")} <= roles
         await wait_until(settled, 10, "e1 promoted and w1 demoted")
+        # e1 learns its peers while etcd is up (refreshed every 5 s).
+        await wait_until(lambda: _peer_known(c), 10, "e1 to know w1's API")
         hooks_before = c.hooks()
         m = etcd.members[0]
         etcd.kill(m)
         await wait_until(lambda: _both_lost(c), c.ttl * 4, "both daemons noticed")
+        await wait_until(lambda: _logged(c, "e1", "etcd unreachable; other regions reachable"),
+                         10, "e1 to hold: w1 still answers")
         assert all(d.alive() for d in c.daemons.values())
         assert c.hooks() == hooks_before
+
+        c.daemons["w1"].stop()  # now e1 is cut off from etcd and from west
+
+        async def fenced() -> list[dict]:
+            return [h for h in c.hooks()[len(hooks_before):]
+                    if h["member"] == "e1" and h["role"] == "standby"]
+        runs = await wait_until(fenced, 10, "e1 to fence itself")
+        assert runs[0]["epoch"] == before.epoch
+
         etcd.start_member(m, state="new")
         etcd.wait_healthy()
-        await wait_until(lambda: _members(c, 2), 15, "members back")
+
+        async def repromoted() -> bool:
+            later = c.hooks()[len(hooks_before):]
+            return any(h["member"] == "e1" and h["role"] == "active" for h in later)
+        await wait_until(repromoted, 15, "e1 to promote again once etcd names it")
         after = (await c.view()).active["app"]
         assert (after.region, after.epoch) == (before.region, before.epoch)
-        assert c.hooks() == hooks_before
     finally:
         await c.close()
         etcd.stop()
+
+
+async def _peer_known(c: LocalCluster) -> bool:
+    return any(e.get("event") == "isolation peers" and "w1" in e.get("peers", [])
+               for e in c.daemons["e1"].log_events())
 
 
 async def _both_lost(c: LocalCluster) -> bool:

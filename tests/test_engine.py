@@ -405,3 +405,16 @@ def test_learn_failover_duration_from_history() -> None:
                     "ts": start + took + 3}]
     assert learn_failover_s(events[:4]) is None  # fewer than three measured
     assert learn_failover_s(events) == 6.5
+
+
+# -- safety rule 4: self-fencing decision ---------------------------------------
+
+from failoverd.isolation import isolation_decision  # noqa: E402
+
+
+def test_isolation_decision() -> None:
+    active = {"app": 3, "db": 5}
+    assert set(isolation_decision(active, [])) == {"app", "db"}  # nobody answers: fence
+    assert isolation_decision(active, [{"app": 3, "db": 5}]) == {}  # peers agree: hold
+    assert isolation_decision(active, [{"app": 3}, {"app": 4, "db": 5}]) == {
+        "app": "a peer reports epoch 4 > our 3"}

@@ -1,0 +1,122 @@
+"""Safety rule 4: a member of the active region that is cut off from etcd
+*and* from the other regions' members fences itself (runs demote); one that
+can still reach them, and hears of no newer epoch, holds.
+
+While etcd is reachable the guard keeps the list of other regions' members.
+Once this member has had no live lease for ``isolation_grace_s``, it asks
+those peers' ``/healthz`` (open, and carrying the epochs each last read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import aiohttp
+import structlog
+
+from failoverd.config import Settings
+from failoverd.model import Keyspace, parse_member
+from failoverd.roles import RoleReconciler
+from failoverd.store import Store, StoreError
+
+log = structlog.get_logger("failoverd.isolation")
+
+CHECK_EVERY_S = 1.0
+PEER_REFRESH_S = 5.0
+PEER_TIMEOUT_S = 1.0
+
+
+def isolation_decision(active: Mapping[str, int], answers: Sequence[Mapping[str, int]]
+                       ) -> dict[str, str]:
+    """Which of our active groups to fence, and why (pure).
+
+    No peer in another region answers → fence every active group.  Peers
+    answer → fence only a group for which one reports a newer epoch.
+    """
+    if not answers:
+        return dict.fromkeys(active, "cut off from etcd and from every other region")
+    out = {}
+    for group, epoch in active.items():
+        newer = max((a.get(group, 0) for a in answers), default=0)
+        if newer > epoch:
+            out[group] = f"a peer reports epoch {newer} > our {epoch}"
+    return out
+
+
+class IsolationGuard:
+    def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
+                 roles: RoleReconciler, lease_alive: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._keys = keys
+        self._settings = settings
+        self._roles = roles
+        self._lease_alive = lease_alive
+        self._clock = clock
+        self.peers: dict[str, str] = {}  # member -> API base URL, other regions only
+        self._lost_at: float | None = None
+        self._next_refresh = 0.0
+        self._holding = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            await self.check()
+
+    async def check(self) -> None:
+        now = self._clock()
+        if self._lease_alive():
+            self._lost_at, self._holding = None, False
+            if now >= self._next_refresh:
+                self._next_refresh = now + PEER_REFRESH_S
+                await self._refresh_peers()
+            return
+        if self._lost_at is None:
+            self._lost_at = now
+        active = self._roles.active_groups()
+        if not active or now - self._lost_at < self._settings().policy.isolation_grace_s:
+            return
+        answers = await self._ask_peers()
+        to_fence = isolation_decision(active, answers)
+        if not to_fence and not self._holding:
+            log.warning("etcd unreachable; other regions reachable, holding",
+                        peers=len(answers), groups=sorted(active))
+            self._holding = True
+        for name, reason in to_fence.items():
+            group = self._settings().group_by_name(name)
+            if group is not None:
+                await self._roles.fence(group, reason)
+
+    async def _refresh_peers(self) -> None:
+        try:
+            snap = await self._store.get_prefix(self._keys.prefix + "members/")
+        except StoreError:
+            return
+        me = self._settings()
+        peers = {}
+        for kv in snap.kvs:
+            try:
+                m = parse_member(kv)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if m.region != me.region and m.api_url:
+                peers[m.member] = m.api_url
+        if peers != self.peers:
+            log.info("isolation peers", peers=sorted(peers))
+        self.peers = peers
+
+    async def _ask_peers(self) -> list[dict[str, int]]:
+        async def ask(url: str) -> dict[str, int] | None:
+            try:
+                async with aiohttp.ClientSession(
+                        timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)) as s, \
+                        s.get(f"{url}/healthz", ssl=False) as r:
+                    data = await r.json()
+                epochs = data.get("epochs", {}) if isinstance(data, dict) else {}
+                return {str(k): int(v) for k, v in epochs.items()}
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+                return None
+        answers = await asyncio.gather(*(ask(u) for u in self.peers.values()))
+        return [a for a in answers if a is not None]
