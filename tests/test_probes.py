@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from failoverd.config import ProbeSettings
 from failoverd.probes import ProbeState, check, region_verdict, step
@@ -107,3 +110,30 @@ async def test_a_hanging_target_is_a_timeout(session: aiohttp.ClientSession) -> 
     finally:
         hang.set()
         server.close()
+
+
+async def test_http_check_tls_options(session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """https targets: verified against ca_file, refused when unverifiable,
+    accepted with tls_verify = false (a real self-signed certificate)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    app = web.Application()
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    url = f"https://127.0.0.1:{port}/health"
+    try:
+        assert (await check(_p(target=url, ca_file=cert), session, "east"))[0]
+        ok, detail = await check(_p(target=url), session, "east")
+        assert not ok and "Certificate" in detail  # no CA given: unverifiable
+        assert (await check(_p(target=url, tls_verify=False), session, "east"))[0]
+    finally:
+        await runner.cleanup()

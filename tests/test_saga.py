@@ -145,27 +145,32 @@ async def test_safety_rule_2_deposed_coordinator_dns_update_is_refused_by_the_se
     assert await s.traffic() == {"region west"}
 
 
-@pytest.mark.parametrize("step", ["precheck", "drain_old", "promote_new", "reroute", "verify"])
+@pytest.mark.parametrize(("action", "step"), [
+    *(("switchover", st) for st in ("precheck", "drain_old", "promote_new", "reroute",
+                                    "verify")),
+    ("failover", "fence_old"),  # an operator failover runs the forced order
+])
 async def test_safety_rule_7_coordinator_killed_after_each_step_successor_finishes(
-        saga_stack, step: str):
+        saga_stack, action: str, step: str):
     s = await saga_stack()
+    mode = "planned" if action == "switchover" else "forced"
     # c1 starts first so it coordinates; it dies right after recording `step`.
-    c1 = s.c.add("c1", "central", env={"FAILOVERD_FAULTS": f"after-planned-{step}=exit"})
+    c1 = s.c.add("c1", "central", env={"FAILOVERD_FAULTS": f"after-{mode}-{step}=exit"})
     await s.c.wait_coordinator(10)
     s.c.add("e1", "east")
     s.c.add("w1", "west")
     await s.wait_done(1)
     assert (await s.c.view()).coordinator.member == "c1"
-    status, data = await call(s.c.daemons["w1"].api, "POST", "/v1/groups/app/switchover",
+    status, data = await call(s.c.daemons["w1"].api, "POST", f"/v1/groups/app/{action}",
                               OPERATOR_TOKEN, {"to": "west"})
     assert status == 200, data
     await wait_until(lambda: _exited(c1), 15, f"c1 to die after {step}")
     wf = await s.wait_done(2, timeout=30)
-    assert [(st.name, st.state) for st in wf.steps] == [(n, "done")
-                                                        for n in ORDERS["planned"]]
+    assert wf.mode == mode
+    assert [(st.name, st.state) for st in wf.steps] == [(n, "done") for n in ORDERS[mode]]
     events = [e for e in await s.c.history()
               if e["kind"] == "workflow_step" and e["epoch"] == 2 and e["state"] == "done"]
-    assert sorted(e["step"] for e in events) == sorted(ORDERS["planned"])  # each once
+    assert sorted(e["step"] for e in events) == sorted(ORDERS[mode])  # each once
     assert await s.traffic() == {"region west"}
     assert (await s.dns())[1] == {'"epoch=2"'}
 
