@@ -28,7 +28,6 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
 def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A fresh 3-member etcd cluster for one test."""
     cluster = EtcdCluster(tmp_path / "etcd3", size=3)
-    (tmp_path / "etcd3").mkdir()
     cluster.start()
     yield cluster
     cluster.stop()

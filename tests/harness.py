@@ -87,6 +87,7 @@ class EtcdCluster:
     def __init__(self, workdir: Path, size: int = 1, extra_args: list[str] | None = None
                  ) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.extra_args = extra_args or []
         self.members = [
             EtcdMember(f"etcd{i}", free_port(), free_port(), workdir / f"etcd{i}.data",

@@ -216,7 +216,6 @@ async def test_safety_rule_4_store_outage_holds_then_isolated_member_self_fences
     cut off from etcd *and* the other region, it fences itself (demote); when
     etcd returns and still names its region, it promotes again."""
     etcd = EtcdCluster(tmp_path / "etcd", size=1)
-    (tmp_path / "etcd").mkdir()
     etcd.start()
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
                      regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]},

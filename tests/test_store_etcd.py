@@ -71,7 +71,6 @@ async def test_watch_resumes_from_last_revision_after_etcd_restart(
     """Events written while the watch's server was down are all delivered, in
     order, once it returns: the watch resumes from its last revision."""
     etcd = EtcdCluster(tmp_path / "w", size=1)
-    (tmp_path / "w").mkdir()
     etcd.start()
     s = EtcdStore(EtcdSettings(endpoints=etcd.endpoints, timeout_s=1.0))
     w = EtcdStore(EtcdSettings(endpoints=etcd.endpoints, timeout_s=1.0))
@@ -236,7 +235,6 @@ async def test_expired_auth_token_is_renewed(tmp_path: Path, cluster_name: str) 
     """With user/password auth, etcd's simple tokens expire (--auth-token-ttl);
     the store logs in again and carries on, and a txn is not lost to it."""
     etcd = EtcdCluster(tmp_path / "auth", size=1, extra_args=["--auth-token-ttl", "2"])
-    (tmp_path / "auth").mkdir()
     etcd.start()
     admin = Etcd3Client(etcd.endpoints)
     await admin.connect()
