@@ -97,6 +97,7 @@ class Api:
         self._settings = settings
         self._results_changed = results_changed
         self.ready = False
+        self.listening = asyncio.Event()
 
     # -- plumbing ---------------------------------------------------------
     def app(self) -> web.Application:
@@ -416,8 +417,10 @@ async def serve_api(api: Api, settings: ApiSettings) -> None:
                 log.error("api cannot listen; retrying", listen=listen, error=str(exc))
                 await asyncio.sleep(5)
         api.ready = True
+        api.listening.set()
         log.info("api listening", listen=listen, tls=context is not None)
         await asyncio.Event().wait()
     finally:
         api.ready = False
+        api.listening.clear()
         await runner.cleanup()

@@ -28,7 +28,7 @@ from failoverd.engine import (
     power_of,
     region_health,
 )
-from failoverd.faults import fault_point
+from failoverd.faults import async_fault_point, fault_point
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease
 from failoverd.model import (
@@ -76,6 +76,9 @@ class Coordinator:
         self._absent_since: dict[str, float] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
         self.learned_failover_s: float | None = None
+        # When the current cycle began (monotonic); the systemd watchdog
+        # stops pinging when it is too old.
+        self.cycle_started = time.monotonic()
 
     def _ensure_leading(self, view: ClusterView | None = None) -> None:
         if not self._lease.valid():
@@ -88,6 +91,8 @@ class Coordinator:
     async def run(self) -> None:
         """Lead until :class:`NotCoordinator` (or cancellation)."""
         while True:
+            self.cycle_started = time.monotonic()
+            await async_fault_point("coordinator-cycle")
             self._wake.clear()
             self._ensure_leading()
             try:

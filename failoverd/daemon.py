@@ -4,7 +4,9 @@ Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
 promote/demote), ``probes`` (health observations), ``mqtt`` (power feeds),
 ``api``, ``isolation`` (safety rule 4), ``session`` (lease + membership +
 election + coordinator, rebuilt whenever the lease is lost), ``reload``
-(SIGHUP) and ``shutdown`` (SIGTERM/SIGINT).  On the way out the coordinator
+(SIGHUP), ``shutdown`` (SIGTERM/SIGINT), and under systemd ``sd-status``
+(READY once etcd answered and the API listens, then STATUS lines) and
+``sd-watchdog``.  On the way out the coordinator
 seat is resigned and the lease revoked so a successor takes over at once, not
 after a TTL.
 """
@@ -12,6 +14,7 @@ after a TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
 from failoverd.engine import Policy
 from failoverd.etcd import EtcdStore
+from failoverd.faults import fault_point
 from failoverd.history import History
 from failoverd.isolation import IsolationGuard
 from failoverd.lease import KeptLease, LeaseLost
@@ -33,6 +37,7 @@ from failoverd.model import Keyspace, MemberRecord
 from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
 from failoverd.roles import RoleReconciler
+from failoverd.sdnotify import Notifier, run_watchdog
 from failoverd.store import Store, StoreError
 
 log = structlog.get_logger("failoverd.daemon")
@@ -75,7 +80,8 @@ class Watcher:
 
 class Daemon:
     def __init__(self, settings: Settings, config_path: Path | None = None,
-                 overrides: Overrides | None = None, store: Store | None = None) -> None:
+                 overrides: Overrides | None = None, store: Store | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self._config_path = config_path
         self._overrides = overrides or Overrides()
@@ -89,6 +95,8 @@ class Daemon:
         self.coordinator: Coordinator | None = None
         self.prober: Prober | None = None
         self.power: PowerFeeds | None = None
+        self.notifier = notifier or Notifier()
+        self._registered = asyncio.Event()
 
     # -- signals ---------------------------------------------------------
     def request_stop(self) -> None:
@@ -129,17 +137,65 @@ class Daemon:
                 tg.create_task(self._sessions(), name="session")
                 tg.create_task(self._reloads(), name="reload")
                 tg.create_task(self._wait_stop(), name="shutdown")
+                if self.notifier.enabled:
+                    tg.create_task(self._sd_status(roles), name="sd-status")
+                    tg.create_task(run_watchdog(self.notifier, self._stuck), name="sd-watchdog")
         except* _Stop:
             pass
         finally:
+            self.notifier.stopping()
             await self._release()
             await self.store.close()
+            self.notifier.close()
             log.info("failoverd stopped")
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()
         log.info("shutdown requested")
         raise _Stop
+
+    # -- systemd -----------------------------------------------------------
+    async def _sd_status(self, roles: RoleReconciler) -> None:
+        """READY=1 once etcd answered (a lease was granted) and the API
+        listens; then a STATUS line whenever role, term or active regions change."""
+        await self._registered.wait()
+        await self.api.listening.wait()
+        last = self.status_line(roles)
+        self.notifier.ready(last)
+        log.info("ready", status=last)
+        changed = self.watcher.subscribe("")
+        while True:
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await changed.wait()
+            line = self.status_line(roles)
+            if line != last:
+                self.notifier.status(line)
+                last = line
+
+    def status_line(self, roles: RoleReconciler) -> str:
+        coord = self.coordinator
+        if coord is not None:
+            role = f"coordinator, term {coord.term}"
+        elif self._live_lease() is not None:
+            role = "member"
+        else:
+            role = "member, no etcd session"
+        active = ", ".join(f"{g}={r}" for g, r in sorted(roles.active_regions.items()))
+        return f"{role}; active: {active or 'none yet'}"
+
+    def _stuck(self) -> str | None:
+        """Why the watchdog must not be pinged, or None when healthy."""
+        coord = self.coordinator
+        if coord is None:
+            return None
+        s = self.settings
+        # A healthy cycle sleeps at most one tick and makes a few etcd calls.
+        limit = max(2 * s.policy.tick_s + 4 * s.etcd.timeout_s,
+                    (self.notifier.watchdog_s or 0.0) / 2)
+        age = time.monotonic() - coord.cycle_started
+        return f"coordinator cycle stuck for {age:.1f}s" if age > limit else None
 
     async def _release(self) -> None:
         """Resign the seat and revoke the lease, bounded in time."""
@@ -164,10 +220,18 @@ class Daemon:
             await self.reload()
 
     async def reload(self) -> bool:
+        fault_point("reload")
         if self._config_path is None:
             return False
+        self.notifier.reloading()
         try:
-            new = load_settings(self._config_path, self._overrides)
+            return await self._reload_config(self._config_path)
+        finally:
+            self.notifier.send(READY=1)
+
+    async def _reload_config(self, path: Path) -> bool:
+        try:
+            new = load_settings(path, self._overrides)
         except ConfigError as exc:
             log.error("config reload rejected; keeping the running config", errors=exc.errors)
             await self.history.record("config_reload_failed", errors=exc.errors)
@@ -182,7 +246,7 @@ class Daemon:
         self.settings = new.model_copy(update=fixed)
         if self.prober is not None:
             self.prober.reload()
-        log.info("config reloaded", path=str(self._config_path))
+        log.info("config reloaded", path=str(path))
         await self.history.record("config_reloaded", needs_restart=ignored)
         return True
 
@@ -224,6 +288,7 @@ class Daemon:
         self.lease = await self._grant()
         log.info("registered", lease=f"{self.lease.id:x}", ttl=self.lease.ttl)
         await self.history.record("member_joined", lease=f"{self.lease.id:x}")
+        self._registered.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.run(), name="lease-keepalive")
             tg.create_task(self._campaign(self.lease), name="election")

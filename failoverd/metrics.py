@@ -35,6 +35,9 @@ WORKFLOW_STEP = Histogram("failoverd_workflow_step_seconds", "Failover workflow 
                           "durations", ["step", "outcome"],
                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 API_REQUESTS = Counter("failoverd_api_requests_total", "API requests", ["route", "status"])
+SDNOTIFY_ERRORS = Counter("failoverd_sdnotify_errors_total", "sd_notify messages not delivered")
+WATCHDOG_WITHHELD = Counter("failoverd_watchdog_withheld_total", "Watchdog pings withheld "
+                            "because something is stuck")
 
 VERDICTS = ("up", "down", "unknown", "unprobed")
 POWER_STATES = ("normal", "utility_lost", "on_generator", "on_battery", "critical", "unknown")

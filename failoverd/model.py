@@ -252,6 +252,11 @@ def parse_member(kv: KeyValue) -> MemberRecord:
     )
 
 
+def parse_coordinator(kv: KeyValue) -> CoordinatorRecord:
+    return CoordinatorRecord(member=_str(_obj(kv), "member"), term=kv.create_revision,
+                             lease=kv.lease)
+
+
 def parse_active(kv: KeyValue) -> ActiveRecord:
     d = _obj(kv)
     epoch = d["epoch"]
@@ -309,9 +314,7 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         rel = kv.key[len(p):] if kv.key.startswith(p) else ""
         try:
             if rel == "coordinator":
-                coordinator = CoordinatorRecord(
-                    member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease
-                )
+                coordinator = parse_coordinator(kv)
             elif rel.startswith("members/"):
                 rec = parse_member(kv)
                 members[rec.member] = rec

@@ -83,6 +83,7 @@ class RoleReconciler:
         self._retry_delay: dict[str, float] = {}
         # Epochs of the active records as last read from etcd (for peers).
         self.epochs: dict[str, int] = {}
+        self.active_regions: dict[str, str] = {}
 
     async def run(self) -> None:
         while True:
@@ -117,6 +118,7 @@ class RoleReconciler:
                 log.warning("ignoring malformed key", key=kv.key, error=str(exc))
         s = self._settings()
         self.epochs = {name: r.epoch for name, r in records.items()}
+        self.active_regions = {name: r.region for name, r in records.items()}
         for name, record in records.items():
             metrics.EPOCH.labels(name).set(record.epoch)
             for r in s.regions:

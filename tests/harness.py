@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -41,9 +42,10 @@ def etcd_binary() -> str:
     raise RuntimeError("etcd not found: install Debian's etcd-server (scripts/test does)")
 
 
-async def wait_until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str,
+async def wait_until(cond: Callable[[], Awaitable[Any] | Any], timeout: float, what: str,
                      interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout``.
+    """Poll ``cond`` (sync or async) until it returns something truthy; fail
+    after ``timeout``.
 
     A store error inside ``cond`` (etcd restarting) counts as "not yet".
     """
@@ -53,7 +55,9 @@ async def wait_until(cond: Callable[[], Awaitable[Any]], timeout: float, what: s
     last: Any = None
     while True:
         try:
-            last = await cond()
+            last = cond()
+            if inspect.isawaitable(last):
+                last = await last
         except StoreError as exc:
             last = exc
         if last and not isinstance(last, StoreError):
