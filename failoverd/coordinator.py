@@ -126,8 +126,12 @@ class Coordinator:
                 except StoreError as exc:
                     log.warning("saga paused: store error", error=str(exc))
             await self._maybe_prune()
-            # A saga that moved goes on at once, after a fresh look at the cluster.
-            await self._sleep(0 if progressed else self._tick_s())
+            # A saga that moved goes on at once, after a fresh look at the
+            # cluster; one that waits (drain, retry) wakes when it is due.
+            pause = self._tick_s()
+            if self._saga.due_at is not None:
+                pause = min(pause, max(self._saga.due_at - self._clock(), 0.0))
+            await self._sleep(0 if progressed else pause)
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()

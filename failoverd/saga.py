@@ -33,6 +33,8 @@ log = structlog.get_logger("failoverd.saga")
 
 ACK_SLACK_S = 15.0
 STEP_BUDGET_S = 0.05
+# A verify that does not see the new region yet looks again this soon.
+VERIFY_RECHECK_S = 0.1
 # Steps members watch for: recorded as running before they execute.  Other
 # steps are idempotent and recorded once, with their outcome.
 GATES = frozenset({"promote_new", "demote_old"})
@@ -56,6 +58,9 @@ class Saga:
         self._history = history
         self._settings = settings
         self._clock = clock
+        # When a waiting step (a drain, a retry, a verify re-check) is next due,
+        # so the coordinator wakes for it instead of waiting a whole tick.
+        self.due_at: float | None = None
 
     async def advance(self, view: ClusterView) -> bool:
         """Advance running workflows; True if any step finished.
@@ -67,6 +72,7 @@ class Saga:
         """
         progressed = False
         started = time.monotonic()
+        self.due_at = None
         for group, wf in sorted(view.workflows.items()):
             rec = view.active.get(group)
             g = self._settings().group_by_name(group)
@@ -83,7 +89,10 @@ class Saga:
         """Run the current step; the updated workflow if it finished, else None."""
         step = wf.current()
         now = self._clock()
-        if step is None or step.state == "failed" or now < step.retry_at:
+        if step is None or step.state == "failed":
+            return None
+        if now < step.retry_at:
+            self._due(step.retry_at)
             return None
         was_pending = step.state == "pending"
         if was_pending:
@@ -112,6 +121,7 @@ class Saga:
                               attempts=attempts, retry_in_s=round(delay, 2))
                 step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
                                started=now)
+                self._due(now + delay)
             await self._record(wf, step, now)
             return None
         if not done:
@@ -186,6 +196,7 @@ class Saga:
             if wf.from_region:  # idempotent: re-applied while the drain time runs
                 await self._each_router(group, replace(change, step="drain"))
             if now - started < group.drain_s:
+                self._due(started + group.drain_s)
                 return False, "draining"
             return True, f"drained for {group.drain_s:.0f}s"
         if step.name == "fence_old":
@@ -204,6 +215,9 @@ class Saga:
             return self._acked(wf, group, view, wf.from_region, "standby", started, now,
                                required=False)
         raise StepFailed(f"unknown step {step.name}")
+
+    def _due(self, at: float) -> None:
+        self.due_at = at if self.due_at is None else min(self.due_at, at)
 
     def _precheck(self, wf: Workflow, group: GroupSettings) -> str:
         for route in group.routes:
@@ -264,5 +278,6 @@ class Saga:
         if not problems:
             return True, f"traffic reaches {wf.to_region}"
         if now - started < group.verify_timeout_s:
+            self._due(now + VERIFY_RECHECK_S)
             return False, "; ".join(problems)
         raise StepFailed("verify: " + "; ".join(problems))

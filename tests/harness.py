@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,17 +410,22 @@ class HttpService:
     the port (connection refused).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.name = name
         self.mode = "ok"
         self.flap_s = 0.3
         self.hits = 0
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         self._runner: Any = None
 
     @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/health"
+        return f"http://{self.address}/health"
 
     def healthy_now(self) -> bool:
         if self.mode == "flap":
@@ -437,11 +442,11 @@ class HttpService:
             return web.Response(status=503, text="unhealthy\n")
 
         app = web.Application()
-        app.router.add_get("/health", health)
+        app.router.add_get("/{path:.*}", health)
         # A short shutdown: a stopped service must close its port at once.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
         return self
 
     async def stop(self) -> None:
@@ -521,9 +526,10 @@ async def call(base: str, method: str, path: str, token: str | None = None,
 
 class Haproxy:
     """A real HAProxy (Debian ``haproxy``): frontend on a free port, backend
-    ``app`` with one server per region, admin socket in the workdir."""
+    ``app`` with one server per region (a port on 127.0.0.1 or "host:port"),
+    admin socket in the workdir."""
 
-    def __init__(self, workdir: Path, servers: dict[str, int], active: str) -> None:
+    def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.socket = str(workdir / "haproxy.sock")
@@ -537,7 +543,8 @@ class Haproxy:
                  "    timeout server 5s", "frontend fe", f"    bind 127.0.0.1:{self.port}",
                  "    default_backend app", "backend app"]
         for name, port in self.servers.items():
-            lines.append(f"    server {name} 127.0.0.1:{port}"
+            addr = port if isinstance(port, str) else f"127.0.0.1:{port}"
+            lines.append(f"    server {name} {addr}"
                          + ("" if name == self.active else " disabled"))
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text("\n".join(lines) + "\n")
