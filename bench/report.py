@@ -10,15 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import health, power, routers, takeover
+from bench import footprint, health, power, routers, takeover
 
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
-    ap.add_argument("--only", choices=("takeover", "health", "power", "routers"),
+    ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint"),
                     action="append")
+    ap.add_argument("--footprint-s", type=float, default=60.0,
+                    help="how long the footprint is sampled (default 60 s)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
@@ -26,13 +28,15 @@ async def main() -> int:
                       ("routers", routers)):
         if not args.only or name in args.only:
             rows += await mod.run(args.trials, args.ttl)
+    if not args.only or "footprint" in args.only:
+        rows += await footprint.run(args.trials, args.ttl, args.footprint_s)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'benchmark':<60}{'n':>4}{'p50 ms':>9}{'p99 ms':>9}{'min':>8}{'max':>8}  floor")
+    print(f"{'benchmark':<62}{'n':>4}{'p50':>9}{'p99':>9}{'min':>9}{'max':>9}  unit  floor")
     for r in rows:
-        print(f"{r['benchmark']:<60}{r['trials']:>4}{r['p50_ms']:>9}{r['p99_ms']:>9}"
-              f"{r['min_ms']:>8}{r['max_ms']:>8}  {r['floor']}")
+        print(f"{r['benchmark']:<62}{r['samples']:>4}{r['p50']:>9}{r['p99']:>9}"
+              f"{r['min']:>9}{r['max']:>9}  {r['unit']:<4}  {r['floor']}")
     return 0
 
 

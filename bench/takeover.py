@@ -94,11 +94,13 @@ async def bench_member_loss(c: LocalCluster, trials: int) -> list[float]:
     return out
 
 
-def row(name: str, xs: list[float], floor: str) -> dict[str, object]:
-    return {"benchmark": name, "trials": len(xs), "p50_ms": round(pct(xs, 50) * 1000, 1),
-            "p99_ms": round(pct(xs, 99) * 1000, 1), "min_ms": round(min(xs) * 1000, 1),
-            "max_ms": round(max(xs) * 1000, 1),
-            "stdev_ms": round(statistics.pstdev(xs) * 1000, 1), "floor": floor}
+def row(name: str, xs: list[float], floor: str, unit: str = "ms") -> dict[str, object]:
+    """One line of the report; latencies come in seconds and print in ms."""
+    k = 1000 if unit == "ms" else 1
+    return {"benchmark": name, "unit": unit, "samples": len(xs),
+            "p50": round(pct(xs, 50) * k, 2), "p99": round(pct(xs, 99) * k, 2),
+            "min": round(min(xs) * k, 2), "max": round(max(xs) * k, 2),
+            "stdev": round(statistics.pstdev(xs) * k, 2), "floor": floor}
 
 
 async def run(trials: int, ttl: int) -> list[dict[str, object]]:

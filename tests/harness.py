@@ -207,7 +207,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  ttl: int = 2, policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
-                 drain_s: float = 0.5) -> Path:
+                 drain_s: float = 0.5, log_level: str = "debug") -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes)."""
@@ -216,7 +216,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
         f'cluster = "{cluster}"', 'member = "unset"', f'region = "{first}"',
         f'state_dir = "{state_dir}"', "", "[etcd]",
         f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
-        "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", 'level = "debug"', "",
+        "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", f'level = "{log_level}"', "",
         "[api]", "[[api.tokens]]", 'name = "ops"', 'role = "operator"',
         f'sha256 = "{hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()}"',
         "[[api.tokens]]", 'name = "watcher"', 'role = "viewer"',
@@ -335,7 +335,7 @@ class LocalCluster:
                  policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
-                 drain_s: float = 0.5) -> None:
+                 drain_s: float = 0.5, log_level: str = "debug") -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -346,7 +346,7 @@ class LocalCluster:
         self._config_args: dict[str, Any] = dict(
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
-            mqtt=mqtt, group_toml=group_toml, drain_s=drain_s,
+            mqtt=mqtt, group_toml=group_toml, drain_s=drain_s, log_level=log_level,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl
