@@ -71,6 +71,8 @@ ROUTES: tuple[Route, ...] = (
           "Planned switchover of a group to a region", SwitchoverBody),
     Route("POST", "/v1/groups/{group}/failover", "operator",
           "Failover of a group to a region (force skips the candidate rules)", FailoverBody),
+    Route("POST", "/v1/groups/{group}/retry", "operator",
+          "Run a failed saga again from its failed step"),
     Route("POST", "/v1/pause", "operator", "Stop automatic actions"),
     Route("POST", "/v1/resume", "operator", "Resume automatic actions"),
     Route("POST", "/v1/regions/{region}/drain", "operator", "Take a region out of candidacy"),
@@ -108,6 +110,7 @@ class Api:
             ("GET", "/v1/history"): self.history,
             ("POST", "/v1/groups/{group}/switchover"): self.switchover,
             ("POST", "/v1/groups/{group}/failover"): self.failover,
+            ("POST", "/v1/groups/{group}/retry"): self.retry,
             ("POST", "/v1/pause"): self.pause,
             ("POST", "/v1/resume"): self.resume,
             ("POST", "/v1/regions/{region}/drain"): self.drain,
@@ -253,6 +256,12 @@ class Api:
         return await self._submit(request, "failover", group=group,
                                   region=getattr(body, "to", None),
                                   force=bool(getattr(body, "force", False)))
+
+    async def retry(self, request: web.Request) -> web.Response:
+        group = request.match_info["group"]
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        return await self._submit(request, "retry", group=group)
 
     async def pause(self, request: web.Request) -> web.Response:
         return await self._submit(request, "pause")

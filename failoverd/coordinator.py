@@ -234,6 +234,9 @@ class Coordinator:
             ops.append(Put(self._keys.drained(req.region), to_json({"by": req.by, "at": now})))
         elif outcome.control == "undrain" and req.region:
             ops.append(Delete(self._keys.drained(req.region)))
+        elif outcome.control == "retry" and (wf := view.workflows.get(req.group or "")):
+            compares.append(Compare(self._keys.workflow(wf.group), "mod", wf.mod_revision))
+            ops.append(Put(self._keys.workflow(wf.group), wf.retried(now).to_value()))
         result = {"id": req.id, "status": "accepted" if outcome.accepted else "refused",
                   "reason": outcome.reason, "at": now, "term": self.term,
                   "epoch": outcome.change.epoch if outcome.change else None}

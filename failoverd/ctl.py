@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "failover":
             sp.add_argument("--force", action="store_true", help="skip the candidate rules")
             sp.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    sub.add_parser("retry", help="run a group's failed saga again from its failed step"
+                   ).add_argument("group")
     sub.add_parser("pause", help="stop automatic actions")
     sub.add_parser("resume", help="resume automatic actions")
     for name in ("drain", "undrain"):
@@ -121,6 +123,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "POST", f"/v1/groups/{args.group}/switchover", {"to": args.to}
     if c == "failover":
         return "POST", f"/v1/groups/{args.group}/failover", {"to": args.to, "force": args.force}
+    if c == "retry":
+        return "POST", f"/v1/groups/{args.group}/retry", None
     if c in {"pause", "resume"}:
         return "POST", f"/v1/{c}", None
     return ("POST" if c == "drain" else "DELETE"), f"/v1/regions/{args.region}/drain", None

@@ -324,6 +324,20 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
 
 # -- operator requests --------------------------------------------------------
 
+def _retry(view: ClusterView, group: str, req: OperatorRequest) -> RequestOutcome:
+    """Run a failed saga again from its failed step: only the saga of the
+    current epoch, only when it failed (a running one needs no help)."""
+    wf = view.workflows.get(group)
+    rec = view.active.get(group)
+    if wf is None or rec is None or wf.epoch != rec.epoch:
+        return RequestOutcome(req, False, f"{group} has no saga for its current epoch")
+    if wf.state != "failed":
+        return RequestOutcome(req, False, f"the {group} saga is {wf.state}, not failed")
+    step = next((s.name for s in wf.steps if s.state == "failed"), "?")
+    return RequestOutcome(req, True, f"saga {wf.id} retried at {step} by {req.by}",
+                          control="retry")
+
+
 @dataclass(frozen=True)
 class RequestOutcome:
     """What the coordinator does with one operator request."""
@@ -352,11 +366,13 @@ def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
             return RequestOutcome(req, False, f"unknown region {req.region!r}")
         return RequestOutcome(req, True, f"{req.region} {req.action}ed by {req.by}",
                               control=req.action)
-    if req.action not in {"switchover", "failover"}:
+    if req.action not in {"switchover", "failover", "retry"}:
         return RequestOutcome(req, False, f"unknown action {req.action!r}")
     group = next((g for g in policy.groups if g.name == req.group), None)
     if group is None:
         return RequestOutcome(req, False, f"unknown group {req.group!r}")
+    if req.action == "retry":
+        return _retry(view, group.name, req)
     if req.region not in group.regions:
         return RequestOutcome(req, False, f"{req.region!r} is not a region of {group.name}")
     rec = view.active.get(group.name)

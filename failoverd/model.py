@@ -153,7 +153,7 @@ class OperatorRequest:
     """An operator's action, handed to the coordinator through etcd."""
 
     id: str
-    action: str  # switchover | failover | pause | resume | drain | undrain
+    action: str  # switchover | failover | retry | pause | resume | drain | undrain
     by: str  # token name
     at: float
     group: str | None = None

@@ -80,6 +80,14 @@ class Workflow:
         return replace(self, steps=steps, state=state, updated=now,
                        error=step.error if step.state == "failed" else self.error)
 
+    def retried(self, now: float) -> Workflow:
+        """A failed saga set running again from its failed step (an operator's
+        retry, once the cause is fixed); the steps already done stay done."""
+        steps = tuple(replace(s, state="pending", attempts=0, retry_at=0.0, started=None,
+                              finished=None, error="") if s.state == "failed" else s
+                      for s in self.steps)
+        return replace(self, steps=steps, state="running", error="", updated=now)
+
     def to_value(self) -> str:
         d = asdict(self)
         d.pop("mod_revision")

@@ -418,3 +418,47 @@ def test_isolation_decision() -> None:
     assert isolation_decision(active, [{"app": 3, "db": 5}]) == {}  # peers agree: hold
     assert isolation_decision(active, [{"app": 3}, {"app": 4, "db": 5}]) == {
         "app": "a peer reports epoch 4 > our 3"}
+
+
+# -- retry of a failed saga ------------------------------------------------------
+from failoverd.engine import handle_request  # noqa: E402
+from failoverd.model import OperatorRequest  # noqa: E402
+from failoverd.workflow import Step, Workflow  # noqa: E402
+
+
+def _saga(epoch: int, state: str, failed_at: str | None = None) -> Workflow:
+    """A forced saga: every step before ``failed_at`` done, that one failed."""
+    wf = Workflow.new("app", epoch, "east", "west", "forced", NOW - 60)
+    names = [s.name for s in wf.steps]
+    cut = names.index(failed_at) if failed_at else 0
+    steps = [replace(s, state="done") if i < cut else s for i, s in enumerate(wf.steps)]
+    if failed_at:
+        steps[cut] = replace(steps[cut], state="failed", attempts=3, error="exec: exit 1")
+    return replace(wf, steps=tuple(steps), state=state, mod_revision=11)
+
+
+@pytest.mark.parametrize(("name", "wf", "accepted", "reason"), [
+    ("failed saga of the current epoch", _saga(5, "failed", "reroute"), True,
+     "saga app-5 retried at reroute by ops"),
+    ("running saga", _saga(5, "running"), False, "the app saga is running, not failed"),
+    ("saga of an older epoch", _saga(4, "failed", "reroute"), False,
+     "app has no saga for its current epoch"),
+    ("no saga", None, False, "app has no saga for its current epoch"),
+])
+def test_retry_request(name: str, wf: Workflow | None, accepted: bool, reason: str) -> None:
+    v = replace(view(ALL, {"app": ("west", 5, NOW - 60, "health")}),
+                workflows={"app": wf} if wf else {})
+    req = OperatorRequest("r1", "retry", "ops", NOW, group="app")
+    out = handle_request(v, policy(), req, NOW)
+    assert (out.accepted, out.reason) == (accepted, reason), name
+    assert out.change is None  # a retry never changes the active record
+
+
+def test_retried_saga_resumes_at_the_failed_step_keeping_the_done_ones() -> None:
+    wf = _saga(5, "failed", "reroute")
+    again = wf.retried(NOW)
+    assert again.state == "running" and again.error == ""
+    assert [(s.name, s.state, s.attempts) for s in again.steps] == [
+        ("precheck", "done", 0), ("fence_old", "done", 0), ("promote_new", "done", 0),
+        ("reroute", "pending", 0), ("verify", "pending", 0), ("demote_old", "pending", 0)]
+    assert again.current() == Step("reroute")

@@ -195,3 +195,33 @@ async def test_failing_router_fails_the_saga_with_an_alert(saga_stack):
     assert any("failover workflow failed at reroute" in a["reason"] for a in alerts)
     assert all(d.alive() for d in s.c.daemons.values())
     assert (await call(s.c.daemons["w1"].api, "GET", "/healthz"))[0] == 200
+
+
+async def test_operator_retries_a_failed_saga_once_the_cause_is_fixed(saga_stack, tmp_path):
+    fixed = tmp_path / "route-fixed"
+    s = await saga_stack(extra_routes='[[groups.routes]]\nkind = "exec"\n'
+                                      f'command = ["/bin/test", "-e", "{fixed}"]\n'
+                                      "timeout_s = 2\n")
+    for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
+        s.c.add(m, r)
+
+    async def failed() -> Any:
+        wf = await s.workflow()
+        return wf if wf is not None and wf.state == "failed" else None
+    await wait_until(failed, 30, "the bootstrap saga to fail")
+    api = s.c.daemons["w1"].api
+    status, body = await call(api, "POST", "/v1/groups/app/retry", OPERATOR_TOKEN)
+    assert status == 200, body  # accepted: it fails again, the cause is still there
+    wf = await wait_until(failed, 30, "the retried saga to fail again")
+    assert next(st for st in wf.steps if st.state == "failed").attempts == 3
+    fixed.touch()
+    status, body = await call(api, "POST", "/v1/groups/app/retry", OPERATOR_TOKEN)
+    assert status == 200 and body["reason"].startswith("saga app-1 retried at reroute"), body
+    done = await s.wait_done(1)
+    assert [st.name for st in done.steps] == ["promote_new", "reroute", "verify"]
+    assert await s.traffic() == {"region east"}
+    # Nothing left to retry: refused, and said why.
+    status, body = await call(api, "POST", "/v1/groups/app/retry", OPERATOR_TOKEN)
+    assert status == 409 and "is done, not failed" in body["message"], body
+    events = [e for e in await s.c.history() if e["kind"] == "operator_request"]
+    assert [e["result"] for e in events] == ["refused", "accepted", "accepted"]  # newest first
