@@ -37,6 +37,7 @@ from failoverd.model import Keyspace, MemberRecord
 from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
 from failoverd.roles import RoleReconciler
+from failoverd.saga import worst_step_s
 from failoverd.sdnotify import Notifier, run_watchdog
 from failoverd.store import Store, StoreError
 
@@ -191,8 +192,10 @@ class Daemon:
         if coord is None:
             return None
         s = self.settings
-        # A healthy cycle sleeps at most one tick and makes a few etcd calls.
-        limit = max(2 * s.policy.tick_s + 4 * s.etcd.timeout_s,
+        # A healthy cycle sleeps at most one tick, makes a few etcd calls and
+        # may run one saga step whose routers hang until their timeouts.
+        limit = max(2 * s.policy.tick_s + 4 * s.etcd.timeout_s
+                    + max((worst_step_s(g) for g in s.groups), default=0.0),
                     (self.notifier.watchdog_s or 0.0) / 2)
         age = time.monotonic() - coord.cycle_started
         return f"coordinator cycle stuck for {age:.1f}s" if age > limit else None

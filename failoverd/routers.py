@@ -55,6 +55,10 @@ class FencedOut(RouterError):
     """A newer epoch owns the resource: this writer is stale.  Do not retry."""
 
 
+# HAProxy's admin socket and the DNS server: one exchange must answer within this.
+RESOURCE_TIMEOUT_S = 5.0
+
+
 @dataclass(frozen=True)
 class Change:
     group: str
@@ -70,6 +74,8 @@ class Router(Protocol):
     no region serving (safety rule 8)."""
 
     kind: str
+    timeout_s: float  # the bound of one call to the resource
+
 
     async def apply(self, change: Change) -> str:
         """Make ``change``; return a short description of what was confirmed."""
@@ -84,7 +90,7 @@ ADMIN_MAINT, ADMIN_DRAIN = 0x01, 0x08
 class HaproxyRouter:
     kind = "haproxy"
 
-    def __init__(self, route: HaproxyRoute, timeout_s: float = 5.0) -> None:
+    def __init__(self, route: HaproxyRoute, timeout_s: float = RESOURCE_TIMEOUT_S) -> None:
         self.route = route
         self.timeout_s = timeout_s
 
@@ -171,7 +177,7 @@ def load_tsig(path: Path) -> tuple[dict[dns.name.Name, dns.tsig.Key], dns.name.N
 class DnsRouter:
     kind = "dns"
 
-    def __init__(self, route: DnsRoute, timeout_s: float = 5.0) -> None:
+    def __init__(self, route: DnsRoute, timeout_s: float = RESOURCE_TIMEOUT_S) -> None:
         self.route = route
         self.timeout_s = timeout_s
         host, _, port = route.server.rpartition(":")
@@ -255,6 +261,7 @@ class WebhookRouter:
 
     def __init__(self, route: WebhookRoute) -> None:
         self.route = route
+        self.timeout_s = route.timeout_s
         self.secret = route.secret_file.read_bytes().strip() if route.secret_file else b""
 
     async def apply(self, change: Change) -> str:
@@ -285,6 +292,7 @@ class ExecRouter:
 
     def __init__(self, route: ExecRoute) -> None:
         self.route = route
+        self.timeout_s = route.timeout_s
 
     async def apply(self, change: Change) -> str:
         try:
@@ -295,6 +303,13 @@ class ExecRouter:
         except OSError as exc:
             raise RouterError(f"exec: cannot run {self.route.command[0]}: {exc}") from exc
         return f"exec: ok {out.strip()[-100:]}"
+
+
+def route_timeout_s(route: HaproxyRoute | DnsRoute | WebhookRoute | ExecRoute) -> float:
+    """The bound of one call of the route's router (no I/O: the watchdog asks)."""
+    if isinstance(route, WebhookRoute | ExecRoute):
+        return route.timeout_s
+    return RESOURCE_TIMEOUT_S
 
 
 def make_router(route: HaproxyRoute | DnsRoute | WebhookRoute | ExecRoute) -> Router:

@@ -25,7 +25,15 @@ from failoverd.config import DnsRoute, GroupSettings, HaproxyRoute, Settings
 from failoverd.faults import fault_point
 from failoverd.history import History
 from failoverd.model import ClusterView, Keyspace
-from failoverd.routers import Change, DnsRouter, FencedOut, HaproxyRouter, RouterError, make_router
+from failoverd.routers import (
+    Change,
+    DnsRouter,
+    FencedOut,
+    HaproxyRouter,
+    RouterError,
+    make_router,
+    route_timeout_s,
+)
 from failoverd.store import Compare, Get, Op, Put, Store, StoreError
 from failoverd.workflow import Step, Workflow
 
@@ -46,6 +54,21 @@ class StepFailed(Exception):
 
 class SagaFenced(Exception):
     """The coordinator lost its term while recording a step."""
+
+
+# What one step may take at worst, per route: a call is bounded by the
+# router's timeout and a step makes at most three (apply, read back, fence).
+CALLS_PER_STEP = 3
+VERIFY_HTTP_S = 2.0
+
+
+def worst_step_s(group: GroupSettings) -> float:
+    """The longest one saga step of ``group`` can block the coordinator's
+    cycle with every resource hanging to its timeout (the watchdog's bound)."""
+    total = VERIFY_HTTP_S
+    for route in group.routes:
+        total += CALLS_PER_STEP * route_timeout_s(route)
+    return total
 
 
 class Saga:
@@ -268,7 +291,8 @@ class Saga:
                     problems.append("dns answer not updated")
         if group.verify_url and not problems:
             try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s, \
+                async with aiohttp.ClientSession(
+                        timeout=aiohttp.ClientTimeout(total=VERIFY_HTTP_S)) as s, \
                         s.get(group.verify_url) as resp:
                     body = await resp.text()
                 if wf.to_region not in body:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from failoverd.config import GroupSettings
+from failoverd.saga import worst_step_s
 from failoverd.sdnotify import Notifier, run_watchdog
 from tests.harness import EtcdCluster, LocalCluster, call, wait_until
 
@@ -206,3 +208,14 @@ async def test_watchdog_stops_when_the_event_loop_is_frozen(
     finally:
         d.kill9()  # a frozen loop cannot handle SIGTERM
         await c.close()
+
+
+def test_watchdog_bound_covers_a_saga_step_whose_routers_hang_to_their_timeouts() -> None:
+    group = GroupSettings.model_validate({
+        "name": "app", "regions": ["east"],
+        "routes": [{"kind": "haproxy", "socket": "/run/h.sock", "backend": "app",
+                    "servers": {"east": "e"}},
+                   {"kind": "exec", "command": ["/bin/true"], "timeout_s": 7}]})
+    # verify's HTTP (2 s) + 3 calls x (HAProxy 5 s + exec 7 s): no router wait
+    # that ends by its own timeout can look like a wedged coordinator.
+    assert worst_step_s(group) == 2 + 3 * (5 + 7)
