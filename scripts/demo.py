@@ -495,7 +495,7 @@ def _help(stack: Stack, work: Path) -> None:
     .venv/bin/failoverctl switchover app --to central
     curl http://127.0.0.1:{stack.haproxy.port}/              # through HAProxy
     dig @127.0.0.1 -p {stack.bind.port} {NAME} A +short     # the authoritative DNS
-    status page: {api}/  (viewer token {VIEWER_TOKEN})
+    status page: {api}/#token={VIEWER_TOKEN}
     logs: {work}/*.log
 Stop it with Ctrl-C here, or from another shell: scripts/demo stop""")
 
