@@ -252,11 +252,6 @@ def parse_member(kv: KeyValue) -> MemberRecord:
     )
 
 
-def parse_coordinator(kv: KeyValue) -> CoordinatorRecord:
-    return CoordinatorRecord(member=_str(_obj(kv), "member"), term=kv.create_revision,
-                             lease=kv.lease)
-
-
 def parse_active(kv: KeyValue) -> ActiveRecord:
     d = _obj(kv)
     epoch = d["epoch"]
@@ -314,7 +309,9 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         rel = kv.key[len(p):] if kv.key.startswith(p) else ""
         try:
             if rel == "coordinator":
-                coordinator = parse_coordinator(kv)
+                coordinator = CoordinatorRecord(
+                    member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease
+                )
             elif rel.startswith("members/"):
                 rec = parse_member(kv)
                 members[rec.member] = rec

@@ -74,8 +74,6 @@ class Router(Protocol):
     no region serving (safety rule 8)."""
 
     kind: str
-    timeout_s: float  # the bound of one call to the resource
-
 
     async def apply(self, change: Change) -> str:
         """Make ``change``; return a short description of what was confirmed."""
@@ -261,7 +259,6 @@ class WebhookRouter:
 
     def __init__(self, route: WebhookRoute) -> None:
         self.route = route
-        self.timeout_s = route.timeout_s
         self.secret = route.secret_file.read_bytes().strip() if route.secret_file else b""
 
     async def apply(self, change: Change) -> str:
@@ -292,7 +289,6 @@ class ExecRouter:
 
     def __init__(self, route: ExecRoute) -> None:
         self.route = route
-        self.timeout_s = route.timeout_s
 
     async def apply(self, change: Change) -> str:
         try:

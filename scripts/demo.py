@@ -81,6 +81,16 @@ def _app_port() -> int:
     raise RuntimeError("no port free on every region address")
 
 
+async def _names_region(url: str, region: str) -> bool:
+    """Does ``url`` answer with ``region``'s app?"""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(
+                url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return (await r.text()).strip() == f"region {region}"
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
 class Stack:
     """Every process of the demo, and the demo's own record of what it did."""
 
@@ -210,13 +220,7 @@ class Stack:
     # -- traffic ---------------------------------------------------------
     async def answers_haproxy(self, region: str) -> bool:
         assert self.haproxy is not None
-        try:
-            async with aiohttp.ClientSession() as s, s.get(
-                    f"http://127.0.0.1:{self.haproxy.port}/",
-                    timeout=aiohttp.ClientTimeout(total=1)) as r:
-                return (await r.text()).strip() == f"region {region}"
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await _names_region(f"http://127.0.0.1:{self.haproxy.port}/", region)
 
     async def dns_answer(self) -> set[str]:
         q = dns.message.make_query(NAME, "A")
@@ -227,13 +231,7 @@ class Stack:
         """The name resolves to the region's address, and the app there answers."""
         if await self.dns_answer() != {ADDRESS[region]}:
             return False
-        try:
-            async with aiohttp.ClientSession() as s, s.get(
-                    f"http://{ADDRESS[region]}:{self.app_port}/",
-                    timeout=aiohttp.ClientTimeout(total=1)) as r:
-                return (await r.text()).strip() == f"region {region}"
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await _names_region(f"http://{ADDRESS[region]}:{self.app_port}/", region)
 
     async def watch_traffic(self, region: str, within: float) -> tuple[float, float]:
         """When HAProxy, and then DNS, first sent traffic to ``region``."""

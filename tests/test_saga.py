@@ -55,6 +55,12 @@ class SagaStack:
         kv = await self.c.store.get(self.c.keys.workflow("app"))
         return parse_workflow(kv.value, kv.mod_revision) if kv else None
 
+    async def wait_failed(self, what: str) -> Any:
+        async def failed() -> Any:
+            wf = await self.workflow()
+            return wf if wf is not None and wf.state == "failed" else None
+        return await wait_until(failed, 30, what)
+
     async def wait_done(self, epoch: int, timeout: float = 20) -> Any:
         async def done() -> Any:
             wf = await self.workflow()
@@ -184,11 +190,7 @@ async def test_failing_router_fails_the_saga_with_an_alert(saga_stack):
                                       'command = ["/bin/false"]\ntimeout_s = 2\n')
     for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
         s.c.add(m, r)
-
-    async def failed() -> Any:
-        wf = await s.workflow()
-        return wf if wf is not None and wf.state == "failed" else None
-    wf = await wait_until(failed, 30, "the bootstrap saga to fail")
+    wf = await s.wait_failed("the bootstrap saga to fail")
     step = next(st for st in wf.steps if st.state == "failed")
     assert step.name == "reroute" and step.attempts == 3 and "exec" in step.error
     alerts = [e for e in await s.c.history() if e["kind"] == "alert"]
@@ -204,15 +206,11 @@ async def test_operator_retries_a_failed_saga_once_the_cause_is_fixed(saga_stack
                                       "timeout_s = 2\n")
     for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
         s.c.add(m, r)
-
-    async def failed() -> Any:
-        wf = await s.workflow()
-        return wf if wf is not None and wf.state == "failed" else None
-    await wait_until(failed, 30, "the bootstrap saga to fail")
+    await s.wait_failed("the bootstrap saga to fail")
     api = s.c.daemons["w1"].api
     status, body = await call(api, "POST", "/v1/groups/app/retry", OPERATOR_TOKEN)
     assert status == 200, body  # accepted: it fails again, the cause is still there
-    wf = await wait_until(failed, 30, "the retried saga to fail again")
+    wf = await s.wait_failed("the retried saga to fail again")
     assert next(st for st in wf.steps if st.state == "failed").attempts == 3
     fixed.touch()
     status, body = await call(api, "POST", "/v1/groups/app/retry", OPERATOR_TOKEN)
