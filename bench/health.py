@@ -23,7 +23,7 @@ INTERVAL, FALL = 0.2, 3
 
 async def _up_everywhere(c: LocalCluster, region: str) -> bool:
     p = Policy(priorities=tuple(REGIONS.items()), groups=(), cooldown_s=0,
-               max_auto_failovers_per_hour=0, failback="manual", failback_stable_s=0,
+               max_evacuations_per_hour=0, failback="manual", failback_stable_s=0,
                probed_regions=frozenset(REGIONS))
     h = region_health(await c.view(), p, region)
     return h.verdict == "up" and len(h.votes) == len(REGIONS)
@@ -36,7 +36,7 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     services = {r: await HttpService(r).start() for r in REGIONS}
     c = LocalCluster(work, "bench-health", etcd.endpoints, REGIONS, {"app": list(REGIONS)},
                      ttl=ttl, probes={r: [http_probe(s.url)] for r, s in services.items()},
-                     policy={"cooldown_s": 0, "max_auto_failovers_per_hour": 10_000,
+                     policy={"cooldown_s": 0, "max_evacuations_per_hour": 10_000,
                              "bootstrap_grace_s": 2})
     xs: list[float] = []
     overhead: list[float] = []

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         return 1
+    for warning in settings.policy.deprecations():
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
               f"{len(settings.groups)} groups)")

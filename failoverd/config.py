@@ -137,6 +137,9 @@ class ProbeSettings(_Model):
 class RegionSettings(_Model):
     name: Name
     priority: int = 0
+    # Distinct sensors that must say "critical" before the region is
+    # evacuated for power (one lying sensor cannot empty a site with three).
+    power_quorum: Annotated[int, Field(ge=1)] = 1
     probes: list[ProbeSettings] = Field(default_factory=list)
 
 
@@ -203,14 +206,31 @@ class GroupSettings(_Model):
 
 
 class PolicySettings(_Model):
+    # Per group, between health-triggered moves and failbacks (never holds a
+    # group in a region that is dying: rule 6).
     cooldown_s: Annotated[float, Field(ge=0)] = 300.0
-    max_auto_failovers_per_hour: Annotated[int, Field(ge=0)] = 3
+    # One group's flapping limit: its automatic moves per hour.
+    max_auto_failovers_per_group_per_hour: Annotated[int, Field(ge=0)] = 3
+    # Cluster-wide: region incidents (evacuations, failback waves) per hour,
+    # not group moves.
+    max_evacuations_per_hour: Annotated[int, Field(ge=0)] | None = None
+    # Deprecated alias of max_evacuations_per_hour (it used to count group
+    # moves, which held most groups of a region in a dying site).
+    max_auto_failovers_per_hour: Annotated[int, Field(ge=0)] | None = None
     failback: Literal["manual", "auto"] = "manual"
     failback_stable_s: Annotated[float, Field(ge=0)] = 300.0
     power_grace_s: Annotated[float, Field(ge=0)] = 30.0
     power_runtime_margin_s: Annotated[float, Field(ge=0)] = 120.0
-    # A sensor silent this long (or whose Last Will says offline) is unknown.
+    # A sensor last seen normal that is silent this long (or whose Last Will
+    # fired) is unknown.
     sensor_stale_s: PositiveFloat = 30.0
+    # A sensor last seen in an outage state keeps it through silence, and
+    # after this long silent the region counts as power critical (rule 10).
+    power_silence_during_outage_s: PositiveFloat = 30.0
+    # Sagas the coordinator runs at once (an evacuation starts one per group).
+    max_concurrent_sagas: Annotated[int, Field(ge=1, le=4096)] = 64
+    # Promote/demote hooks a member runs at once.
+    max_concurrent_hooks: Annotated[int, Field(ge=1, le=4096)] = 64
     # How long a failover takes before history has measured ones to learn from.
     expected_failover_s: PositiveFloat = 60.0
     # The coordinator reacts to watch events; this tick only bounds how long a
@@ -230,6 +250,24 @@ class PolicySettings(_Model):
     # Observer regions (other than the target) that must agree for a region
     # to be judged down or up; 0 = a majority of the live observer regions.
     health_quorum: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def evacuation_limit(self) -> int:
+        if self.max_evacuations_per_hour is not None:
+            return self.max_evacuations_per_hour
+        if self.max_auto_failovers_per_hour is not None:
+            return self.max_auto_failovers_per_hour
+        return 3
+
+    def deprecations(self) -> list[str]:
+        if self.max_auto_failovers_per_hour is None:
+            return []
+        if self.max_evacuations_per_hour is not None:
+            return ["policy.max_auto_failovers_per_hour is deprecated and ignored: "
+                    "max_evacuations_per_hour is set"]
+        return ["policy.max_auto_failovers_per_hour is deprecated: it now means "
+                "max_evacuations_per_hour (region incidents per hour, not group moves); "
+                "rename it"]
 
 
 class ProbingSettings(_Model):

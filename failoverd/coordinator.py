@@ -36,6 +36,7 @@ from failoverd.model import (
     ClusterView,
     Keyspace,
     OperatorRequest,
+    incidents_value,
     parse_view,
     to_json,
 )
@@ -47,6 +48,10 @@ log = structlog.get_logger("failoverd.coordinator")
 
 HOUR_S = 3600.0
 PRUNE_EVERY_S = 60.0
+# etcd's --max-txn-ops default: the most compares, and the most operations in
+# one branch, of one txn.
+MAX_TXN_OPS = 128
+MAX_LOGGED_CHANGES = 10
 
 
 class NotCoordinator(Exception):
@@ -76,6 +81,9 @@ class Coordinator:
         self._absent_since: dict[str, float] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
         self.learned_failover_s: float | None = None
+        # The etcd revision of our last successful commit: the next decision
+        # must see at least this (the mirror catches up by watch).
+        self.committed_revision = 0
         # When the current cycle began (monotonic); the systemd watchdog
         # stops pinging when it is too old.
         self.cycle_started = time.monotonic()
@@ -162,43 +170,61 @@ class Coordinator:
             log.debug("decision", reason=decision.reason, revision=view.revision)
 
     async def _apply(self, decision: Decision, view: ClusterView) -> None:
-        alerted = set()
+        await self._alert(decision)
+        if decision.changes:
+            await self._commit(decision, view)
+
+    async def _alert(self, decision: Decision) -> None:
+        """One history event per distinct alert reason (an evacuation that
+        holds 500 groups for the same reason is one alert, not 500)."""
+        by_reason: dict[str, list[str]] = {}
         for intent in decision.intents:
             if isinstance(intent, Alert):
-                alerted.add(intent.group)
-                if self._alerts.get(intent.group) != intent.reason:
-                    self._alerts[intent.group] = intent.reason
-                    metrics.ALERTS.labels(intent.group).inc()
-                    log.error("alert", group=intent.group, reason=intent.reason)
-                    await self._history.record("alert", group=intent.group,
-                                               reason=intent.reason, term=self.term)
+                by_reason.setdefault(intent.reason, []).append(intent.group)
+        alerted = {g for groups in by_reason.values() for g in groups}
+        for reason, groups in by_reason.items():
+            fresh = [g for g in groups if self._alerts.get(g) != reason]
+            if not fresh:
+                continue
+            for g in fresh:
+                self._alerts[g] = reason
+                metrics.ALERTS.labels(g).inc()
+            log.error("alert", groups=fresh[:20], count=len(fresh), reason=reason)
+            fields: dict[str, object] = {"reason": reason, "term": self.term}
+            if len(fresh) == 1:
+                fields["group"] = fresh[0]
             else:
-                await self._commit(intent, view)
+                fields["groups"] = fresh
+            await self._history.record("alert", **fields)
         for group in set(self._alerts) - alerted:
             del self._alerts[group]
 
     def _change_ops(self, intent: SetActive, view: ClusterView, now: float
                     ) -> tuple[list[Compare], list[Op]]:
-        """The guards and writes of one active-record change (rule 1)."""
+        """The guard and writes of one active-record change (rule 1); the
+        caller adds the term guard once per txn."""
         key = self._keys.active(intent.group)
         mode = "planned" if intent.planned else "bootstrap" if intent.prev is None else "forced"
+        prev = intent.prev
+        # The per-group limit's memory travels with the record; an operator
+        # move carries the group's automatic moves forward.
+        moves = intent.auto_moves or tuple(
+            t for t in (prev.auto_moves if prev else ()) if now - t < HOUR_S)
         record = ActiveRecord(region=intent.region, epoch=intent.epoch, since=now,
                               reason=intent.reason, term=self.term, trigger=intent.trigger,
-                              mode=mode)
-        prev = intent.prev
-        compares = [
-            Compare(self._keys.coordinator, "create", self.term),
-            Compare(key, "mod", prev.mod_revision if prev else 0),
-        ]
-        success: list[Op] = [
-            Put(key, record.to_value()),
-            self._history.put_op(
-                "epoch_changed", group=intent.group, region=intent.region,
-                epoch=intent.epoch, previous_region=prev.region if prev else None,
-                previous_epoch=prev.epoch if prev else 0, trigger=intent.trigger,
-                reason=intent.reason, term=self.term, mode=mode,
-            ),
-        ]
+                              mode=mode, auto_moves=moves)
+        compares = [Compare(key, "mod", prev.mod_revision if prev else 0)]
+        event: dict[str, object] = {
+            "group": intent.group, "region": intent.region, "epoch": intent.epoch,
+            "previous_region": prev.region if prev else None,
+            "previous_epoch": prev.epoch if prev else 0, "trigger": intent.trigger,
+            "reason": intent.reason, "term": self.term, "mode": mode}
+        if intent.evacuation:
+            event["evacuation"] = intent.evacuation
+        if intent.overrode:
+            event["overrode"] = list(intent.overrode)
+        success: list[Op] = [Put(key, record.to_value()),
+                             self._history.put_op("epoch_changed", **event)]
         # The saga that carries the change out, durable with the decision.
         wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
                           intent.region, mode, now)
@@ -210,12 +236,27 @@ class Coordinator:
             success.append(self._history.put_op(
                 "workflow_superseded", group=intent.group, epoch=old.epoch,
                 at_step=step.name if step else None, by_epoch=intent.epoch, term=self.term))
-        if intent.automatic:
-            times = [t for t in view.control.auto_failovers if now - t < HOUR_S] + [now]
-            compares.append(Compare(self._keys.auto_failovers, "mod",
-                                    view.control.auto_failovers_mod_revision))
-            success.append(Put(self._keys.auto_failovers, to_json({"times": times})))
         return compares, success
+
+    def _incident_ops(self, decision: Decision, view: ClusterView, now: float
+                      ) -> tuple[list[Compare], list[Op]]:
+        """The evacuation events and the storm guard's new incidents: written
+        with the first batch of the moves they describe."""
+        ops: list[Op] = []
+        for ev in decision.evacuations:
+            if not ev.moves:
+                continue
+            ops.append(self._history.put_op(
+                "evacuation", region=ev.region, trigger=ev.trigger, reason=ev.reason,
+                evidence=list(ev.evidence), new_incident=ev.new_incident,
+                groups={m.group: m.region for m in ev.moves},
+                held=dict(ev.held), overridden=dict(ev.overridden),
+                term=self.term))
+        if not decision.incidents:
+            return [], ops
+        kept = tuple(i for i in view.control.incidents if now - i.at < HOUR_S)
+        ops.append(Put(self._keys.storm, incidents_value(kept + decision.incidents)))
+        return [Compare(self._keys.storm, "mod", view.control.storm_mod_revision)], ops
 
     async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
         """Carry out or refuse one operator request, with its audit event and
@@ -226,7 +267,7 @@ class Coordinator:
         ops: list[Op] = []
         if outcome.change is not None:
             more, ops = self._change_ops(outcome.change, view, now)
-            compares += more[1:]
+            compares += more
         elif outcome.control in {"pause", "resume"}:
             ops.append(Put(self._keys.paused, to_json(
                 {"paused": outcome.control == "pause", "by": req.by, "at": now})))
@@ -262,14 +303,59 @@ class Coordinator:
         if seat is None or seat.create_revision != self.term:
             raise NotCoordinator("fenced write rejected: a newer term holds the seat")
 
-    async def _commit(self, intent: SetActive, view: ClusterView) -> None:
+    async def _commit(self, decision: Decision, view: ClusterView) -> None:
+        """Commit every change of one decision in as few txns as etcd allows
+        (``MAX_TXN_OPS``), each fenced by the term and every touched record's
+        ``mod_revision`` (rule 1): a deposed coordinator's batch is refused
+        as a whole.  Batches go in order; the first failure stops the rest
+        (the next cycle re-reads and decides again)."""
         self._ensure_leading()
         now = self._clock()
-        compares, success = self._change_ops(intent, view, now)
+        extra_compares, extra_ops = self._incident_ops(decision, view, now)
+        batches: list[tuple[list[SetActive], list[Compare], list[Op]]] = []
+        current: tuple[list[SetActive], list[Compare], list[Op]] = (
+            [], list(extra_compares), list(extra_ops))
+        for intent in decision.changes:
+            compares, ops = self._change_ops(intent, view, now)
+            if current[0] and (len(current[1]) + len(compares) + 1 > MAX_TXN_OPS
+                               or len(current[2]) + len(ops) + 1 > MAX_TXN_OPS):
+                batches.append(current)
+                current = ([], [], [])
+            current[0].append(intent)
+            current[1].extend(compares)
+            current[2].extend(ops)
+        batches.append(current)
         fault_point("before-commit")
+        started = time.monotonic()
+        committed = 0
+        for intents, compares, ops in batches:
+            self._ensure_leading()
+            ok = await self._commit_batch(intents, [Compare(self._keys.coordinator, "create",
+                                                            self.term), *compares], ops)
+            if not ok:
+                break
+            committed += len(intents)
+        done = {c.group for c in decision.changes[:committed]}
+        for ev in decision.evacuations:
+            moved = sum(1 for m in ev.moves if m.group in done)
+            if moved and ev.new_incident:
+                metrics.EVACUATIONS.labels(ev.region, ev.trigger).inc()
+            if ev.moves:
+                log.warning("evacuation", evacuated_region=ev.region, trigger=ev.trigger,
+                            reason=ev.reason, groups=len(ev.moves), committed=moved,
+                            held=len(ev.held), overridden=len(ev.overridden),
+                            took_ms=round((time.monotonic() - started) * 1000, 1))
+        if committed < len(decision.changes) and any(e.moves for e in decision.evacuations):
+            await self._history.record("evacuation_incomplete", committed=committed,
+                                       planned=len(decision.changes), term=self.term)
+
+    async def _commit_batch(self, intents: list[SetActive], compares: list[Compare],
+                            ops: list[Op]) -> bool:
+        """One fenced txn; True if it applied.  A commit in flight when our
+        term ends is always resolved, so history says whether it landed."""
         txn = asyncio.create_task(
-            self._store.txn(compares, success, [Get(self._keys.coordinator)]),
-            name=f"commit-{intent.group}-{intent.epoch}",
+            self._store.txn(compares, ops, [Get(self._keys.coordinator)]),
+            name=f"commit-{intents[0].group}-{intents[0].epoch}+{len(intents) - 1}",
         )
         try:
             await asyncio.shield(txn)
@@ -278,7 +364,7 @@ class Coordinator:
             # on the wire: learn and record its outcome before unwinding, so
             # the audit trail says truthfully whether it landed.
             with contextlib.suppress(StoreError, NotCoordinator):
-                await self._outcome(intent, await txn)
+                await self._outcome(intents, await txn)
             raise
         except StoreError:
             pass
@@ -287,28 +373,40 @@ class Coordinator:
         except StoreError as exc:
             # Ambiguous: it may or may not have applied.  The next cycle
             # re-reads and sees which.
-            log.warning("commit outcome unknown; re-reading", group=intent.group,
-                        epoch=intent.epoch, error=str(exc))
-            metrics.FAILOVERS.labels(intent.trigger, "unknown").inc()
-            return
-        await self._outcome(intent, result)
-
-    async def _outcome(self, intent: SetActive, result: TxnResult) -> None:
-        bound = log.bind(group=intent.group, epoch=intent.epoch, term=self.term)
-        metrics.FAILOVERS.labels(intent.trigger,
-                                 "committed" if result.succeeded else "rejected").inc()
+            log.warning("commit outcome unknown; re-reading", groups=len(intents),
+                        group=intents[0].group, error=str(exc))
+            for intent in intents:
+                metrics.FAILOVERS.labels(intent.trigger, "unknown").inc()
+            return False
+        await self._outcome(intents, result)
         if result.succeeded:
-            bound.info("active region committed", to_region=intent.region,
-                       trigger=intent.trigger, reason=intent.reason)
+            self.committed_revision = result.revision
+        return result.succeeded
+
+    async def _outcome(self, intents: list[SetActive], result: TxnResult) -> None:
+        outcome = "committed" if result.succeeded else "rejected"
+        for intent in intents:
+            metrics.FAILOVERS.labels(intent.trigger, outcome).inc()
+        if result.succeeded:
+            for intent in intents[:MAX_LOGGED_CHANGES]:
+                log.info("active region committed", group=intent.group, epoch=intent.epoch,
+                         to_region=intent.region, trigger=intent.trigger,
+                         reason=intent.reason, term=self.term)
+            if len(intents) > MAX_LOGGED_CHANGES:
+                log.info("active regions committed", count=len(intents), term=self.term,
+                         revision=result.revision)
             return
         seat = result.gets[0] if result.gets else None
         still_ours = seat is not None and seat.create_revision == self.term
-        bound.warning("fenced write rejected", to_region=intent.region,
-                      still_coordinator=still_ours)
-        await self._history.record(
-            "write_rejected", group=intent.group, region=intent.region, epoch=intent.epoch,
-            term=self.term, still_coordinator=still_ours,
-        )
+        log.warning("fenced write rejected", groups=[i.group for i in intents[:20]],
+                    count=len(intents), term=self.term, still_coordinator=still_ours)
+        fields: dict[str, object] = {"term": self.term, "still_coordinator": still_ours}
+        if len(intents) == 1:
+            fields |= {"group": intents[0].group, "region": intents[0].region,
+                       "epoch": intents[0].epoch}
+        else:
+            fields["groups"] = {i.group: i.epoch for i in intents}
+        await self._history.record("write_rejected", **fields)
         if not still_ours:
             raise NotCoordinator("fenced write rejected: a newer term holds the seat")
 

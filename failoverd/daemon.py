@@ -127,6 +127,8 @@ class Daemon:
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
                                lambda: self._live_lease() is not None)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
+        for warning in self.settings.policy.deprecations():
+            log.warning("deprecated setting", detail=warning)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.watcher.run(), name="watch")

@@ -7,13 +7,22 @@ only place that decides *whether* and *where* a group moves; the coordinator
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from failoverd.config import Settings
-from failoverd.model import AUTOMATIC_TRIGGERS, ActiveRecord, ClusterView, OperatorRequest
+from failoverd.model import (
+    AUTOMATIC_TRIGGERS,
+    ActiveRecord,
+    ClusterView,
+    Incident,
+    OperatorRequest,
+)
 from failoverd.power import DEGRADED, RegionPower, merge, region_power
 
 HOUR_S = 3600.0
+# Region conditions that evacuate every group active there, whatever the
+# storm guards say (rule 6): holding a group in a dying region is an outage.
+URGENT_TRIGGERS = frozenset({"power", "member_loss"})
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,12 @@ class Policy:
     priorities: tuple[tuple[str, int], ...]  # region -> priority
     groups: tuple[GroupPolicy, ...]
     cooldown_s: float
-    max_auto_failovers_per_hour: int
+    # Cluster-wide storm guard: region incidents (evacuations) per hour.
+    max_evacuations_per_hour: int
     failback: str  # "manual" | "auto"
     failback_stable_s: float
+    # One group's flapping limit: its automatic moves per hour.
+    max_auto_failovers_per_group_per_hour: int = 3
     bootstrap_grace_s: float = 0.0
     member_loss_grace_s: float = 0.0
     probed_regions: frozenset[str] = frozenset()  # regions with health probes
@@ -37,7 +49,10 @@ class Policy:
     power_grace_s: float = 30.0
     power_runtime_margin_s: float = 120.0
     sensor_stale_s: float = 30.0
+    # An outage state followed by this much silence counts as critical.
+    power_silence_during_outage_s: float = 30.0
     expected_failover_s: float = 60.0
+    power_quorums: tuple[tuple[str, int], ...] = ()  # region -> sensors needed (default 1)
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
@@ -45,7 +60,9 @@ class Policy:
             priorities=tuple((r.name, r.priority) for r in s.regions),
             groups=tuple(GroupPolicy(g.name, tuple(g.regions)) for g in s.groups),
             cooldown_s=s.policy.cooldown_s,
-            max_auto_failovers_per_hour=s.policy.max_auto_failovers_per_hour,
+            max_evacuations_per_hour=s.policy.evacuation_limit,
+            max_auto_failovers_per_group_per_hour=(
+                s.policy.max_auto_failovers_per_group_per_hour),
             failback=s.policy.failback,
             failback_stable_s=s.policy.failback_stable_s,
             bootstrap_grace_s=s.policy.bootstrap_grace_s,
@@ -55,11 +72,16 @@ class Policy:
             power_grace_s=s.policy.power_grace_s,
             power_runtime_margin_s=s.policy.power_runtime_margin_s,
             sensor_stale_s=s.policy.sensor_stale_s,
+            power_silence_during_outage_s=s.policy.power_silence_during_outage_s,
             expected_failover_s=s.policy.expected_failover_s,
+            power_quorums=tuple((r.name, r.power_quorum) for r in s.regions),
         )
 
     def priority(self, region: str) -> int:
         return dict(self.priorities).get(region, 0)
+
+    def power_quorum(self, region: str) -> int:
+        return dict(self.power_quorums).get(region, 1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,14 @@ class SetActive:
     # Planned = graceful switchover while the old site still runs (power
     # events); otherwise the old region is fenced first.
     planned: bool = False
+    # The region whose evacuation this move is part of (None: a move of its own).
+    evacuation: str | None = None
+    # Storm guards that would have held this group, overridden because its
+    # region is dying (rule 6).
+    overrode: tuple[str, ...] = ()
+    # The group's automatic moves within the last hour, this one included
+    # (kept in its record: the per-group limit).
+    auto_moves: tuple[float, ...] = ()
 
     @property
     def automatic(self) -> bool:
@@ -89,6 +119,24 @@ class Alert:
     reason: str
 
 
+@dataclass(frozen=True)
+class Evacuation:
+    """Every group active in ``region`` moved (or held) in one decision
+    cycle, for one region-level reason: one incident."""
+
+    region: str
+    trigger: str  # power | member_loss | health
+    reason: str
+    evidence: tuple[str, ...]
+    moves: tuple[SetActive, ...]
+    held: tuple[tuple[str, str], ...] = ()  # (group, why) not moved
+    overridden: tuple[tuple[str, str], ...] = ()  # (group, guard) moved despite a guard
+    # False when it continues an incident of the same region and trigger
+    # recorded within the last cooldown_s (stragglers, a batch that raced):
+    # it is not counted again.
+    new_incident: bool = True
+
+
 Intent = SetActive | Alert
 
 
@@ -96,6 +144,10 @@ Intent = SetActive | Alert
 class Decision:
     intents: tuple[Intent, ...]
     reason: str  # one line, logged each cycle
+    evacuations: tuple[Evacuation, ...] = ()
+    # Incidents this decision starts, for the cluster-wide storm guard:
+    # (what, region or "", time).  The coordinator stores them with the moves.
+    incidents: tuple[Incident, ...] = ()
 
     @property
     def changes(self) -> tuple[SetActive, ...]:
@@ -170,10 +222,12 @@ def region_health(view: ClusterView, policy: Policy, region: str) -> RegionHealt
 
 
 def power_of(view: ClusterView, policy: Policy, region: str, now: float) -> RegionPower:
-    """The region's power from every fresh sensor any live member relays."""
+    """The region's power from every sensor any live member relays."""
     readings = merge({k: v for k, v in view.power.items() if k[0] == region})
     return region_power(readings.get(region, []), now, grace_s=policy.power_grace_s,
-                        stale_s=policy.sensor_stale_s)
+                        stale_s=policy.sensor_stale_s,
+                        silence_s=policy.power_silence_during_outage_s,
+                        quorum=policy.power_quorum(region))
 
 
 def failover_budget_s(view: ClusterView, policy: Policy) -> float:
@@ -181,6 +235,94 @@ def failover_budget_s(view: ClusterView, policy: Policy) -> float:
     (learned from history, else configured) plus the margin."""
     expected = view.learned_failover_s or policy.expected_failover_s
     return expected + policy.power_runtime_margin_s
+
+
+@dataclass(frozen=True)
+class RegionState:
+    """One region judged once per cycle: what every group decision reads."""
+
+    name: str
+    health: RegionHealth
+    power: RegionPower
+    members: int
+    # Why this region may not take load ("" = it may).
+    not_candidate: str
+    # A region-level reason to leave it: (trigger, why, evidence) or None.
+    condition: tuple[str, str, tuple[str, ...]] | None
+    # Why groups stay although something is off (member loss within grace, ...).
+    hold: str = ""
+
+
+def _judge_region(view: ClusterView, policy: Policy, region: str, alive: frozenset[str],
+                  now: float) -> RegionState:
+    health = region_health(view, policy, region)
+    power = power_of(view, policy, region, now)
+    members = len(view.members_in(region))
+    budget = failover_budget_s(view, policy)
+    not_candidate = (
+        "no live members" if region not in alive
+        else "drained" if region in view.control.drained
+        else f"health {health.describe()}" if health.verdict not in {"up", "unprobed"}
+        else "readiness probes failing" if not health.ready
+        else f"power {power.state}" if power.state in DEGRADED
+        else "")
+    condition: tuple[str, str, tuple[str, ...]] | None = None
+    hold = ""
+    if power.state == "critical":
+        condition = ("power", f"{region} power critical ({power.detail})", power.evidence)
+    elif (power.state == "on_battery" and power.runtime_s is not None
+          and power.runtime_s < budget):
+        condition = ("power", f"{region} on battery with {power.runtime_s:.0f}s left, "
+                     f"under the {budget:.0f}s failover budget",
+                     (f"runtime {power.runtime_s:.0f}s < budget {budget:.0f}s",))
+    elif not members and health.verdict == "up":
+        # Only the failoverd daemons are gone; the region itself answers.
+        hold = f"no members, but {health.describe()}; holding"
+    elif not members:
+        gone_for = now - view.absent_since.get(region, now)
+        if gone_for >= policy.member_loss_grace_s:
+            condition = ("member_loss", f"every member of {region} is gone",
+                         (f"no members for {gone_for:.1f}s", f"health {health.verdict}"))
+        else:
+            hold = f"no members for {gone_for:.1f}s, within member_loss_grace_s"
+    elif health.verdict == "down":
+        condition = ("health", f"{region} is {health.describe()}",
+                     tuple(f"{r}:{v}" for r, v in health.votes))
+    return RegionState(region, health, power, members, not_candidate, condition, hold)
+
+
+class Assessment:
+    """Every region judged once, and candidate lists memoised, for one cycle:
+    the work of a decision grows with regions, not with regions x groups."""
+
+    def __init__(self, view: ClusterView, policy: Policy, now: float) -> None:
+        self.view = view
+        self.policy = policy
+        self.now = now
+        alive = view.regions_with_members()
+        names = {r for r, _ in policy.priorities} | {g for gp in policy.groups
+                                                     for g in gp.regions}
+        names |= {rec.region for rec in view.active.values()}
+        self.regions = {r: _judge_region(view, policy, r, alive, now) for r in sorted(names)}
+        self._candidates: dict[tuple[tuple[str, ...], str | None], list[str]] = {}
+
+    def region(self, name: str) -> RegionState:
+        state = self.regions.get(name)
+        if state is None:
+            state = _judge_region(self.view, self.policy, name,
+                                  self.view.regions_with_members(), self.now)
+            self.regions[name] = state
+        return state
+
+    def candidates(self, group: GroupPolicy, exclude: str | None) -> list[str]:
+        key = (group.regions, exclude)
+        found = self._candidates.get(key)
+        if found is None:
+            found = sorted((r for r in group.regions
+                            if r != exclude and not self.region(r).not_candidate),
+                           key=lambda r: (-self.policy.priority(r), r))
+            self._candidates[key] = found
+        return found
 
 
 def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
@@ -191,16 +333,7 @@ def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
     and — when it has probes — it is up by quorum and ready.  Best = highest
     priority, then name, so the choice is deterministic.
     """
-    alive = view.regions_with_members()
-    ok = []
-    for r in group.regions:
-        if r == exclude or r not in alive or r in view.control.drained:
-            continue
-        h = region_health(view, policy, r)
-        if (h.verdict in {"up", "unprobed"} and h.ready
-                and power_of(view, policy, r, now).state not in DEGRADED):
-            ok.append(r)
-    return sorted(ok, key=lambda r: (-policy.priority(r), r))
+    return Assessment(view, policy, now).candidates(group, exclude)
 
 
 def _region_stable_since(view: ClusterView, region: str) -> float | None:
@@ -208,118 +341,212 @@ def _region_stable_since(view: ClusterView, region: str) -> float | None:
     return min(started) if started else None
 
 
-def _decide_group(view: ClusterView, policy: Policy, group: GroupPolicy, now: float,
-                  auto_budget: int) -> tuple[Intent | None, str]:
-    rec = view.active.get(group.name)
-    if rec is None:
-        if view.control.paused:
-            return None, "no active region; paused, not bootstrapping"
-        # At a cold start daemons come up, and probes settle, in any order:
-        # give every region a moment to register and be judged before
-        # picking one, so the preferred region is not passed over.
-        alive = view.regions_with_members()
-        pending = [r for r in group.regions if r not in alive
-                   or region_health(view, policy, r).verdict == "unknown"]
-        oldest = min((m.started for m in view.members.values()), default=now)
-        if pending and now - oldest < policy.bootstrap_grace_s:
-            return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
-                          f"for {', '.join(pending)} before bootstrapping")
-        best = candidates(view, policy, group, exclude=None, now=now)
-        if not best:
-            return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
-        return (SetActive(group.name, best[0], 1, "bootstrap",
-                          f"bootstrap: {best[0]} is the best region with live members", None),
-                f"bootstrap -> {best[0]}")
+@dataclass
+class _Guards:
+    """Storm guard state for one cycle (rule 6)."""
 
-    why: str | None = None
-    trigger = ""
-    health = region_health(view, policy, rec.region)
-    power = power_of(view, policy, rec.region, now)
-    budget = failover_budget_s(view, policy)
-    if rec.region not in group.regions:
-        why, trigger = f"{rec.region} is no longer in the group", "config"
-    elif health.verdict == "down":
-        why, trigger = f"{rec.region} is {health.describe()}", "health"
-    elif power.state == "critical":
-        why, trigger = f"{rec.region} power critical ({power.detail})", "power"
-    elif (power.state == "on_battery" and power.runtime_s is not None
-          and power.runtime_s < budget):
-        why, trigger = (f"{rec.region} on battery with {power.runtime_s:.0f}s left, "
-                        f"under the {budget:.0f}s failover budget"), "power"
-    elif not view.members_in(rec.region) and health.verdict == "up":
-        # Only the failoverd daemons are gone; the region itself answers.
-        return None, (f"{rec.region} active (epoch {rec.epoch}): no members, but "
-                      f"{health.describe()}; holding")
-    elif not view.members_in(rec.region):
-        gone_for = now - view.absent_since.get(rec.region, now)
-        if gone_for >= policy.member_loss_grace_s:
-            why, trigger = f"every member of {rec.region} is gone", "member_loss"
-        else:
-            return None, (f"{rec.region} active (epoch {rec.epoch}): no members for "
-                          f"{gone_for:.1f}s, within member_loss_grace_s")
+    policy: Policy
+    now: float
+    incidents_left: int
+    # (region, trigger) of evacuations recorded within the last cooldown_s:
+    # moving a straggler continues that incident rather than starting one.
+    open: frozenset[tuple[str, str]] = frozenset()
 
-    here = f"{rec.region} active (epoch {rec.epoch})"
-    if why is None:
-        status = "ok" if health.verdict == "unprobed" else health.verdict
-        if power.state not in {"normal", "unknown"} or view.power:
-            status += f", power {power.state}"
-            if power.runtime_s is not None:
-                status += f" ({power.runtime_s:.0f}s left)"
-        return _consider_failback(view, policy, group, rec, now, auto_budget,
-                                  f"{here}, {status}")
+    def continues(self, region: str, trigger: str) -> bool:
+        return (region, trigger) in self.open
 
-    best = candidates(view, policy, group, exclude=rec.region, now=now)
+    def group_guards(self, rec: ActiveRecord) -> list[str]:
+        """The per-group guards that would hold ``rec``'s group now."""
+        held = []
+        if rec.trigger in AUTOMATIC_TRIGGERS and self.now - rec.since < self.policy.cooldown_s:
+            left = self.policy.cooldown_s - (self.now - rec.since)
+            held.append(f"cooldown ({left:.0f}s left)")
+        recent = [t for t in rec.auto_moves if self.now - t < HOUR_S]
+        if len(recent) >= self.policy.max_auto_failovers_per_group_per_hour:
+            held.append(f"max_auto_failovers_per_group_per_hour "
+                        f"({len(recent)} moves in the last hour)")
+        return held
+
+    def moves_with(self, rec: ActiveRecord) -> tuple[float, ...]:
+        return (*(t for t in rec.auto_moves if self.now - t < HOUR_S), self.now)
+
+
+def _bootstrap(view: ClusterView, policy: Policy, a: Assessment, group: GroupPolicy,
+               now: float) -> tuple[Intent | None, str]:
     if view.control.paused:
-        return None, f"{here}: {why}; paused, holding"
-    if rec.trigger in AUTOMATIC_TRIGGERS and now - rec.since < policy.cooldown_s:
-        left = policy.cooldown_s - (now - rec.since)
-        return None, f"{here}: {why}; in cooldown for {left:.0f}s more, holding"
-    if auto_budget <= 0:
-        return (Alert(group.name, f"{why}; cluster-wide failover limit reached"),
-                f"{here}: {why}; max_auto_failovers_per_hour reached, holding")
+        return None, "no active region; paused, not bootstrapping"
+    # At a cold start daemons come up, and probes settle, in any order:
+    # give every region a moment to register and be judged before
+    # picking one, so the preferred region is not passed over.
+    pending = [r for r in group.regions if not a.region(r).members
+               or a.region(r).health.verdict == "unknown"]
+    oldest = min((m.started for m in view.members.values()), default=now)
+    if pending and now - oldest < policy.bootstrap_grace_s:
+        return None, (f"waiting up to {policy.bootstrap_grace_s - (now - oldest):.0f}s "
+                      f"for {', '.join(pending)} before bootstrapping")
+    best = a.candidates(group, None)
     if not best:
-        return (Alert(group.name, f"{why}; no candidate region"),
-                f"{here}: {why}; no candidate, staying")
-    # A power event is a planned switchover: the old site still runs.
-    return (SetActive(group.name, best[0], rec.epoch + 1, trigger,
-                      f"{trigger}: {why}", rec, planned=trigger == "power"),
-            f"failover {rec.region} -> {best[0]}: {why}")
+        return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
+    return (SetActive(group.name, best[0], 1, "bootstrap",
+                      f"bootstrap: {best[0]} is the best region with live members", None),
+            f"bootstrap -> {best[0]}")
 
 
-def _consider_failback(view: ClusterView, policy: Policy, group: GroupPolicy,
-                       rec: ActiveRecord, now: float, auto_budget: int,
-                       here: str) -> tuple[Intent | None, str]:
-    if policy.failback != "auto" or view.control.paused or auto_budget <= 0:
+def _status_line(a: Assessment, rec: ActiveRecord) -> str:
+    r = a.region(rec.region)
+    status = "ok" if r.health.verdict == "unprobed" else r.health.verdict
+    if r.power.state not in {"normal", "unknown"} or a.view.power:
+        status += f", power {r.power.state}"
+        if r.power.runtime_s is not None:
+            status += f" ({r.power.runtime_s:.0f}s left)"
+    return f"{rec.region} active (epoch {rec.epoch}), {status}"
+
+
+@dataclass
+class _Plan:
+    """What one cycle decides, built group by group."""
+
+    intents: list[Intent] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    # region -> (trigger, why, evidence, moves, held, overridden)
+    evac: dict[str, tuple[list[SetActive], list[tuple[str, str]], list[tuple[str, str]]]] = (
+        field(default_factory=dict))
+
+
+def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
+           rec: ActiveRecord, trigger: str, why: str, region_wide: bool) -> None:
+    """Move ``group`` out of its region (or say why it stays)."""
+    here = f"{rec.region} active (epoch {rec.epoch})"
+    view = a.view
+    moves, held, overridden = (plan.evac.setdefault(rec.region, ([], [], []))
+                               if region_wide else ([], [], []))
+
+    def hold(reason: str, alert: str | None = None) -> None:
+        held.append((group.name, reason))
+        if alert is not None:
+            plan.intents.append(Alert(group.name, f"{why}; {alert}"))
+        plan.reasons.append(f"{group.name}: {here}: {why}; {reason}")
+
+    if view.control.paused:
+        hold("paused, holding")
+        return
+    best = a.candidates(group, rec.region)
+    if not best:
+        hold("no candidate, staying", "no candidate region")
+        return
+    blocked = guards.group_guards(rec)
+    new_incident = (region_wide and rec.region not in _evacuating(plan)
+                    and not guards.continues(rec.region, trigger))
+    if new_incident and not guards.incidents_left:
+        blocked.append("max_evacuations_per_hour reached")
+    urgent = trigger in URGENT_TRIGGERS
+    if blocked and not urgent:
+        in_cooldown = all(b.startswith("cooldown") for b in blocked)
+        hold(f"held by {'; '.join(blocked)}",
+             None if in_cooldown else f"held by {'; '.join(blocked)}")
+        return
+    if blocked:
+        # Rule 6: never held in a dying region; say so loudly.
+        overridden.append((group.name, "; ".join(blocked)))
+        plan.intents.append(Alert(group.name, f"{why}; moved despite {'; '.join(blocked)}"))
+    change = SetActive(group.name, best[0], rec.epoch + 1, trigger, f"{trigger}: {why}", rec,
+                       planned=trigger == "power",
+                       evacuation=rec.region if region_wide else None,
+                       overrode=tuple(blocked), auto_moves=guards.moves_with(rec))
+    plan.intents.append(change)
+    if new_incident:
+        guards.incidents_left = max(guards.incidents_left - 1, 0)
+    moves.append(change)
+    plan.reasons.append(f"{group.name}: failover {rec.region} -> {best[0]}: {why}")
+
+
+def _evacuating(plan: _Plan) -> set[str]:
+    return {r for r, (moves, _, _) in plan.evac.items() if moves}
+
+
+def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
+    """What to change, and one line saying why, for every group.
+
+    Region conditions (power critical or under the battery budget, dead,
+    down by quorum) are judged once per region; every group active in such a
+    region leaves in this same cycle: one evacuation.
+    """
+    a = Assessment(view, policy, now)
+    recent = sum(1 for i in view.control.incidents if now - i.at < HOUR_S)
+    guards = _Guards(policy, now, max(policy.max_evacuations_per_hour - recent, 0),
+                     frozenset((i.region, i.trigger) for i in view.control.incidents
+                               if i.kind == "evacuation" and now - i.at < policy.cooldown_s))
+    plan = _Plan()
+    failbacks: list[SetActive] = []
+    for group in policy.groups:
+        rec = view.active.get(group.name)
+        if rec is None:
+            intent, reason = _bootstrap(view, policy, a, group, now)
+            if intent is not None:
+                plan.intents.append(intent)
+            plan.reasons.append(f"{group.name}: {reason}")
+            continue
+        if rec.region not in group.regions:
+            _leave(plan, a, guards, group, rec, "config",
+                   f"{rec.region} is no longer in the group", region_wide=False)
+            continue
+        region = a.region(rec.region)
+        if region.condition is not None:
+            trigger, why, _ = region.condition
+            _leave(plan, a, guards, group, rec, trigger, why, region_wide=True)
+            continue
+        here = _status_line(a, rec)
+        if region.hold:
+            plan.reasons.append(f"{group.name}: {rec.region} active (epoch {rec.epoch}): "
+                                f"{region.hold}")
+            continue
+        change, reason = _consider_failback(a, guards, group, rec, here)
+        if change is not None:
+            failbacks.append(change)
+            plan.intents.append(change)
+        plan.reasons.append(f"{group.name}: {reason}")
+    evacuations = []
+    incidents = []
+    for name, (moves, held, overridden) in plan.evac.items():
+        cond = a.region(name).condition
+        assert cond is not None
+        trigger, why, evidence = cond
+        new = not guards.continues(name, trigger)
+        evacuations.append(Evacuation(name, trigger, why, evidence, tuple(moves), tuple(held),
+                                      tuple(overridden), new_incident=new))
+        if moves and new:
+            incidents.append(Incident("evacuation", name, trigger, now, why, len(moves),
+                                      len(held)))
+    if failbacks:
+        incidents.append(Incident("failback", "", "failback", now,
+                                  f"{len(failbacks)} group(s) back to preferred regions",
+                                  len(failbacks)))
+    return Decision(tuple(plan.intents), "; ".join(plan.reasons) or "no groups configured",
+                    tuple(evacuations), tuple(incidents))
+
+
+def _consider_failback(a: Assessment, guards: _Guards, group: GroupPolicy,
+                       rec: ActiveRecord, here: str) -> tuple[SetActive | None, str]:
+    view, policy, now = a.view, a.policy, a.now
+    if policy.failback != "auto" or view.control.paused:
         return None, here
-    best = candidates(view, policy, group, exclude=None, now=now)
+    best = a.candidates(group, None)
     if not best or best[0] == rec.region or policy.priority(best[0]) <= policy.priority(
             rec.region):
         return None, here
     target = best[0]
-    since = region_health(view, policy, target).up_since or _region_stable_since(view, target)
+    since = a.region(target).health.up_since or _region_stable_since(view, target)
     if since is None or now - since < policy.failback_stable_s:
         return None, f"{here}; {target} preferred but not stable yet"
-    if now - rec.since < policy.cooldown_s:
-        return None, f"{here}; failback to {target} waits for cooldown"
+    blocked = guards.group_guards(rec)
+    if not guards.incidents_left:
+        blocked.append("max_evacuations_per_hour reached")
+    if blocked:
+        return None, f"{here}; failback to {target} waits: {'; '.join(blocked)}"
     return (SetActive(group.name, target, rec.epoch + 1, "failback",
-                      f"failback: {target} has priority and is stable", rec),
+                      f"failback: {target} has priority and is stable", rec,
+                      auto_moves=guards.moves_with(rec)),
             f"failback {rec.region} -> {target}")
-
-
-def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
-    """What to change, and one line saying why, for every group."""
-    recent = sum(1 for t in view.control.auto_failovers if now - t < HOUR_S)
-    budget = policy.max_auto_failovers_per_hour - recent
-    intents: list[Intent] = []
-    reasons: list[str] = []
-    for group in policy.groups:
-        intent, reason = _decide_group(view, policy, group, now, budget)
-        if intent is not None:
-            intents.append(intent)
-            if isinstance(intent, SetActive) and intent.automatic:
-                budget -= 1  # two groups failing over in one cycle both count
-        reasons.append(f"{group.name}: {reason}")
-    return Decision(tuple(intents), "; ".join(reasons) or "no groups configured")
 
 
 # -- operator requests --------------------------------------------------------
@@ -380,25 +607,13 @@ def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
         return RequestOutcome(req, False, f"{group.name} has no active region yet")
     if rec.region == req.region:
         return RequestOutcome(req, False, f"{req.region} is already active for {group.name}")
-    if not req.force and req.region not in candidates(view, policy, group, rec.region, now):
+    a = Assessment(view, policy, now)
+    if not req.force and req.region not in a.candidates(group, rec.region):
         return RequestOutcome(req, False, f"{req.region} is not a candidate: "
-                              f"{_why_not(view, policy, req.region, now)}")
+                              f"{a.region(req.region).not_candidate}")
     verb = "switchover" if req.action == "switchover" else (
         "forced failover" if req.force else "failover")
     change = SetActive(group.name, req.region, rec.epoch + 1, "operator",
                        f"operator {verb} by {req.by}", rec,
                        planned=req.action == "switchover")
     return RequestOutcome(req, True, change.reason, change=change)
-
-
-def _why_not(view: ClusterView, policy: Policy, region: str, now: float) -> str:
-    if region not in view.regions_with_members():
-        return "no live members"
-    if region in view.control.drained:
-        return "drained"
-    h = region_health(view, policy, region)
-    if h.verdict not in {"up", "unprobed"}:
-        return f"health {h.describe()}"
-    if not h.ready:
-        return "readiness probes failing"
-    return f"power {power_of(view, policy, region, now).state}"

@@ -16,6 +16,9 @@ ACTIVE_REGION = Gauge("failoverd_active_region", "1 for the active region of eac
 EPOCH = Gauge("failoverd_epoch", "Epoch of each group's active record", ["group"])
 FAILOVERS = Counter("failoverd_failovers_total", "Active-record changes this member committed "
                     "or attempted", ["trigger", "outcome"])
+EVACUATIONS = Counter("failoverd_evacuations_total", "Region evacuations this member "
+                      "committed as coordinator: one per incident, however many groups",
+                      ["region", "trigger"])
 ALERTS = Counter("failoverd_alerts_total", "Alerts raised (no candidate, limits)", ["group"])
 PROBE_LATENCY = Histogram("failoverd_probe_latency_seconds", "Probe check duration",
                           ["region", "kind"],

@@ -78,8 +78,9 @@ class Keyspace:
         return self.prefix + "control/results/"
 
     @property
-    def auto_failovers(self) -> str:
-        return self.prefix + "control/auto_failovers"
+    def storm(self) -> str:
+        """The cluster-wide storm guard: recent incidents (evacuations)."""
+        return self.prefix + "control/storm"
 
     @property
     def history(self) -> str:
@@ -121,10 +122,14 @@ class ActiveRecord:
     # "planned" (graceful switchover while the old site still runs) or
     # "forced" (fence first); what the reroute workflow follows.
     mode: str = "forced"
+    # This group's automatic moves in the last hour (the per-group limit
+    # travels with the record it guards).
+    auto_moves: tuple[float, ...] = ()
 
     def to_value(self) -> str:
         d = asdict(self)
         d.pop("mod_revision")
+        d["auto_moves"] = list(self.auto_moves)
         return to_json(d)
 
 
@@ -168,6 +173,20 @@ class OperatorRequest:
 
 
 @dataclass(frozen=True)
+class Incident:
+    """One entry of the cluster-wide storm guard: an evacuation of a region,
+    or one cycle's failbacks (rule 6 counts incidents, not group moves)."""
+
+    kind: str  # evacuation | failback
+    region: str
+    trigger: str
+    at: float
+    reason: str = ""
+    groups: int = 0  # groups moved
+    held: int = 0  # groups that stayed (no candidate, paused, guarded)
+
+
+@dataclass(frozen=True)
 class CoordinatorRecord:
     member: str
     term: int  # the coordinator key's create_revision
@@ -178,9 +197,9 @@ class CoordinatorRecord:
 class ControlState:
     paused: bool = False
     drained: frozenset[str] = frozenset()
-    # Wall-clock times of recent automatic failovers (cluster-wide storm guard).
-    auto_failovers: tuple[float, ...] = ()
-    auto_failovers_mod_revision: int = 0
+    # Recent incidents (evacuations, failback waves): the cluster-wide guard.
+    incidents: tuple[Incident, ...] = ()
+    storm_mod_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,7 +280,29 @@ def parse_active(kv: KeyValue) -> ActiveRecord:
         region=_str(d, "region"), epoch=epoch, since=_num(d, "since"),
         reason=_str(d, "reason"), term=int(_num(d, "term")), trigger=_str(d, "trigger"),
         mod_revision=kv.mod_revision, mode=str(d.get("mode", "forced")),
+        auto_moves=_floats(d.get("auto_moves", [])),
     )
+
+
+def _floats(v: object) -> tuple[float, ...]:
+    if not isinstance(v, list):
+        raise ValueError("not a list of numbers")
+    return tuple(float(t) for t in v)
+
+
+def parse_incidents(kv: KeyValue) -> tuple[Incident, ...]:
+    items = _obj(kv).get("incidents", [])
+    if not isinstance(items, list):
+        raise ValueError("incidents is not a list")
+    return tuple(Incident(kind=_str(i, "kind"), region=_str(i, "region"),
+                          trigger=_str(i, "trigger"), at=_num(i, "at"),
+                          reason=str(i.get("reason", "")), groups=int(_num(i, "groups")),
+                          held=int(_num(i, "held")))
+                 for i in items if isinstance(i, dict))
+
+
+def incidents_value(incidents: tuple[Incident, ...]) -> str:
+    return to_json({"incidents": [asdict(i) for i in incidents]})
 
 
 def parse_observation(member: str, target: str, kv: KeyValue) -> Observation:
@@ -296,8 +337,8 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     active: dict[str, ActiveRecord] = {}
     paused = False
     drained: set[str] = set()
-    auto: tuple[float, ...] = ()
-    auto_rev = 0
+    incidents: tuple[Incident, ...] = ()
+    storm_rev = 0
     observations: dict[tuple[str, str], Observation] = {}
     relays: dict[str, list[Reading]] = {}
     requests: list[OperatorRequest] = []
@@ -338,12 +379,9 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
                 requests.append(parse_request(rel[len("control/requests/"):], kv))
             elif rel.startswith("control/drained/"):
                 drained.add(rel[len("control/drained/"):])
-            elif rel == "control/auto_failovers":
-                times = _obj(kv).get("times", [])
-                if not isinstance(times, list):
-                    raise ValueError("times is not a list")
-                auto = tuple(float(t) for t in times)
-                auto_rev = kv.mod_revision
+            elif rel == "control/storm":
+                incidents = parse_incidents(kv)
+                storm_rev = kv.mod_revision
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"{kv.key}: {exc}")
     return ClusterView(
@@ -352,8 +390,8 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
         members=members,
         active=active,
         control=ControlState(
-            paused=paused, drained=frozenset(drained), auto_failovers=auto,
-            auto_failovers_mod_revision=auto_rev,
+            paused=paused, drained=frozenset(drained), incidents=incidents,
+            storm_mod_revision=storm_rev,
         ),
         problems=tuple(problems),
         # An observation counts only while its member is alive.

@@ -20,6 +20,8 @@ STATES = frozenset({
 CRITICAL_STATES = frozenset({"low_battery", "generator_failed", "transfer_failed",
                              "shutdown_imminent"})
 OUTAGE_STATES = frozenset({"utility_lost", "on_battery"})
+# Every state that is not "on utility": kept through silence (rule 10).
+OUTAGE_ALL = CRITICAL_STATES | OUTAGE_STATES | {"on_generator"}
 # Region power states that rule a region out as a failover candidate.
 DEGRADED = frozenset({"utility_lost", "on_battery", "on_generator", "critical"})
 
@@ -40,6 +42,9 @@ class Reading:
     runtime_s: float | None = None
     charge_pct: float | None = None
     since: float = 0.0  # ts at which ``state`` began (for the grace period)
+    # When the sensor's Last Will arrived while it was in an outage state
+    # (the state is kept; see rule 10).  None otherwise.
+    lwt_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,12 @@ class SensorTable:
             if old is None:
                 return None  # a runtime with no state yet says nothing
             new = replace(old, runtime_s=item.runtime_s, received=item.received)
+        elif item.state == "offline" and old is not None and old.state in OUTAGE_ALL:
+            # Silence during an outage is not good news: keep the outage
+            # state, note the Last Will; the judge turns it critical.
+            if old.lwt_at is not None:
+                return None
+            new = replace(old, lwt_at=item.received)
         else:
             if old is not None and item.ts <= old.ts:
                 return None
@@ -166,52 +177,106 @@ class RegionPower:
     runtime_s: float | None = None
     outage_since: float | None = None
     detail: str = ""
+    # The sensors that voted "critical", as "sensor:state[, silent Ns]" (the
+    # evidence an evacuation records), and how many were needed.
+    evidence: tuple[str, ...] = ()
+    quorum: int = 1
 
 
 def fresh(r: Reading, now: float, stale_s: float) -> bool:
-    """Stale (silent past ``stale_s``, or its Last Will) means unknown."""
-    return r.state != "offline" and now - r.received <= stale_s
+    """A sensor last seen normal is fresh until silent past ``stale_s`` or
+    its Last Will; after that it is unknown."""
+    return r.state != "offline" and r.lwt_at is None and now - r.received <= stale_s
+
+
+def silent_s(r: Reading, now: float) -> float:
+    """How long since the sensor last said anything (its Last Will is silence)."""
+    return max(now - r.received, 0.0)
+
+
+def runtime_left(r: Reading, now: float) -> float | None:
+    """The battery runtime the sensor reported, counted down with the clock
+    since it said so: a silent UPS keeps draining."""
+    if r.runtime_s is None:
+        return None
+    return max(r.runtime_s - max(now - r.received, 0.0), 0.0)
+
+
+def _vote(r: Reading, now: float, *, grace_s: float, stale_s: float, silence_s: float
+          ) -> tuple[str, str] | None:
+    """One sensor's word: (verdict, evidence) or None when it says nothing.
+
+    verdict is critical | generator | outage | normal.  A sensor last seen in
+    an outage state keeps it while silent (rule 10) and is critical once
+    silent past ``silence_s``.
+    """
+    quiet = silent_s(r, now)
+    tag = f"{r.sensor}:{r.state}"
+    if r.state in OUTAGE_ALL:
+        if r.lwt_at is not None or quiet > stale_s:
+            tag += f", silent {quiet:.0f}s" + (" (last will)" if r.lwt_at is not None else "")
+        if quiet > silence_s:
+            return "critical", tag
+        if r.state in CRITICAL_STATES:
+            return "critical", tag
+        if r.state == "on_generator":
+            return "generator", tag
+        if now - r.since > grace_s:
+            return "critical", f"{tag}, outage {now - r.since:.0f}s past the {grace_s:.0f}s grace"
+        return "outage", tag
+    if fresh(r, now, stale_s):
+        return "normal", tag
+    return None
 
 
 def region_power(readings: Iterable[Reading], now: float, *, grace_s: float,
-                 stale_s: float) -> RegionPower:
-    """A region's power from its fresh sensors.
+                 stale_s: float, silence_s: float | None = None, quorum: int = 1
+                 ) -> RegionPower:
+    """A region's power from its sensors.
 
-    critical: any generator/transfer failure, low battery or imminent
-    shutdown, or an outage older than ``grace_s`` with no generator running.
-    on_generator: a generator carries the load.  Within the grace: on_battery
-    (lowest fresh runtime) when a UPS discharges, else utility_lost.
-    normal: every fresh sensor on utility.  unknown: no fresh sensor.
+    critical: at least ``quorum`` distinct sensors say so — a generator or
+    transfer failure, low battery, imminent shutdown, an outage past
+    ``grace_s`` (unless a generator carries the load), or an outage state
+    followed by silence past ``silence_s``.  on_generator: a generator
+    carries the load.  Within the grace: on_battery (runtime: the
+    ``quorum``-th lowest, counted down since reported) or utility_lost.
+    normal: every fresh sensor on utility.  unknown: no sensor says anything.
     """
-    live = [r for r in readings if fresh(r, now, stale_s)]
-    if not live:
-        return RegionPower("unknown", detail="no fresh sensor")
-    bad = sorted(f"{r.sensor}:{r.state}" for r in live if r.state in CRITICAL_STATES)
-    if bad:
-        return RegionPower("critical", _runtime(live), detail=", ".join(bad))
-    if any(r.state == "on_generator" for r in live):
-        return RegionPower("on_generator", detail="generator carrying the load")
-    outage = [r for r in live if r.state in OUTAGE_STATES]
+    silence = stale_s if silence_s is None else silence_s
+    votes = [(r, v) for r in readings
+             if (v := _vote(r, now, grace_s=grace_s, stale_s=stale_s, silence_s=silence))]
+    if not votes:
+        return RegionPower("unknown", detail="no fresh sensor", quorum=quorum)
+    generator = any(v == "generator" for _, (v, _) in votes)
+    critical = sorted(tag for r, (v, tag) in votes
+                      if v == "critical" and not (generator and r.state in OUTAGE_STATES
+                                                  and silent_s(r, now) <= silence))
+    outage = [r for r, (v, _) in votes if v in {"outage", "critical"}
+              and r.state in OUTAGE_STATES]
+    runtimes = sorted(t for r in outage if (t := runtime_left(r, now)) is not None)
+    runtime = runtimes[quorum - 1] if len(runtimes) >= quorum else None
+    since = min((r.since for r in outage), default=None)
+    if len(critical) >= quorum:
+        return RegionPower("critical", runtime, since, ", ".join(critical),
+                           tuple(critical), quorum)
+    short = (f"; {len(critical)} of {quorum} sensors needed say critical: "
+             f"{', '.join(critical)}") if critical else ""
+    if generator:
+        return RegionPower("on_generator", detail="generator carrying the load" + short,
+                           quorum=quorum)
     if not outage:
-        return RegionPower("normal")
-    since = min(r.since for r in outage)
-    runtime = _runtime(live)
-    if now - since > grace_s:
-        return RegionPower("critical", runtime, since,
-                           f"on battery {now - since:.0f}s, past the {grace_s:.0f}s grace")
+        return RegionPower("normal", detail=short.lstrip("; "), quorum=quorum)
+    assert since is not None
     state = "on_battery" if any(r.state == "on_battery" for r in outage) else "utility_lost"
-    return RegionPower(state, runtime, since, f"outage for {now - since:.0f}s")
-
-
-def _runtime(live: list[Reading]) -> float | None:
-    runtimes = [r.runtime_s for r in live if r.runtime_s is not None]
-    return min(runtimes) if runtimes else None
+    return RegionPower(state, runtime, since, f"outage for {now - since:.0f}s{short}",
+                       quorum=quorum)
 
 
 def reading_to_json(r: Reading, relayed_by: str) -> str:
     return json.dumps({"state": r.state, "ts": r.ts, "received": r.received,
                        "since": r.since, "runtime_s": r.runtime_s,
-                       "charge_pct": r.charge_pct, "relayed_by": relayed_by},
+                       "charge_pct": r.charge_pct, "lwt_at": r.lwt_at,
+                       "relayed_by": relayed_by},
                       separators=(",", ":"))
 
 
@@ -220,7 +285,8 @@ def reading_from_json(region: str, sensor: str, value: str) -> Reading:
     if not isinstance(d, dict) or d.get("state") not in STATES:
         raise ValueError("not a power reading")
     return Reading(region, sensor, str(d["state"]), float(d["ts"]), float(d["received"]),
-                   _opt(d.get("runtime_s")), _opt(d.get("charge_pct")), float(d["since"]))
+                   _opt(d.get("runtime_s")), _opt(d.get("charge_pct")), float(d["since"]),
+                   _opt(d.get("lwt_at")))
 
 
 def _opt(v: object) -> float | None:
@@ -231,5 +297,6 @@ def merge(relayed: Mapping[tuple[str, str], list[Reading]]) -> dict[str, list[Re
     """Per region, the newest reading of each sensor, whoever relayed it."""
     out: dict[str, list[Reading]] = {}
     for (region, _), copies in sorted(relayed.items()):
-        out.setdefault(region, []).append(max(copies, key=lambda r: (r.ts, r.received)))
+        out.setdefault(region, []).append(
+            max(copies, key=lambda r: (r.ts, r.received, r.lwt_at or 0.0)))
     return out

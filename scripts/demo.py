@@ -182,7 +182,7 @@ class Stack:
                        "interval_s": 0.5, "timeout_s": 0.4, "fall": 2, "rise": 2}]
                   for r, a in self.apps.items()}
         policy = {"power_grace_s": 30, "sensor_stale_s": 3 * SENSOR_PERIOD_S,
-                  "member_loss_grace_s": 0, "max_auto_failovers_per_hour": 100}
+                  "member_loss_grace_s": 0, "max_evacuations_per_hour": 100}
         return LocalCluster(self.work, "demo", self.etcd.endpoints, REGIONS,
                             {"app": list(REGIONS)}, ttl=self.ttl, policy=policy,
                             probes=probes, mqtt=[self.broker.url], group_toml=group_toml,

@@ -54,7 +54,7 @@ async def api_cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
                   ) -> AsyncIterator[LocalCluster]:
     """east/west/central, one daemon each, group app; every API ready."""
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, API_REGIONS,
-                     {"app": list(API_REGIONS)}, policy={"max_auto_failovers_per_hour": 100})
+                     {"app": list(API_REGIONS)}, policy={"max_evacuations_per_hour": 100})
     for region in API_REGIONS:
         c.add(f"{region[0]}1", region)
     await c.wait_active("app", "east", 15)

@@ -273,14 +273,16 @@ async def _both_lost(c: LocalCluster) -> bool:
                                       for m in c.daemons)))
 
 
-async def test_safety_rule_6_no_storms_second_failover_waits_for_cooldown(
+async def test_safety_rule_6_never_held_in_a_dead_region_even_in_cooldown(
         tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
-    """Two region losses in a row: the first fails over, the second is held by
-    the group's cooldown (the storm guard's state is in etcd)."""
+    """Two region losses in a row: the first fails over; the second comes
+    within the group's cooldown, but a dead region is never a place to hold
+    a group — it moves too, and history says the cooldown was overridden.
+    The storm guard's incidents are in etcd, one per evacuation."""
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
                      regions={"east": 100, "west": 50, "central": 25},
                      groups={"app": ["east", "west", "central"]},
-                     policy={"cooldown_s": 600, "max_auto_failovers_per_hour": 10})
+                     policy={"cooldown_s": 600, "max_evacuations_per_hour": 10})
     try:
         for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
             c.add(m, r)
@@ -290,10 +292,15 @@ async def test_safety_rule_6_no_storms_second_failover_waits_for_cooldown(
         first = await c.wait_active("app", "west", c.ttl + 5)
         assert first.trigger == "member_loss"
         c.daemons["w1"].kill9()
-        await wait_until(lambda: _logged_any(c, "in cooldown for"), c.ttl + 5,
-                         "the coordinator to hold for the cooldown")
-        rec = (await c.view()).active["app"]
-        assert (rec.region, rec.epoch) == ("west", first.epoch)
-        assert len((await c.view()).control.auto_failovers) == 1
+        second = await c.wait_active("app", "central", c.ttl + 5)
+        assert second.epoch == first.epoch + 1 and second.trigger == "member_loss"
+        events = await c.history()
+        changed = next(e for e in events if e["kind"] == "epoch_changed"
+                       and e["epoch"] == second.epoch)
+        assert any("cooldown" in o for o in changed["overrode"])
+        assert any(e["kind"] == "alert" and "despite" in e["reason"] for e in events)
+        incidents = (await c.view()).control.incidents
+        assert [(i.region, i.trigger) for i in incidents] == [("east", "member_loss"),
+                                                              ("west", "member_loss")]
     finally:
         await c.close()

@@ -86,3 +86,21 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     err = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
     assert err.returncode == 1
     assert "etcd.lease_ttl_s: must be >= 2" in err.stderr
+
+
+def test_deprecated_cluster_limit_is_an_alias_with_a_warning(tmp_path: Path) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('cluster = "c"\nmember = "m"\nregion = "east"\n[[regions]]\n'
+                   'name = "east"\n[policy]\nmax_auto_failovers_per_hour = 7\n')
+    from failoverd.config import load_settings  # noqa: PLC0415
+
+    s = load_settings(cfg)
+    assert s.policy.evacuation_limit == 7
+    out = subprocess.run([sys.executable, "-m", "failoverd", "check-config", str(cfg)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0
+    assert "max_auto_failovers_per_hour is deprecated" in out.stderr
+    assert "max_evacuations_per_hour" in out.stderr

@@ -14,6 +14,7 @@ from failoverd.model import (
     ActiveRecord,
     ClusterView,
     ControlState,
+    Incident,
     MemberRecord,
 )
 
@@ -25,7 +26,7 @@ def policy(**kw: object) -> Policy:
     base = Policy(
         priorities=(("east", 100), ("west", 50), ("central", 50)),
         groups=(GroupPolicy("app", ("east", "west", "central")),),
-        cooldown_s=300, max_auto_failovers_per_hour=3, failback="manual",
+        cooldown_s=300, max_evacuations_per_hour=3, failback="manual",
         failback_stable_s=60, bootstrap_grace_s=10, member_loss_grace_s=0,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -33,7 +34,7 @@ def policy(**kw: object) -> Policy:
 
 def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]] | None = None,
          *, paused: bool = False, drained: frozenset[str] = frozenset(),
-         auto: tuple[float, ...] = (), started: float = NOW - 3600,
+         incidents: tuple[float, ...] = (), started: float = NOW - 3600,
          absent_since: dict[str, float] | None = None) -> ClusterView:
     return ClusterView(
         revision=1, coordinator=None,
@@ -41,7 +42,8 @@ def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]]
         active={g: ActiveRecord(region=r, epoch=e, since=s, reason="", term=1, trigger=t,
                                 mod_revision=7)
                 for g, (r, e, s, t) in (active or {}).items()},
-        control=ControlState(paused=paused, drained=drained, auto_failovers=auto),
+        control=ControlState(paused=paused, drained=drained, incidents=tuple(
+            Incident("evacuation", "elsewhere", "health", t) for t in incidents)),
         absent_since=absent_since or {},
     )
 
@@ -87,18 +89,20 @@ CASES: list[tuple[str, ClusterView, Policy, list[tuple[str, str, int, str]], lis
      policy(member_loss_grace_s=5), [("app", "central", 5, "member_loss")], []),
     ("member loss while paused holds",
      view(NO_EAST, EAST_ACTIVE, paused=True), policy(), [], []),
-    ("member loss in cooldown after an automatic failover holds",
-     view(NO_EAST, {"app": ("east", 4, NOW - 100, "member_loss")}), policy(), [], []),
+    ("member loss in cooldown still moves: never held in a dead region (rule 6)",
+     view(NO_EAST, {"app": ("east", 4, NOW - 100, "member_loss")}), policy(),
+     [("app", "central", 5, "member_loss")], ["app"]),
     ("cooldown does not apply after a bootstrap or operator change",
      view(NO_EAST, {"app": ("east", 4, NOW - 100, "operator")}), policy(),
      [("app", "central", 5, "member_loss")], []),
     ("cooldown over: fail over",
      view(NO_EAST, {"app": ("east", 4, NOW - 301, "member_loss")}), policy(),
      [("app", "central", 5, "member_loss")], []),
-    ("cluster-wide limit reached: alert, no change",
-     view(NO_EAST, EAST_ACTIVE, auto=(NOW - 10, NOW - 20, NOW - 30)), policy(), [], ["app"]),
+    ("cluster-wide limit reached: a dead region is still evacuated, with an alert",
+     view(NO_EAST, EAST_ACTIVE, incidents=(NOW - 10, NOW - 20, NOW - 30)), policy(),
+     [("app", "central", 5, "member_loss")], ["app"]),
     ("the limit counts only the last hour",
-     view(NO_EAST, EAST_ACTIVE, auto=(NOW - 4000, NOW - 5000, NOW - 30)), policy(),
+     view(NO_EAST, EAST_ACTIVE, incidents=(NOW - 4000, NOW - 5000, NOW - 30)), policy(),
      [("app", "central", 5, "member_loss")], []),
     ("no candidate: alert and stay",
      view({"w1": "west"}, EAST_ACTIVE, drained=frozenset({"west"})), policy(), [], ["app"]),
@@ -130,16 +134,6 @@ def test_rule(name: str, v: ClusterView, p: Policy, want: list[tuple[str, str, i
     assert alerts(v, p) == want_alerts
 
 
-def test_budget_is_shared_by_groups_in_one_cycle() -> None:
-    p = policy(groups=(GroupPolicy("a", ("east", "west")), GroupPolicy("b", ("east", "west"))),
-               max_auto_failovers_per_hour=1)
-    v = view({"w1": "west"}, {"a": ("east", 1, NOW - 10_000, "bootstrap"),
-                              "b": ("east", 1, NOW - 10_000, "bootstrap")})
-    d = decide(v, p, NOW)
-    assert [c.group for c in d.changes] == ["a"]
-    assert [i.group for i in d.intents if isinstance(i, Alert)] == ["b"]
-
-
 def test_reason_is_one_line_naming_every_group() -> None:
     p = policy(groups=(GroupPolicy("a", ("east", "west")), GroupPolicy("b", ("west",))))
     d = decide(view(NO_EAST, {"a": ("east", 1, NOW - 10_000, "bootstrap")}), p, NOW)
@@ -156,7 +150,7 @@ active_st = st.none() | st.tuples(
     st.sampled_from(REGIONS), st.integers(1, 50), st.floats(NOW - 5000, NOW),
     st.sampled_from(["bootstrap", "member_loss", "operator", "failback"]))
 policy_st = st.builds(
-    lambda cd, mx, fb, bg: policy(cooldown_s=cd, max_auto_failovers_per_hour=mx, failback=fb,
+    lambda cd, mx, fb, bg: policy(cooldown_s=cd, max_evacuations_per_hour=mx, failback=fb,
                                   bootstrap_grace_s=bg),
     st.floats(0, 1000), st.integers(0, 5), st.sampled_from(["manual", "auto"]),
     st.floats(0, 100))
@@ -167,7 +161,7 @@ def views(draw: st.DrawFn) -> ClusterView:
     act = draw(active_st)
     return view(draw(members_st), {"app": act} if act else {}, paused=draw(st.booleans()),
                 drained=draw(region_sets),
-                auto=tuple(draw(st.lists(st.floats(NOW - 7200, NOW), max_size=5))),
+                incidents=tuple(draw(st.lists(st.floats(NOW - 7200, NOW), max_size=5))),
                 started=draw(st.floats(NOW - 5000, NOW)))
 
 
@@ -194,27 +188,64 @@ def test_property_decision_is_a_function_of_its_inputs(v: ClusterView, p: Policy
 @settings(max_examples=200)
 @given(st.lists(st.tuples(st.floats(1, 120), region_sets), min_size=1, max_size=40),
        st.floats(0, 600), st.integers(0, 4))
-def test_property_no_two_automatic_failovers_within_cooldown(
+def test_property_never_held_in_a_dead_region(
         steps: list[tuple[float, frozenset[str]]], cooldown: float, per_hour: int) -> None:
     """Simulate membership churn over time, committing every decision as the
-    coordinator would; automatic failovers of the group respect the cooldown
-    and the hourly limit."""
-    p = policy(cooldown_s=cooldown, max_auto_failovers_per_hour=per_hour, bootstrap_grace_s=0)
+    coordinator would: whatever the guards, a group whose region has no
+    members is moved as soon as another region has some (rule 6)."""
+    p = policy(cooldown_s=cooldown, max_evacuations_per_hour=per_hour,
+               max_auto_failovers_per_group_per_hour=per_hour, bootstrap_grace_s=0)
     now = NOW
     rec: ActiveRecord | None = None
-    auto: list[float] = []
+    incidents: list[Incident] = []
     for dt, up in steps:
         now += dt
-        v = view({f"m-{r}": r for r in up}, {}, started=now - 10_000, auto=tuple(auto))
+        v = view({f"m-{r}": r for r in up}, {}, started=now - 10_000)
+        v = replace(v, control=replace(v.control, incidents=tuple(incidents)))
         if rec is not None:
             v = replace(v, active={"app": rec})
-        for c in decide(v, p, now).changes:
-            assert isinstance(c, SetActive)
-            if c.trigger in AUTOMATIC_TRIGGERS:
-                assert not auto or now - auto[-1] >= cooldown
-                assert sum(1 for t in auto if now - t < 3600) < per_hour
-                auto.append(now)
-            rec = ActiveRecord(c.region, c.epoch, now, c.reason, 1, c.trigger)
+        d = decide(v, p, now)
+        if rec is not None and rec.region not in up and up:
+            assert [c.region for c in d.changes] == [max(up, key=lambda r: (
+                p.priority(r), [-ord(ch) for ch in r]))]
+        for c in d.changes:
+            rec = ActiveRecord(c.region, c.epoch, now, c.reason, 1, c.trigger,
+                               auto_moves=c.auto_moves)
+        incidents += d.incidents
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.floats(1, 400), st.sampled_from(REGIONS)), min_size=1,
+                max_size=30),
+       st.floats(0, 600), st.integers(0, 4), st.integers(0, 4))
+def test_property_health_moves_respect_cooldown_and_limits(
+        steps: list[tuple[float, str]], cooldown: float, per_group: int, per_hour: int
+) -> None:
+    """Health is the flapping kind: a region judged down by quorum at random
+    times.  Moves it triggers respect the per-group cooldown and hourly
+    limit, and the cluster-wide evacuation limit."""
+    p = replace(PROBED, cooldown_s=cooldown, max_evacuations_per_hour=per_hour,
+                max_auto_failovers_per_group_per_hour=per_group)
+    now = NOW
+    rec = ActiveRecord("east", 1, NOW - 10_000, "", 1, "bootstrap")
+    moves: list[float] = []
+    incidents: list[Incident] = []
+    for dt, down in steps:
+        now += dt
+        v = all_up(view(OBSERVERS, {}, started=now - 10_000))
+        v = seen(v, down, {m: "down" for m in OBSERVERS})
+        v = replace(v, active={"app": rec},
+                    control=replace(v.control, incidents=tuple(incidents)))
+        d = decide(v, p, now)
+        for c in d.changes:
+            assert c.trigger == "health"
+            assert not moves or now - moves[-1] >= cooldown
+            assert sum(1 for t in moves if now - t < 3600) < per_group
+            assert sum(1 for i in incidents if now - i.at < 3600) < per_hour
+            moves.append(now)
+            rec = ActiveRecord(c.region, c.epoch, now, c.reason, 1, c.trigger,
+                               auto_moves=c.auto_moves)
+        incidents += d.incidents
 
 
 # -- health: quorum verdicts, trigger, candidacy -----------------------------
@@ -462,3 +493,143 @@ def test_retried_saga_resumes_at_the_failed_step_keeping_the_done_ones() -> None
         ("precheck", "done", 0), ("fence_old", "done", 0), ("promote_new", "done", 0),
         ("reroute", "pending", 0), ("verify", "pending", 0), ("demote_old", "pending", 0)]
     assert again.current() == Step("reroute")
+
+
+# -- region evacuation (rule 6) ---------------------------------------------------
+
+MANY = tuple(GroupPolicy(f"g{i:02d}", ("east", "west", "central")) for i in range(10))
+
+
+def many_active(region: str = "east", since: float = NOW - 10_000, trigger: str = "bootstrap",
+                n: int = 10) -> dict[str, tuple[str, int, float, str]]:
+    return {f"g{i:02d}": (region, 3, since, trigger) for i in range(n)}
+
+
+def test_power_event_evacuates_every_group_in_one_cycle_as_one_incident() -> None:
+    v = powered(view(ALL, many_active()), "east", ("generator_failed", None, 1))
+    d = decide(v, replace(POWERED, groups=MANY), NOW)
+    assert sorted(c.group for c in d.changes) == [g.name for g in MANY]
+    assert {c.region for c in d.changes} == {"central"}  # best candidate (name breaks tie)
+    assert all(c.planned and c.evacuation == "east" for c in d.changes)
+    assert len(d.evacuations) == 1 and d.evacuations[0].trigger == "power"
+    assert "s0:generator_failed" in d.evacuations[0].evidence
+    assert [(i.kind, i.region, i.groups) for i in d.incidents] == [("evacuation", "east", 10)]
+
+
+def test_cluster_limit_counts_evacuations_not_group_moves() -> None:
+    """Two evacuations an hour allowed, 10 groups each: both move whole."""
+    p = replace(POWERED, groups=MANY, max_evacuations_per_hour=2)
+    v = powered(view(ALL, many_active()), "east", ("generator_failed", None, 1))
+    assert len(decide(v, p, NOW).changes) == 10
+    v2 = replace(v, control=replace(v.control, incidents=(
+        Incident("evacuation", "west", "power", NOW - 100),)))
+    assert len(decide(v2, p, NOW).changes) == 10
+
+
+def test_dying_region_is_evacuated_despite_every_guard_and_says_so() -> None:
+    """Cooldown, per-group limit and cluster-wide limit all exhausted: the
+    groups still leave a power-critical region, and an alert says why."""
+    recent = (NOW - 50, NOW - 40, NOW - 30)
+    active = {f"g{i:02d}": ("east", 3, NOW - 10, "power") for i in range(10)}
+    v = powered(view(ALL, active, incidents=recent), "east", ("generator_failed", None, 1))
+    v = replace(v, active={g: replace(r, auto_moves=recent) for g, r in v.active.items()})
+    d = decide(v, replace(POWERED, groups=MANY), NOW)
+    assert len(d.changes) == 10
+    ev = d.evacuations[0]
+    assert len(ev.overridden) == 10
+    assert all("cooldown" in c.overrode[0] for c in d.changes)
+    assert any("max_evacuations_per_hour" in o for c in d.changes for o in c.overrode)
+    assert {i.group for i in d.intents if isinstance(i, Alert)} == {g.name for g in MANY}
+
+
+def test_dead_region_evacuated_past_member_loss_grace_even_after_a_power_evacuation() -> None:
+    """east lost power (3 groups moved earlier), then its daemons died with
+    it: the 7 groups left there move now, whatever the guards."""
+    active = {f"g{i:02d}": ("east", 3, NOW - 5, "bootstrap") for i in range(3, 10)}
+    v = view(NO_EAST, active, incidents=(NOW - 20, NOW - 15, NOW - 5),
+             absent_since={"east": NOW - 30})
+    d = decide(v, replace(policy(member_loss_grace_s=5), groups=MANY[3:]), NOW)
+    assert sorted(c.group for c in d.changes) == [f"g{i:02d}" for i in range(3, 10)]
+    assert d.evacuations[0].trigger == "member_loss"
+
+
+def test_health_evacuation_is_held_by_the_cluster_limit_with_one_alert_reason() -> None:
+    p = replace(PROBED, groups=MANY, max_evacuations_per_hour=1)
+    v = all_up(view(OBSERVERS, many_active(), incidents=(NOW - 100,)))
+    v = seen(v, "east", {m: "down" for m in OBSERVERS})
+    d = decide(v, p, NOW)
+    assert d.changes == ()
+    reasons = {i.reason for i in d.intents if isinstance(i, Alert)}
+    assert len(reasons) == 1 and "max_evacuations_per_hour" in reasons.pop()
+
+
+def test_flapping_health_target_is_held_by_the_per_group_cooldown() -> None:
+    v = all_up(view(OBSERVERS, {"app": ("east", 4, NOW - 100, "health")}))
+    v = seen(v, "east", {m: "down" for m in OBSERVERS})
+    d = decide(v, PROBED, NOW)
+    assert d.changes == ()
+    assert "cooldown" in d.reason
+
+
+def test_per_group_hourly_limit_holds_a_health_move() -> None:
+    v = all_up(view(OBSERVERS, {"app": ("east", 4, NOW - 1000, "health")}))
+    v = seen(v, "east", {m: "down" for m in OBSERVERS})
+    moves = (NOW - 3000, NOW - 2000, NOW - 1000)
+    v = replace(v, active={"app": replace(v.active["app"], auto_moves=moves)})
+    d = decide(v, replace(PROBED, cooldown_s=0), NOW)
+    assert d.changes == ()
+    assert any("per_group_per_hour" in i.reason for i in d.intents if isinstance(i, Alert))
+
+
+def test_stragglers_continue_the_open_incident() -> None:
+    """Groups held by their cooldown leave later as part of the same
+    evacuation: the incident is not counted twice."""
+    p = replace(PROBED, max_evacuations_per_hour=1)
+    v = all_up(view(OBSERVERS, {"app": ("east", 4, NOW - 1000, "health")}))
+    v = seen(v, "east", {m: "down" for m in OBSERVERS})
+    v = replace(v, control=replace(v.control, incidents=(
+        Incident("evacuation", "east", "health", NOW - 200),)))
+    d = decide(v, replace(p, cooldown_s=300), NOW)
+    assert [c.region for c in d.changes] == ["central"]  # not held by the limit
+    assert d.incidents == () and not d.evacuations[0].new_incident
+
+
+def test_power_quorum_in_the_policy() -> None:
+    v = powered(view(ALL, EAST_ACTIVE), "east", ("generator_failed", None, 1),
+                ("utility_ok", None, 1))
+    p = replace(POWERED, power_quorums=(("east", 2),))
+    assert decide(v, p, NOW).changes == ()
+    v2 = powered(view(ALL, EAST_ACTIVE), "east", ("generator_failed", None, 1),
+                 ("transfer_failed", None, 1))
+    assert len(decide(v2, p, NOW).changes) == 1
+
+
+def test_on_battery_runtime_counting_down_crosses_the_budget() -> None:
+    """300 s left when said, silent on the runtime since: under the 180 s
+    budget 121 s later, with no new message."""
+    v = view(ALL, EAST_ACTIVE)
+    v = replace(v, power={("east", "ups"): [Reading("east", "ups", "on_battery", NOW, NOW, 300,
+                                                    None, NOW)]})
+    p = replace(POWERED, power_grace_s=10_000, power_silence_during_outage_s=10_000)
+    assert decide(v, p, NOW + 119).changes == ()
+    assert [c.trigger for c in decide(v, p, NOW + 121).changes] == ["power"]
+
+
+@given(st.integers(1, 30), st.sampled_from(["power", "member_loss"]),
+       st.lists(st.floats(NOW - 4000, NOW), max_size=6), st.floats(0, 600))
+def test_property_urgent_evacuation_moves_every_group_with_a_candidate(
+        n: int, trigger: str, recent: list[float], cooldown: float) -> None:
+    groups = tuple(GroupPolicy(f"g{i}", ("east", "west")) for i in range(n))
+    active = {f"g{i}": ("east", 2, NOW - 5, "health") for i in range(n)}
+    if trigger == "power":
+        v = powered(view(ALL, active, incidents=tuple(recent)), "east",
+                    ("shutdown_imminent", None, 1))
+    else:
+        v = view(NO_EAST, active, incidents=tuple(recent))
+    v = replace(v, active={g: replace(r, auto_moves=tuple(recent))
+                           for g, r in v.active.items()})
+    p = replace(POWERED, groups=groups, cooldown_s=cooldown, max_evacuations_per_hour=1,
+                max_auto_failovers_per_group_per_hour=1)
+    d = decide(v, p, NOW)
+    assert len(d.changes) == n and {c.region for c in d.changes} == {"west"}
+    assert len(d.evacuations) == 1 and len(d.evacuations[0].moves) == n

@@ -33,7 +33,7 @@ class Stack:
     async def health(self, region: str) -> Any:
         v = await self.c.view()
         p = Policy(priorities=tuple(REGIONS.items()), groups=(), cooldown_s=0,
-                   max_auto_failovers_per_hour=0, failback="manual", failback_stable_s=0,
+                   max_evacuations_per_hour=0, failback="manual", failback_stable_s=0,
                    probed_regions=frozenset(REGIONS))
         return region_health(v, p, region)
 
@@ -54,7 +54,7 @@ async def stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str) -> AsyncIt
     services = {r: await HttpService(r).start() for r in REGIONS}
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS, {"app": list(REGIONS)},
                      probes={r: [http_probe(s.url)] for r, s in services.items()},
-                     policy={"max_auto_failovers_per_hour": 100})
+                     policy={"max_evacuations_per_hour": 100})
     yield Stack(c, services)
     await c.close()
     for s in services.values():

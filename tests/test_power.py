@@ -111,18 +111,87 @@ def R(state: str, sensor: str = "u", since: float = NOW - 5, received: float = N
     ([R("low_battery")], "critical"),
     ([R("shutdown_imminent")], "critical"),
     ([R("offline")], "unknown"),
-    ([R("utility_lost", received=NOW - 31)], "unknown"),  # stale
-    ([R("utility_ok"), R("low_battery", "old", received=NOW - 100)], "normal"),
+    ([R("utility_ok", received=NOW - 31)], "unknown"),  # last seen normal, then silent
+    # Rule 10: silence after an outage state keeps it, then counts as critical.
+    ([R("utility_lost", since=NOW - 10, received=NOW - 10)], "utility_lost"),
+    ([R("utility_lost", since=NOW - 25, received=NOW - 25)], "utility_lost"),
+    ([R("on_generator", "gen", received=NOW - 31)], "critical"),
+    ([R("utility_ok"), R("low_battery", "old", received=NOW - 100)], "critical"),
 ])
 def test_region_power(readings: list[Reading], state: str) -> None:
     assert region_power(readings, NOW, grace_s=30, stale_s=30).state == state
 
 
-def test_on_battery_reports_the_lowest_fresh_runtime() -> None:
-    p = region_power([R("on_battery", "a", runtime=500), R("on_battery", "b", runtime=200),
-                      R("on_battery", "c", runtime=10, received=NOW - 99)], NOW,
-                     grace_s=30, stale_s=30)
+def test_on_battery_reports_the_lowest_runtime() -> None:
+    p = region_power([R("on_battery", "a", runtime=500), R("on_battery", "b", runtime=200)],
+                     NOW, grace_s=30, stale_s=30)
     assert (p.state, p.runtime_s) == ("on_battery", 200)
+
+
+def test_on_battery_runtime_counts_down_with_the_clock() -> None:
+    """A UPS said 300 s left 20 s ago and nothing since: 280 s are left."""
+    p = region_power([R("on_battery", runtime=300, since=NOW - 20, received=NOW - 20)], NOW,
+                     grace_s=60, stale_s=30)
+    assert (p.state, p.runtime_s) == ("on_battery", 280)
+    later = region_power([R("on_battery", runtime=300, since=NOW - 20, received=NOW - 20)],
+                         NOW + 5, grace_s=60, stale_s=30)
+    assert later.runtime_s == 275
+
+
+@pytest.mark.parametrize("state", ["generator_failed", "on_battery", "utility_lost",
+                                   "on_generator", "transfer_failed"])
+def test_silence_after_an_outage_state_is_critical_after_the_bound(state: str) -> None:
+    silent = [R(state, since=NOW - 1, received=NOW - 1)]
+    before = region_power(silent, NOW + 28, grace_s=600, stale_s=30, silence_s=30)
+    after = region_power(silent, NOW + 31, grace_s=600, stale_s=30, silence_s=30)
+    assert after.state == "critical", after
+    assert "silent" in after.detail
+    if state not in {"generator_failed", "transfer_failed"}:
+        assert before.state != "critical"
+
+
+def test_silence_after_utility_ok_is_unknown() -> None:
+    p = region_power([R("utility_ok", received=NOW - 40)], NOW, grace_s=30, stale_s=30)
+    assert p.state == "unknown"
+
+
+def test_last_will_after_an_outage_keeps_the_state_then_critical() -> None:
+    t = SensorTable()
+    t.apply(Reading("east", "ups", "on_battery", NOW, NOW, 900))
+    kept = t.apply(Reading("east", "ups", "offline", NOW + 1, NOW + 1))
+    assert kept is not None and kept.state == "on_battery" and kept.lwt_at == NOW + 1
+    assert t.apply(Reading("east", "ups", "offline", NOW + 2, NOW + 2)) is None  # once
+    assert region_power([kept], NOW + 5, grace_s=600, stale_s=30).state == "on_battery"
+    assert region_power([kept], NOW + 31, grace_s=600, stale_s=30).state == "critical"
+    # The relay carries the Last Will across members.
+    assert reading_from_json("east", "ups", reading_to_json(kept, "m1")) == kept
+
+
+def test_last_will_after_utility_ok_is_unknown() -> None:
+    t = SensorTable()
+    t.apply(Reading("east", "ups", "utility_ok", NOW, NOW))
+    r = t.apply(Reading("east", "ups", "offline", NOW + 1, NOW + 1))
+    assert r is not None and r.state == "offline"
+    assert region_power([r], NOW + 2, grace_s=30, stale_s=30).state == "unknown"
+
+
+def test_power_quorum_one_lying_sensor_is_not_enough() -> None:
+    readings = [R("generator_failed", "liar"), R("utility_ok", "b"), R("utility_ok", "c")]
+    p = region_power(readings, NOW, grace_s=30, stale_s=30, quorum=2)
+    assert p.state == "normal" and "1 of 2" in p.detail
+    two = [R("generator_failed", "a"), R("transfer_failed", "b"), R("utility_ok", "c")]
+    p2 = region_power(two, NOW, grace_s=30, stale_s=30, quorum=2)
+    assert p2.state == "critical" and len(p2.evidence) == 2
+
+
+def test_power_quorum_counts_silence_during_an_outage_as_a_vote() -> None:
+    readings = [R("generator_failed", "a"), R("on_battery", "b", received=NOW - 40)]
+    assert region_power(readings, NOW, grace_s=600, stale_s=30, quorum=2).state == "critical"
+
+
+def test_power_quorum_runtime_is_the_quorum_th_lowest() -> None:
+    readings = [R("on_battery", "a", runtime=10), R("on_battery", "b", runtime=900)]
+    assert region_power(readings, NOW, grace_s=600, stale_s=30, quorum=2).runtime_s == 900
 
 
 def test_relay_round_trip_and_merge_newest_wins() -> None:

@@ -91,7 +91,7 @@ async def saga_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
         prio = {"east": 100, "west": 50, "central": 25}
         c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {r: prio[r] for r in regions},
                          {"app": list(regions)}, group_toml=group_toml,
-                         policy={"max_auto_failovers_per_hour": 100})
+                         policy={"max_evacuations_per_hour": 100})
         made.append((c, hp, bind, list(apps.values())))
         return SagaStack(c, hp, bind)
     yield make

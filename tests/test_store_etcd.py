@@ -143,7 +143,7 @@ def _coordinator(store: EtcdStore, keys: Keyspace, member: str, term: int,
                  lease: KeptLease) -> Coordinator:
     p = Policy(priorities=(("east", 100), ("west", 50)),
                groups=(GroupPolicy("app", ("east", "west")),), cooldown_s=0,
-               max_auto_failovers_per_hour=10, failback="manual", failback_stable_s=0)
+               max_evacuations_per_hour=10, failback="manual", failback_stable_s=0)
     settings = Settings.model_validate({
         "cluster": keys.cluster, "member": member, "region": "east",
         "regions": [{"name": "east"}, {"name": "west"}],
