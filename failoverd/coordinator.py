@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
@@ -31,6 +31,7 @@ from failoverd.engine import (
 from failoverd.faults import async_fault_point, fault_point
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease
+from failoverd.mirror import KeyMirror
 from failoverd.model import (
     ActiveRecord,
     ClusterView,
@@ -40,7 +41,7 @@ from failoverd.model import (
     parse_view,
     to_json,
 )
-from failoverd.saga import Saga, SagaFenced
+from failoverd.saga import Saga, SagaFenced, SagaRunner
 from failoverd.store import Compare, Delete, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.workflow import Workflow
 
@@ -52,6 +53,8 @@ PRUNE_EVERY_S = 60.0
 # one branch, of one txn.
 MAX_TXN_OPS = 128
 MAX_LOGGED_CHANGES = 10
+# How long the watch may take to show our own write before we re-read etcd.
+MIRROR_LAG_S = 2.0
 
 
 class NotCoordinator(Exception):
@@ -63,7 +66,8 @@ class Coordinator:
                  lease: KeptLease, history: History, policy: Callable[[], Policy],
                  tick_s: Callable[[], float], history_limit: Callable[[], int],
                  wake: asyncio.Event, settings: Callable[[], Settings],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, mirror: KeyMirror | None = None,
+                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
         self._store = store
         self._keys = keys
         self._member = member
@@ -80,6 +84,9 @@ class Coordinator:
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
+        self.sagas = SagaRunner(self._saga, settings, clock)
+        self._mirror = mirror
+        self._resync = resync
         self.learned_failover_s: float | None = None
         # The etcd revision of our last successful commit: the next decision
         # must see at least this (the mirror catches up by watch).
@@ -97,22 +104,53 @@ class Coordinator:
                 raise NotCoordinator("coordinator key is no longer ours")
 
     async def run(self) -> None:
-        """Lead until :class:`NotCoordinator` (or cancellation)."""
+        """Lead until :class:`NotCoordinator` (or cancellation).  The sagas
+        of this term run beside the decision loop, in one TaskGroup: they
+        stop with it."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await self._loop(tg)
+        except* SagaFenced as eg:
+            raise NotCoordinator(str(eg.exceptions[0])) from None
+        except* NotCoordinator as eg:
+            raise eg.exceptions[0] from None
+
+    async def _read(self) -> ClusterView | None:
+        """The cluster as of one revision: from the mirror once it has seen
+        our own last write, else from etcd (and the mirror is reloaded)."""
+        mirror = self._mirror
+        if mirror is None:
+            return parse_view(self._keys, await self._store.snapshot(
+                self._keys.prefix, exclude=("history/",)))
+        await mirror.ready.wait()
+        wanted = max(self.committed_revision, self._saga.revision)
+        if not await mirror.wait_revision(wanted, MIRROR_LAG_S):
+            log.warning("watch behind our own writes; re-reading", wanted=wanted,
+                        mirror=mirror.revision)
+            if self._resync is not None:
+                await self._resync()
+            if mirror.revision < wanted:
+                return None
+        return parse_view(self._keys, mirror.snapshot(), cache=mirror)
+
+    async def _loop(self, tg: asyncio.TaskGroup) -> None:
         while True:
             self.cycle_started = time.monotonic()
             await async_fault_point("coordinator-cycle")
             self._wake.clear()
             self._ensure_leading()
             try:
-                snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
+                parsed = await self._read()
             except StoreError as exc:
+                parsed = None
+                log.warning("cannot read cluster state; holding", error=str(exc))
+            if parsed is None:
                 # Static stability: no store, no change.  The lease keeper ends
                 # our term if this lasts past the deadline.
-                log.warning("cannot read cluster state; holding", error=str(exc))
                 await self._sleep(min(self._tick_s(), 0.5))
                 continue
             now = self._clock()
-            view = self._track_absence(parse_view(self._keys, snap), now)
+            view = self._track_absence(parsed, now)
             self._ensure_leading(view)
             if view.requests:
                 # Operator requests first; then decide on what they changed.
@@ -125,21 +163,10 @@ class Coordinator:
             _export(view, policy, now)
             self._log(decision, view)
             await self._apply(decision, view)
-            progressed = False
             if not decision.changes:
-                try:
-                    progressed = await self._saga.advance(view)
-                except SagaFenced as exc:
-                    raise NotCoordinator(str(exc)) from exc
-                except StoreError as exc:
-                    log.warning("saga paused: store error", error=str(exc))
+                self.sagas.update(view, tg)
             await self._maybe_prune()
-            # A saga that moved goes on at once, after a fresh look at the
-            # cluster; one that waits (drain, retry) wakes when it is due.
-            pause = self._tick_s()
-            if self._saga.due_at is not None:
-                pause = min(pause, max(self._saga.due_at - self._clock(), 0.0))
-            await self._sleep(0 if progressed else pause)
+            await self._sleep(0 if decision.changes else self._tick_s())
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()
@@ -296,6 +323,7 @@ class Coordinator:
                         error=str(exc))
             return
         if txn.succeeded:
+            self.committed_revision = max(self.committed_revision, txn.revision)
             log.info("operator request", request=req.id, action=req.action, by=req.by,
                      status=result["status"], reason=outcome.reason)
             return
@@ -328,8 +356,9 @@ class Coordinator:
         fault_point("before-commit")
         started = time.monotonic()
         committed = 0
-        for intents, compares, ops in batches:
-            self._ensure_leading()
+        for i, (intents, compares, ops) in enumerate(batches):
+            if i:
+                self._ensure_leading()
             ok = await self._commit_batch(intents, [Compare(self._keys.coordinator, "create",
                                                             self.term), *compares], ops)
             if not ok:
@@ -380,7 +409,7 @@ class Coordinator:
             return False
         await self._outcome(intents, result)
         if result.succeeded:
-            self.committed_revision = result.revision
+            self.committed_revision = max(self.committed_revision, result.revision)
         return result.succeeded
 
     async def _outcome(self, intents: list[SetActive], result: TxnResult) -> None:

@@ -33,6 +33,7 @@ from failoverd.faults import fault_point
 from failoverd.history import History
 from failoverd.isolation import IsolationGuard
 from failoverd.lease import KeptLease, LeaseLost
+from failoverd.mirror import KeyMirror
 from failoverd.model import Keyspace, MemberRecord
 from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
@@ -51,32 +52,53 @@ class _Stop(Exception):
 
 
 class Watcher:
-    """One watch on the cluster prefix; wakes subscribers whose sub-prefix changed."""
+    """One watch on the cluster prefix: keeps the :class:`KeyMirror` current
+    and wakes subscribers whose sub-prefix changed."""
 
     def __init__(self, store: Store, keys: Keyspace) -> None:
         self._store = store
         self._keys = keys
         self._subs: list[tuple[str, asyncio.Event]] = []
+        self.mirror = KeyMirror(keys.prefix, exclude=("history/",))
 
     def subscribe(self, sub_prefix: str) -> asyncio.Event:
         event = asyncio.Event()
         self._subs.append((self._keys.prefix + sub_prefix, event))
         return event
 
-    async def run(self) -> None:
+    async def _load(self) -> int:
         async for attempt in AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.2, max=5),
             retry=retry_if_exception_type(StoreError),
         ):
             with attempt:
-                start = (await self._store.get_prefix(self._keys.coordinator)).revision + 1
-        history = self._keys.history
-        async for batch in self._store.watch(self._keys.prefix, start):
-            changed = [ev.key for ev in batch if not ev.key.startswith(history)]
-            for prefix, event in self._subs:
-                # An empty batch means "resync": wake everyone.
-                if not batch or any(k.startswith(prefix) for k in changed):
-                    event.set()
+                snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
+        self.mirror.load(snap)
+        for _, event in self._subs:
+            event.set()
+        return snap.revision
+
+    async def resync(self) -> None:
+        """Reload the mirror from a fresh snapshot (the watch looked stuck)."""
+        snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
+        if snap.revision > self.mirror.revision:
+            self.mirror.load(snap)
+            for _, event in self._subs:
+                event.set()
+
+    async def run(self) -> None:
+        while True:
+            start = await self._load() + 1
+            async with contextlib.aclosing(self._store.watch(self._keys.prefix, start)) as watch:
+                async for batch in watch:
+                    if not batch:
+                        # Compacted past what we had: reload from a snapshot.
+                        log.warning("watch compacted; reloading the mirror")
+                        break
+                    changed = self.mirror.apply(batch)
+                    for prefix, event in self._subs:
+                        if any(k.startswith(prefix) for k in changed):
+                            event.set()
 
 
 class Daemon:
@@ -119,7 +141,8 @@ class Daemon:
         )
         self._install_signals()
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
-                               self.watcher.subscribe("groups/"), self._live_lease)
+                               self.watcher.subscribe("groups/"), self._live_lease,
+                               mirror=self.watcher.mirror)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.api = Api(self.store, self.keys, lambda: self.settings,
@@ -323,7 +346,8 @@ class Daemon:
             self.store, self.keys, s.member, term, lease, self.history,
             policy=self._policy, tick_s=lambda: self.settings.policy.tick_s,
             history_limit=lambda: self.settings.policy.history_limit, wake=wake,
-            settings=lambda: self.settings,
+            settings=lambda: self.settings, mirror=self.watcher.mirror,
+            resync=self.watcher.resync,
         )
         self.coordinator = coord
         metrics.IS_COORDINATOR.set(1)

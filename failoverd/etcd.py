@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -263,7 +263,8 @@ class EtcdStore:
                 gets.append(_kv(kvs[0]) if kvs else None)
         return TxnResult(bool(resp.succeeded), int(resp.header.revision), tuple(gets))
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+    async def watch(self, prefix: str, start_revision: int
+                    ) -> AsyncGenerator[list[WatchEvent], None]:
         next_rev = start_revision
         backoff = _WATCH_BACKOFF_MIN_S
         while True:
@@ -296,6 +297,8 @@ class EtcdStore:
                                 key=ev.kv.key.decode(), value=ev.kv.value.decode(),
                                 mod_revision=int(ev.kv.mod_revision),
                                 deleted=ev.type == _EVENT_DELETE,
+                                create_revision=int(ev.kv.create_revision),
+                                lease=int(ev.kv.lease),
                             )
                             for ev in resp.events
                         ]

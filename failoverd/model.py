@@ -8,13 +8,16 @@ edits, a newer version) is skipped and reported, never fatal.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from functools import partial
+from typing import Literal, Protocol, TypeVar
 
 from failoverd.power import Reading, reading_from_json
 from failoverd.store import KeyValue, Snapshot
 from failoverd.workflow import Workflow, parse_workflow
+
+T = TypeVar("T")
 
 Trigger = Literal[
     "bootstrap", "member_loss", "health", "power", "operator", "config", "failback"
@@ -331,7 +334,26 @@ def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
         force=d.get("force") is True, revision=kv.mod_revision)
 
 
-def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
+def _parse_reading(region: str, sensor: str, kv: KeyValue) -> Reading:
+    return reading_from_json(region, sensor, kv.value)
+
+
+def _parse_workflow(kv: KeyValue) -> Workflow:
+    return parse_workflow(kv.value, kv.mod_revision)
+
+
+class _Cache(Protocol):
+    def parsed(self, kv: KeyValue, parse: Callable[[KeyValue], T]) -> T: ...
+
+
+def _no_cache(kv: KeyValue, parse: Callable[[KeyValue], T]) -> T:
+    return parse(kv)
+
+
+def parse_view(keys: Keyspace, snap: Snapshot, cache: _Cache | None = None) -> ClusterView:
+    """The raw keys as a :class:`ClusterView`.  With ``cache`` (the mirror),
+    a key is parsed again only when its ``mod_revision`` changed."""
+    parsed = cache.parsed if cache is not None else _no_cache
     coordinator: CoordinatorRecord | None = None
     members: dict[str, MemberRecord] = {}
     active: dict[str, ActiveRecord] = {}
@@ -354,25 +376,26 @@ def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
                     member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease
                 )
             elif rel.startswith("members/"):
-                rec = parse_member(kv)
+                rec = parsed(kv, parse_member)
                 members[rec.member] = rec
             elif rel.startswith("observations/"):
                 member, _, target = rel[len("observations/"):].partition("/")
-                observations[(member, target)] = parse_observation(member, target, kv)
+                observations[(member, target)] = parsed(
+                    kv, partial(parse_observation, member, target))
             elif rel.startswith("power/"):
                 region, sensor, member = rel[len("power/"):].split("/", 2)
                 if not member:
                     raise ValueError("power key without a relaying member")
-                relays.setdefault(member, []).append(reading_from_json(region, sensor,
-                                                                       kv.value))
+                relays.setdefault(member, []).append(parsed(
+                    kv, partial(_parse_reading, region, sensor)))
             elif rel.startswith("groups/") and rel.endswith("/workflow"):
-                workflows[rel[len("groups/"):-len("/workflow")]] = parse_workflow(
-                    kv.value, kv.mod_revision)
+                workflows[rel[len("groups/"):-len("/workflow")]] = parsed(
+                    kv, _parse_workflow)
             elif rel.startswith("groups/") and "/applied/" in rel:
                 group, _, member = rel[len("groups/"):].partition("/applied/")
-                acks[(group, member)] = parse_ack(kv)
+                acks[(group, member)] = parsed(kv, parse_ack)
             elif rel.startswith("groups/") and rel.endswith("/active"):
-                active[rel[len("groups/"):-len("/active")]] = parse_active(kv)
+                active[rel[len("groups/"):-len("/active")]] = parsed(kv, parse_active)
             elif rel == "control/paused":
                 paused = bool(_obj(kv).get("paused", False))
             elif rel.startswith("control/requests/"):

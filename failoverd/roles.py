@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -24,14 +25,23 @@ from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.history import History
 from failoverd.hooks import run_hook
+from failoverd.mirror import KeyMirror
 from failoverd.model import ActiveRecord, Keyspace, parse_active, to_json
-from failoverd.store import Store, StoreError
+from failoverd.store import KeyValue, Op, Put, Store, StoreError
 from failoverd.workflow import Workflow, may_demote, may_promote, parse_workflow
 
 log = structlog.get_logger("failoverd.roles")
 
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 60.0
+# Acks per txn (etcd's --max-txn-ops is 128 by default).
+ACK_BATCH = 120
+
+T = TypeVar("T")
+
+
+def _parse_workflow(kv: KeyValue) -> Workflow:
+    return parse_workflow(kv.value, kv.mod_revision)
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,19 @@ class Applied:
 
 
 class AppliedState:
-    """``{group: {epoch, role}}`` in a JSON file, replaced atomically."""
+    """``{group: {epoch, role}}`` in a JSON file, replaced atomically.
+
+    Many hooks finishing together share one write (:meth:`commit`): a
+    member of a region active for 1,000 groups must not rewrite and fsync
+    the file 1,000 times in a row.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.groups: dict[str, Applied] = {}
+        self._changes = 0
+        self._written = 0
+        self._lock = asyncio.Lock()
         try:
             raw = json.loads(path.read_text())
             for g, v in raw.items():
@@ -55,28 +73,58 @@ class AppliedState:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("state file unreadable; starting empty", path=str(path), error=str(exc))
 
-    def save(self, group: str, applied: Applied) -> None:
-        self.groups[group] = applied
+    def _write(self, data: dict[str, dict[str, object]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        data = {g: {"epoch": a.epoch, "role": a.role} for g, a in self.groups.items()}
         with tmp.open("w") as f:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    def _data(self) -> dict[str, dict[str, object]]:
+        return {g: {"epoch": a.epoch, "role": a.role} for g, a in self.groups.items()}
+
+    def save(self, group: str, applied: Applied) -> None:
+        """Record and write now (synchronously: the shutdown path)."""
+        self.groups[group] = applied
+        self._changes += 1
+        self._write(self._data())
+        self._written = self._changes
+
+    async def commit(self, group: str, applied: Applied) -> None:
+        """Record and return once a write that includes it is on disk."""
+        self.groups[group] = applied
+        self._changes += 1
+        mine = self._changes
+        async with self._lock:
+            if self._written >= mine:
+                return  # someone else's write carried ours
+            upto, data = self._changes, self._data()
+            await asyncio.to_thread(self._write, data)
+            self._written = max(self._written, upto)
+
 
 class RoleReconciler:
+    """Converges this member's promote/demote state to the active records.
+
+    Owns the applied-epoch state file, the hook tasks (at most
+    ``max_concurrent_hooks`` at once, one per group) and the acks it
+    publishes.  Reads the records from the watch's mirror; never writes an
+    active record or a workflow.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  history: History, wake: asyncio.Event,
-                 lease_id: Callable[[], int | None] = lambda: None) -> None:
+                 lease_id: Callable[[], int | None] = lambda: None,
+                 mirror: KeyMirror | None = None) -> None:
         self._store = store
         self._lease_id = lease_id
         self._keys = keys
         self._settings = settings
         self._history = history
         self._wake = wake
+        self._mirror = mirror
         s = settings()
         self.state = AppliedState(s.state_dir / f"{s.cluster}-{s.member}.json")
         self._retry_at: dict[str, float] = {}
@@ -84,34 +132,63 @@ class RoleReconciler:
         # Epochs of the active records as last read from etcd (for peers).
         self.epochs: dict[str, int] = {}
         self.active_regions: dict[str, str] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(s.policy.max_concurrent_hooks)
+        self._tg: asyncio.TaskGroup | None = None
+        # What we last published as our ack, per group (to skip rewrites).
+        self._acked: dict[str, str] = {}
+        self._ack_lease: int | None = None
 
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            await self.reconcile_once()
-            try:
-                async with asyncio.timeout(self._settings().policy.tick_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            while True:
+                self._wake.clear()
+                await self.reconcile_once()
+                try:
+                    async with asyncio.timeout(self._settings().policy.tick_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
 
-    async def reconcile_once(self) -> None:
+    async def _read(self) -> list[KeyValue] | None:
+        if self._mirror is not None:
+            if not self._mirror.ready.is_set():
+                return None
+            me = self._settings().member
+            kvs = self._mirror.kvs
+            out = []
+            for g in self._settings().groups:
+                for key in (self._keys.active(g.name), self._keys.workflow(g.name),
+                            self._keys.ack(g.name, me)):
+                    kv = kvs.get(key)
+                    if kv is not None:
+                        out.append(kv)
+            return out
         try:
-            snap = await self._store.get_prefix(self._keys.groups)
+            return list((await self._store.get_prefix(self._keys.groups)).kvs)
         except StoreError as exc:
             log.warning("cannot read active records; holding local roles", error=str(exc))
+            return None
+
+    def _parse(self, kv: KeyValue, parse: Callable[[KeyValue], T]) -> T:
+        return self._mirror.parsed(kv, parse) if self._mirror is not None else parse(kv)
+
+    async def reconcile_once(self) -> None:
+        kvs = await self._read()
+        if kvs is None:
             return
         records: dict[str, ActiveRecord] = {}
         workflows: dict[str, Workflow] = {}
         acks: dict[str, str] = {}
         me = self._settings().member
-        for kv in snap.kvs:
+        for kv in kvs:
             name = kv.key[len(self._keys.groups):].split("/", 1)[0]
             try:
                 if kv.key.endswith("/active"):
-                    records[name] = parse_active(kv)
+                    records[name] = self._parse(kv, parse_active)
                 elif kv.key.endswith("/workflow"):
-                    workflows[name] = parse_workflow(kv.value, kv.mod_revision)
+                    workflows[name] = self._parse(kv, _parse_workflow)
                 elif kv.key == self._keys.ack(name, me):
                     acks[name] = kv.value
             except (ValueError, KeyError, TypeError) as exc:
@@ -120,47 +197,91 @@ class RoleReconciler:
         self.epochs = {name: r.epoch for name, r in records.items()}
         self.active_regions = {name: r.region for name, r in records.items()}
         for name, record in records.items():
-            metrics.EPOCH.labels(name).set(record.epoch)
-            for r in s.regions:
-                metrics.ACTIVE_REGION.labels(name, r.name).set(
-                    1 if r.name == record.region else 0)
+            if self._acked.get(f"metric:{name}") != f"{record.epoch}:{record.region}":
+                self._acked[f"metric:{name}"] = f"{record.epoch}:{record.region}"
+                metrics.EPOCH.labels(name).set(record.epoch)
+                for r in s.regions:
+                    metrics.ACTIVE_REGION.labels(name, r.name).set(
+                        1 if r.name == record.region else 0)
+        pending_acks: list[str] = []
         for group in s.groups:
             rec = records.get(group.name)
-            if rec is not None and s.region in group.regions:
-                await self._reconcile(s, group, rec, workflows.get(group.name))
-                await self._ack(group.name, acks.get(group.name))
+            if rec is None or s.region not in group.regions:
+                continue
+            task = self._running.get(group.name)
+            if task is not None and not task.done():
+                continue  # its hook is running; it acks when done
+            work = self._work(s, group, rec, workflows.get(group.name))
+            if work is not None:
+                self._start(s, group, *work)
+            else:
+                pending_acks.append(group.name)
+        await self._ack_all(pending_acks, acks)
 
-    async def _ack(self, group: str, seen: str | None) -> None:
-        """Tell the coordinator (under our lease) which epoch/role we applied."""
-        applied = self.state.groups.get(group)
+    def _start(self, s: Settings, group: GroupSettings, epoch: int, role: str,
+               argv: list[str]) -> None:
+        if time.monotonic() < self._retry_at.get(group.name, 0.0):
+            return
+        coro = self._apply(s, group, epoch, role, argv)
+        if self._tg is None:  # not running (tests call reconcile_once directly)
+            self._running[group.name] = asyncio.ensure_future(coro)
+        else:
+            self._running[group.name] = self._tg.create_task(
+                coro, name=f"hook-{group.name}")
+
+    async def _apply(self, s: Settings, group: GroupSettings, epoch: int, role: str,
+                     argv: list[str]) -> None:
+        async with self._slots:
+            if await self._run_role(s, group, epoch, role, argv):
+                await self._ack_all([group.name], {})
+        self._wake.set()
+
+    async def _ack_all(self, groups: list[str], seen: dict[str, str]) -> None:
+        """Tell the coordinator (under our lease) which epoch/role we applied,
+        for every group whose published ack differs: batched in txns."""
         lease = self._lease_id()
-        if applied is None or lease is None:
+        if lease is None:
             return
-        value = to_json({"epoch": applied.epoch, "role": applied.role})
-        if value == seen:
-            return
-        try:
-            await self._store.put(self._keys.ack(group, self._settings().member), value, lease)
-        except StoreError as exc:
-            log.warning("cannot acknowledge applied role", group=group, error=str(exc))
+        if lease != self._ack_lease:
+            self._acked = {k: v for k, v in self._acked.items() if k.startswith("metric:")}
+            self._ack_lease = lease
+        me = self._settings().member
+        puts: list[Op] = []
+        values: dict[str, str] = {}
+        for group in groups:
+            applied = self.state.groups.get(group)
+            if applied is None:
+                continue
+            value = to_json({"epoch": applied.epoch, "role": applied.role})
+            if value == seen.get(group) or value == self._acked.get(group):
+                continue
+            puts.append(Put(self._keys.ack(group, me), value, lease))
+            values[group] = value
+        for i in range(0, len(puts), ACK_BATCH):
+            try:
+                await self._store.txn([], puts[i:i + ACK_BATCH])
+            except StoreError as exc:
+                log.warning("cannot acknowledge applied roles", groups=len(puts),
+                            error=str(exc))
+                return
+        self._acked.update(values)
 
-    async def _reconcile(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
-                         wf: Workflow | None) -> None:
+    def _work(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
+              wf: Workflow | None) -> tuple[int, str, list[str]] | None:
+        """The hook this group needs now, if any."""
         applied = self.state.groups.get(group.name)
         if rec.region == s.region:
             if applied == Applied(rec.epoch, "active") or not may_promote(wf, rec.epoch):
-                return  # done already, or the saga has not reached promote_new
-            role, argv = "active", group.promote
-        else:
-            # Fence on doubt: demote unless we *know* we are standby already.
-            # A member that died mid-promote has no record of it and must not
-            # come back half-active.
-            if applied is not None and applied.role == "standby":
-                return
-            if not may_demote(wf, rec.epoch):
-                return  # planned switchover: keep serving while traffic drains
-            role, argv = "standby", group.demote
-        await self._run_role(s, group, rec.epoch, role, argv)
+                return None  # done already, or the saga has not reached promote_new
+            return rec.epoch, "active", group.promote
+        # Fence on doubt: demote unless we *know* we are standby already.
+        # A member that died mid-promote has no record of it and must not
+        # come back half-active.
+        if applied is not None and applied.role == "standby":
+            return None
+        if not may_demote(wf, rec.epoch):
+            return None  # planned switchover: keep serving while traffic drains
+        return rec.epoch, "standby", group.demote
 
     async def fence(self, group: GroupSettings, reason: str) -> None:
         """Self-fence (safety rule 4): demote now, without etcd, keeping the
@@ -178,10 +299,11 @@ class RoleReconciler:
         return {g: a.epoch for g, a in self.state.groups.items() if a.role == "active"}
 
     async def _run_role(self, s: Settings, group: GroupSettings, epoch: int, role: str,
-                        argv: list[str]) -> None:
+                        argv: list[str]) -> bool:
+        """Run the hook; True once it succeeded and the state file says so."""
         now = time.monotonic()
         if now < self._retry_at.get(group.name, 0.0):
-            return
+            return False
         action = "promote" if role == "active" else "demote"
         bound = log.bind(group=group.name, epoch=epoch, role=role)
         bound.info(f"{action} starting", command=argv)
@@ -207,12 +329,13 @@ class RoleReconciler:
             "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
         }
         if result.ok:
-            self.state.save(group.name, Applied(epoch, role))
+            await self.state.commit(group.name, Applied(epoch, role))
             self._retry_at.pop(group.name, None)
             self._retry_delay.pop(group.name, None)
             bound.info(f"{action} done", attempts=result.attempts,
                        duration_s=fields["duration_s"])
             await self._history.record(f"{action}_done", **fields)
+            return True
         else:
             delay = min(self._retry_delay.get(group.name, RETRY_MIN_S / 2) * 2, RETRY_MAX_S)
             self._retry_delay[group.name] = delay
@@ -220,3 +343,4 @@ class RoleReconciler:
             bound.error(f"{action} failed", attempts=result.attempts, output=result.output[-500:],
                         retry_in_s=delay)
             await self._history.record(f"{action}_failed", **fields, output=result.output[-500:])
+            return False

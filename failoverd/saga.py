@@ -11,6 +11,7 @@ steps (drain time, members' acks, verification) are polled each cycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -40,7 +41,6 @@ from failoverd.workflow import Step, Workflow
 log = structlog.get_logger("failoverd.saga")
 
 ACK_SLACK_S = 15.0
-STEP_BUDGET_S = 0.05
 # A verify that does not see the new region yet looks again this soon.
 VERIFY_RECHECK_S = 0.1
 # Steps members watch for: recorded as running before they execute.  Other
@@ -72,6 +72,12 @@ def worst_step_s(group: GroupSettings) -> float:
 
 
 class Saga:
+    """Runs one step of a workflow at a time, recording each (fenced).
+
+    Owns nothing but the term it writes under; must not decide anything —
+    which workflow runs, and when, is :class:`SagaRunner`'s business.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, term: int, history: History,
                  settings: Callable[[], Settings], clock: Callable[[], float] = time.time
                  ) -> None:
@@ -81,42 +87,24 @@ class Saga:
         self._history = history
         self._settings = settings
         self._clock = clock
-        # When a waiting step (a drain, a retry, a verify re-check) is next due,
-        # so the coordinator wakes for it instead of waiting a whole tick.
-        self.due_at: float | None = None
+        # When a waiting step (a drain, a retry, a verify re-check) of each
+        # group is next due, so its runner wakes for it.
+        self.due: dict[str, float] = {}
+        # The etcd revision of our newest workflow write.
+        self.revision = 0
 
-    async def advance(self, view: ClusterView) -> bool:
-        """Advance running workflows; True if any step finished.
-
-        Steps that finish at once run back to back, but only within
-        ``STEP_BUDGET_S``: then the coordinator re-reads the cluster and
-        decides before going on, so a new emergency never queues behind a
-        saga for longer than the budget plus one step.
-        """
-        progressed = False
-        started = time.monotonic()
-        self.due_at = None
-        for group, wf in sorted(view.workflows.items()):
-            rec = view.active.get(group)
-            g = self._settings().group_by_name(group)
-            if wf.state != "running" or rec is None or rec.epoch != wf.epoch or g is None:
-                continue
-            current: Workflow | None = wf
-            while current is not None and time.monotonic() - started < STEP_BUDGET_S:
-                current = await self._advance(current, g, view)
-                progressed |= current is not None
-        return progressed
-
-    async def _advance(self, wf: Workflow, group: GroupSettings, view: ClusterView
-                       ) -> Workflow | None:
-        """Run the current step; the updated workflow if it finished, else None."""
+    async def advance(self, wf: Workflow, group: GroupSettings, view: ClusterView
+                      ) -> tuple[Workflow, bool]:
+        """Run the current step: the workflow as we last wrote it, and whether
+        a step finished (then the next may run at once)."""
+        self.due.pop(wf.group, None)
         step = wf.current()
         now = self._clock()
         if step is None or step.state == "failed":
-            return None
+            return wf, False
         if now < step.retry_at:
-            self._due(step.retry_at)
-            return None
+            self._due(wf.group, step.retry_at)
+            return wf, False
         was_pending = step.state == "pending"
         if was_pending:
             step = replace(step, state="running", started=now)
@@ -130,8 +118,7 @@ class Saga:
             bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
             step = replace(step, state="failed", error=str(exc), finished=now,
                            attempts=step.attempts + 1)
-            await self._record(wf, step, now)
-            return None
+            return await self._record(wf, step, now), False
         except (StepFailed, RouterError, StoreError) as exc:
             attempts = step.attempts + 1
             if attempts >= group.step_attempts:
@@ -144,19 +131,18 @@ class Saga:
                               attempts=attempts, retry_in_s=round(delay, 2))
                 step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
                                started=now)
-                self._due(now + delay)
-            await self._record(wf, step, now)
-            return None
+                self._due(wf.group, now + delay)
+            return await self._record(wf, step, now), False
         if not done:
             if was_pending and step.name not in GATES:
-                await self._record(wf, step, now)  # keep its start time (drain, deadlines)
-            return None  # waiting; polled again next cycle
+                wf = await self._record(wf, step, now)  # keep its start (drain, deadlines)
+            return wf, False  # waiting; looked at again when due or the view changes
         step = replace(step, state="done", finished=now, detail=detail, error="",
                        attempts=step.attempts + 1)
         wf = await self._record(wf, step, now)
         fault_point(f"after-{wf.mode}-{step.name}")
         bound.info("saga step done", detail=detail)
-        return wf if wf.state == "running" else None
+        return wf, True
 
     async def _run_to_outcome(self, step: Step, wf: Workflow, group: GroupSettings,
                               view: ClusterView, now: float, bound: Any) -> tuple[bool, str]:
@@ -206,6 +192,7 @@ class Saga:
             if seat is None or seat.create_revision != self._term:
                 raise SagaFenced("workflow write rejected: a newer term holds the seat")
             raise StoreError("workflow changed under us; re-reading")
+        self.revision = max(self.revision, result.revision)
         return replace(new, mod_revision=result.revision)
 
     # -- the steps ----------------------------------------------------------
@@ -219,7 +206,7 @@ class Saga:
             if wf.from_region:  # idempotent: re-applied while the drain time runs
                 await self._each_router(group, replace(change, step="drain"))
             if now - started < group.drain_s:
-                self._due(started + group.drain_s)
+                self._due(wf.group, started + group.drain_s)
                 return False, "draining"
             return True, f"drained for {group.drain_s:.0f}s"
         if step.name == "fence_old":
@@ -239,8 +226,8 @@ class Saga:
                                required=False)
         raise StepFailed(f"unknown step {step.name}")
 
-    def _due(self, at: float) -> None:
-        self.due_at = at if self.due_at is None else min(self.due_at, at)
+    def _due(self, group: str, at: float) -> None:
+        self.due[group] = min(self.due.get(group, at), at)
 
     def _precheck(self, wf: Workflow, group: GroupSettings) -> str:
         for route in group.routes:
@@ -302,6 +289,82 @@ class Saga:
         if not problems:
             return True, f"traffic reaches {wf.to_region}"
         if now - started < group.verify_timeout_s:
-            self._due(now + VERIFY_RECHECK_S)
+            self._due(wf.group, now + VERIFY_RECHECK_S)
             return False, "; ".join(problems)
         raise StepFailed("verify: " + "; ".join(problems))
+
+
+class SagaRunner:
+    """Drives every running workflow of the coordinator's term concurrently,
+    at most ``limit()`` at once (an evacuation starts one saga per group).
+
+    Each workflow gets one task, started from :meth:`update` with the
+    coordinator's newest view and woken by every later one (acks arrive
+    that way) or when its waiting step is due.  Owns those tasks and nothing
+    else: it never decides, and it stops with the coordinator's TaskGroup
+    (a router change under way finishes first; see ``_run_to_outcome``).
+    """
+
+    def __init__(self, saga: Saga, settings: Callable[[], Settings],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._saga = saga
+        self._settings = settings
+        self._clock = clock
+        self._view: ClusterView | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings().policy.max_concurrent_sagas)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
+        self._view = view
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for group, wf in view.workflows.items():
+            rec = view.active.get(group)
+            if wf.state != "running" or rec is None or rec.epoch != wf.epoch:
+                continue
+            task = self._tasks.get(group)
+            if task is None or task.done():
+                self._tasks[group] = tg.create_task(self._drive(group), name=f"saga-{group}")
+
+    def _current(self, group: str, local: Workflow | None) -> tuple[Workflow | None, bool]:
+        """The newest copy of ``group``'s workflow (ours, or the view's if it
+        moved on) and whether it may still run."""
+        view = self._view
+        if view is None:
+            return None, False
+        wf = view.workflows.get(group)
+        if local is not None and (wf is None or (local.epoch == wf.epoch
+                                                 and local.mod_revision > wf.mod_revision)):
+            wf = local
+        rec = view.active.get(group)
+        ok = (wf is not None and wf.state == "running" and rec is not None
+              and rec.epoch == wf.epoch)
+        return wf, ok
+
+    async def _drive(self, group: str) -> None:
+        async with self._slots:
+            local: Workflow | None = None
+            while True:
+                wf, ok = self._current(group, local)
+                g = self._settings().group_by_name(group)
+                if not ok or wf is None or g is None or self._view is None:
+                    return
+                changed = self._changed
+                try:
+                    local, progressed = await self._saga.advance(wf, g, self._view)
+                except StoreError as exc:
+                    log.warning("saga paused: store error", group=group, error=str(exc))
+                    local, progressed = None, False
+                    self._saga.due[group] = self._clock() + 0.5
+                if progressed:
+                    continue  # a step finished: go on at once
+                due = self._saga.due.get(group)
+                wait = max(due - self._clock(), 0.0) if due is not None else 60.0
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await changed.wait()

@@ -7,7 +7,7 @@ values are ``str`` (values are JSON text).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -85,6 +85,8 @@ class WatchEvent:
     value: str
     mod_revision: int
     deleted: bool
+    create_revision: int = 0
+    lease: int = 0
 
 
 class Store(Protocol):
@@ -142,7 +144,8 @@ class Store(Protocol):
         """
         ...
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+    def watch(self, prefix: str, start_revision: int
+              ) -> AsyncGenerator[list[WatchEvent], None]:
         """Batches of changes under ``prefix`` from ``start_revision`` on.
 
         Survives reconnects: resumes after the last revision it delivered.

@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from failoverd.engine import Alert, GroupPolicy, Policy, SetActive, decide
+from failoverd.engine import Alert, GroupPolicy, Policy, decide
 from failoverd.model import (
-    AUTOMATIC_TRIGGERS,
     ActiveRecord,
     ClusterView,
     ControlState,

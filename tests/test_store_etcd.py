@@ -12,7 +12,7 @@ from etcd3aio import Etcd3Client, EtcdError
 from failoverd.config import EtcdSettings, Settings
 from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
-from failoverd.engine import GroupPolicy, Policy, SetActive
+from failoverd.engine import Decision, GroupPolicy, Policy, SetActive
 from failoverd.etcd import EtcdStore
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease, LeaseLost
@@ -139,6 +139,10 @@ async def test_campaign_with_an_expired_lease_never_leads(store: EtcdStore,
     assert await store.get(keys.coordinator) is None
 
 
+def _one(change: SetActive) -> Decision:
+    return Decision((change,), change.reason)
+
+
 def _coordinator(store: EtcdStore, keys: Keyspace, member: str, term: int,
                  lease: KeptLease) -> Coordinator:
     p = Policy(priorities=(("east", 100), ("west", 50)),
@@ -163,7 +167,7 @@ async def test_safety_rule_1_deposed_coordinator_write_fails(store: EtcdStore,
     assert old_term is not None
     old = _coordinator(store, keys, "old", old_term, old_lease)
     view = parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
-    await old._commit(SetActive("app", "east", 1, "bootstrap", "test", None), view)
+    await old._commit(_one(SetActive("app", "east", 1, "bootstrap", "test", None)), view)
     rec = parse_view(keys, await store.snapshot(keys.prefix, ("history/",))).active["app"]
     assert (rec.region, rec.epoch, rec.term) == ("east", 1, old_term)
 
@@ -175,7 +179,7 @@ async def test_safety_rule_1_deposed_coordinator_write_fails(store: EtcdStore,
 
     view = parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
     with pytest.raises(NotCoordinator):
-        await old._commit(SetActive("app", "west", 2, "member_loss", "stale", rec), view)
+        await old._commit(_one(SetActive("app", "west", 2, "member_loss", "stale", rec)), view)
     after = parse_view(keys, await store.snapshot(keys.prefix, ("history/",))).active["app"]
     assert after == rec  # unchanged
     events = [e for e in await _history(store, keys) if e["kind"] == "write_rejected"]
@@ -194,16 +198,16 @@ async def test_safety_rule_1_epoch_only_grows_and_stale_record_is_refused(
 
     async def view():
         return parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
-    await c._commit(SetActive("app", "east", 1, "bootstrap", "t", None), await view())
+    await c._commit(_one(SetActive("app", "east", 1, "bootstrap", "t", None)), await view())
     r1 = (await view()).active["app"]
-    await c._commit(SetActive("app", "west", 2, "operator", "t", r1), await view())
+    await c._commit(_one(SetActive("app", "west", 2, "operator", "t", r1)), await view())
     r2 = (await view()).active["app"]
     assert r2.epoch == 2
     # Replaying the epoch-2 write based on r1 is refused: r1 is stale.
-    await c._commit(SetActive("app", "east", 2, "operator", "replay", r1), await view())
+    await c._commit(_one(SetActive("app", "east", 2, "operator", "replay", r1)), await view())
     assert (await view()).active["app"] == r2
     # Bootstrapping again over an existing record is refused too.
-    await c._commit(SetActive("app", "east", 1, "bootstrap", "again", None), await view())
+    await c._commit(_one(SetActive("app", "east", 1, "bootstrap", "again", None)), await view())
     assert (await view()).active["app"] == r2
 
 
