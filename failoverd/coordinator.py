@@ -89,8 +89,9 @@ class Coordinator:
         self._resync = resync
         self.learned_failover_s: float | None = None
         # The etcd revision of our last successful commit: the next decision
-        # must see at least this (the mirror catches up by watch).
-        self.committed_revision = 0
+        # must see at least this (the mirror catches up by watch).  Our seat
+        # was written at the term's revision: never decide on a view older.
+        self.committed_revision = term
         # When the current cycle began (monotonic); the systemd watchdog
         # stops pinging when it is too old.
         self.cycle_started = time.monotonic()

@@ -33,6 +33,12 @@ async def campaign(store: Store, keys: Keyspace, member: str, lease: KeptLease) 
         [Get(keys.coordinator)],
     )
     if not result.succeeded:
+        seat = result.gets[0] if result.gets else None
+        if seat is not None and seat.lease == lease.id and lease.valid():
+            # Still ours from a term we stepped down from (a stale read):
+            # take it up again under the same term rather than sit it out
+            # until the lease expires.
+            return seat.create_revision
         return None
     term = result.revision  # the put's revision is the key's create_revision
     mine = await store.get(keys.coordinator)
