@@ -358,6 +358,12 @@ def status_document(view: ClusterView, s: Settings, now: float) -> dict[str, Any
                                          else None)}
                    for g in s.groups},
         "paused": view.control.paused,
+        # Incidents of the last hour (evacuations, failback waves): the
+        # cluster-wide storm guard's memory, newest first.
+        "evacuations": [{"kind": i.kind, "region": i.region, "trigger": i.trigger,
+                         "at": i.at, "reason": i.reason, "groups": i.groups, "held": i.held}
+                        for i in sorted(view.control.incidents, key=lambda i: -i.at)
+                        if now - i.at < 3600],
     }
 
 

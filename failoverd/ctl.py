@@ -58,10 +58,21 @@ def _ago(ts: float) -> str:
     return f"{max(time.time() - ts, 0):.0f}s ago"
 
 
+def evacuation_line(ev: dict[str, Any]) -> str:
+    """One alert line per incident of the last hour."""
+    if ev.get("kind") == "failback":
+        return f"! failback {_ago(ev['at'])}: {ev.get('reason', '')}"
+    held = f", {ev['held']} held" if ev.get("held") else ""
+    return (f"! EVACUATED {ev['region']} {_ago(ev['at'])} ({ev['trigger']}): "
+            f"{ev['groups']} group(s) moved{held} - {ev.get('reason', '')}")
+
+
 def print_status(st: dict[str, Any]) -> None:
     coord = st.get("coordinator") or {}
     print(f"cluster {st['cluster']}   coordinator {coord.get('member', '-')} "
           f"(term {coord.get('term', '-')})   paused {str(st['paused']).lower()}")
+    for ev in st.get("evacuations", []):
+        print(evacuation_line(ev))
     print(f"\n{'REGION':<12}{'HEALTH':<10}{'READY':<7}{'POWER':<14}{'DRAINED':<9}{'ACTIVE FOR':<16}"
           "MEMBERS")
     for name, r in st["regions"].items():

@@ -26,12 +26,15 @@ PAGE = """<!doctype html>
  .utility_lost, .on_battery, .on_generator { color: #9a6700; font-weight: 600; }
  #error { color: #cf222e; } #timeline td:first-child { white-space: nowrap; }
  .paused { background: #fff8c5; padding: .3rem .6rem; display: inline-block; }
+ .evacuation { background: #ffebe9; color: #82071e; padding: .3rem .6rem; margin: .2rem 0;
+   font-weight: 600; }
 </style></head>
 <body>
 <h1>failoverd · <span id="cluster">__CLUSTER__</span></h1>
 <div class="meta">served by __MEMBER__ · coordinator <span id="coordinator">…</span>
  · updated <span id="updated">never</span></div>
 <div id="paused"></div>
+<div id="evacuations"></div>
 <form id="login" hidden><label>Viewer token <input id="token" type="password"></label>
  <button>Show</button></form>
 <div id="error"></div>
@@ -70,6 +73,14 @@ function render(st, events) {
     st.coordinator.member + " (term " + st.coordinator.term + ")" : "none";
   $("paused").textContent = st.paused ? "Automatic actions are paused" : "";
   $("paused").className = st.paused ? "paused" : "";
+  $("evacuations").replaceChildren(...(st.evacuations || []).map((e) => {
+    const div = document.createElement("div"); div.className = "evacuation";
+    div.dataset.region = e.region;
+    div.textContent = e.kind === "failback" ? "Failback " + ago(e.at) + ": " + e.reason :
+      "Evacuated " + e.region + " " + ago(e.at) + " (" + e.trigger + "): " + e.groups +
+      " group(s) moved" + (e.held ? ", " + e.held + " held" : "") + " — " + e.reason;
+    return div;
+  }));
   const regions = $("regions").tBodies[0]; regions.replaceChildren();
   for (const [name, r] of Object.entries(st.regions)) {
     const row = regions.insertRow(); row.dataset.region = name;

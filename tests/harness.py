@@ -207,7 +207,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  ttl: int = 2, policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
-                 drain_s: float = 0.5, log_level: str = "debug") -> Path:
+                 drain_s: float = 0.5, log_level: str = "debug",
+                 region_settings: dict[str, dict[str, Any]] | None = None) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes)."""
@@ -225,7 +226,9 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
     for url in mqtt or []:
         lines += ["[[mqtt]]", f'url = "{url}"', 'topics = ["failoverd/power/#"]', ""]
     for name, prio in regions.items():
-        lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}", ""]
+        lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}",
+                  *(f"{k} = {_toml(v)}" for k, v in (region_settings or {}).get(name, {}).items()),
+                  ""]
         for probe in (probes or {}).get(name, []):
             lines += ["[[regions.probes]]", *(f"{k} = {_toml(v)}" for k, v in probe.items()), ""]
     for name, members in groups.items():
@@ -335,7 +338,8 @@ class LocalCluster:
                  policy: dict[str, Any] | None = None,
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
-                 drain_s: float = 0.5, log_level: str = "debug") -> None:
+                 drain_s: float = 0.5, log_level: str = "debug",
+                 region_settings: dict[str, dict[str, Any]] | None = None) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -347,6 +351,7 @@ class LocalCluster:
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
             mqtt=mqtt, group_toml=group_toml, drain_s=drain_s, log_level=log_level,
+            region_settings=region_settings,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl

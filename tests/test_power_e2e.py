@@ -118,19 +118,61 @@ async def test_battery_runtime_below_budget_fails_over_before_zero(power_stack):
     assert "12s left, under the 15s failover budget" in after.reason
 
 
-async def test_silent_sensor_is_unknown_not_power_loss(power_stack):
-    s = power_stack(power_grace_s=4, sensor_stale_s=1.5)
+async def test_silence_after_utility_ok_is_unknown(power_stack):
+    s = power_stack(sensor_stale_s=1.5)
     before = await s.started()
     t0 = time.time()
-    await s.state("ats", "utility_lost")
-    await s.decided("power utility_lost")
-    # Silent: stale after 1.5 s, before the 4 s grace could make it critical.
-    await s.decided("power unknown", after=t0 + 4.5)
+    await s.state("ats", "utility_ok")
+    await s.decided("power normal")
+    await s.decided("power unknown", after=t0 + 1.5)
     assert (await s.c.view()).active["app"].epoch == before.epoch
 
 
-async def test_last_will_offline_is_unknown(power_stack):
-    s = power_stack(power_grace_s=600)
+async def test_rule_10_silence_after_an_outage_state_is_critical_after_the_bound(power_stack):
+    """A generator that carried the load and then went silent (its network
+    died with the site) is not good news: after
+    power_silence_during_outage_s the region is critical and evacuated."""
+    s = power_stack(power_grace_s=600, sensor_stale_s=1, power_silence_during_outage_s=3)
+    before = await s.started()
+    t0 = time.time()
+    await s.state("gen", "on_generator")
+    await s.decided("power on_generator")
+    # Past sensor_stale_s it keeps its state (rule 10), it does not decay.
+    await s.decided("power on_generator", after=t0 + 1.5)
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+    after = await s.c.wait_active("app", "west", 10)
+    assert time.time() - t0 >= 3
+    assert "gen:on_generator, silent" in after.reason
+
+
+async def test_rule_10_generator_failed_then_silent_stays_critical(power_stack):
+    """generator_failed and then silence: with no candidate to move to, the
+    region must stay critical past sensor_stale_s (not decay to unknown)."""
+    s = power_stack(sensor_stale_s=1)
+    before = await s.started()
+    await s.c.store.put(s.c.keys.drained("west"), "{}")  # no candidate
+    t0 = time.time()
+    await s.state("gen", "generator_failed")
+    await s.decided("power critical")
+    seen = await s.decided("no candidate", after=t0 + 2.5)
+    assert "power critical (gen:generator_failed, silent" in seen["reason"]
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+
+
+async def test_on_battery_runtime_counts_down_without_new_messages(power_stack):
+    """One message, 19 s left; the budget is 15 s (5 + 10): the daemon
+    counts the runtime down itself and leaves about 4 s later."""
+    s = power_stack(power_grace_s=600, power_silence_during_outage_s=600, sensor_stale_s=600)
+    await s.started()
+    t0 = time.time()
+    await s.state("ups1", "on_battery", runtime_s=19)
+    after = await s.c.wait_active("app", "west", 15)
+    assert time.time() - t0 >= 3.5
+    assert "under the 15s failover budget" in after.reason
+
+
+async def test_rule_10_last_will_after_on_battery_keeps_it_then_critical(power_stack):
+    s = power_stack(power_grace_s=600, power_silence_during_outage_s=3)
     before = await s.started()
     # A sensor process that registers a Last Will, reports on battery, then
     # dies without disconnecting: the broker publishes its will.
@@ -143,9 +185,12 @@ async def test_last_will_offline_is_unknown(power_stack):
         "'runtime_s': 900, 'ts': time.time()}), qos=1)\n"
         "        os._exit(0)\n"
         "asyncio.run(main())\n")
+    t0 = time.time()
     subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
-    await s.decided("power unknown")
-    assert (await s.c.view()).active["app"].epoch == before.epoch
+    await s.decided("(last will)")
+    after = await s.c.wait_active("app", "west", 10)
+    assert after.epoch == before.epoch + 1 and time.time() - t0 >= 3
+    assert "ups9:on_battery, silent" in after.reason
 
 
 async def test_nut_sequence_fails_over_on_low_battery(power_stack):
