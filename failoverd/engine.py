@@ -411,6 +411,9 @@ class _Plan:
     # region -> (trigger, why, evidence, moves, held, overridden)
     evac: dict[str, tuple[list[SetActive], list[tuple[str, str]], list[tuple[str, str]]]] = (
         field(default_factory=dict))
+    # region -> its evacuation would exceed max_evacuations_per_hour (judged
+    # at its first group, before this cycle's own incidents are counted).
+    over_limit: dict[str, bool] = field(default_factory=dict)
 
 
 def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
@@ -435,9 +438,9 @@ def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
         hold("no candidate, staying", "no candidate region")
         return
     blocked = guards.group_guards(rec)
-    new_incident = (region_wide and rec.region not in _evacuating(plan)
-                    and not guards.continues(rec.region, trigger))
-    if new_incident and not guards.incidents_left:
+    new_incident = region_wide and not guards.continues(rec.region, trigger)
+    if new_incident and plan.over_limit.setdefault(rec.region, not guards.incidents_left):
+        # Judged once per region: the whole evacuation is over the limit.
         blocked.append("max_evacuations_per_hour reached")
     urgent = trigger in URGENT_TRIGGERS
     if blocked and not urgent:
@@ -454,14 +457,10 @@ def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
                        evacuation=rec.region if region_wide else None,
                        overrode=tuple(blocked), auto_moves=guards.moves_with(rec))
     plan.intents.append(change)
-    if new_incident:
-        guards.incidents_left = max(guards.incidents_left - 1, 0)
+    if new_incident and not moves:
+        guards.incidents_left = max(guards.incidents_left - 1, 0)  # counted once
     moves.append(change)
     plan.reasons.append(f"{group.name}: failover {rec.region} -> {best[0]}: {why}")
-
-
-def _evacuating(plan: _Plan) -> set[str]:
-    return {r for r, (moves, _, _) in plan.evac.items() if moves}
 
 
 def decide(view: ClusterView, policy: Policy, now: float) -> Decision:

@@ -96,7 +96,7 @@ async def test_fifty_groups_evacuate_on_generator_failed_as_one_incident(
         _, metrics = await call(api, "GET", "/metrics")
         assert 'failoverd_evacuations_total{region="east",trigger="power"} 1.0' in metrics
         _, status = await call(api, "GET", "/v1/status",
-                               token="viewer-secret-for-tests")  # noqa: S106
+                               token="viewer-secret-for-tests")
         assert [(e["region"], e["groups"]) for e in status["evacuations"]] == [("east", 50)]
 
         async def promoted() -> bool:
