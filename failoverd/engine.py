@@ -399,6 +399,9 @@ def _status_line(a: Assessment, rec: ActiveRecord) -> str:
         status += f", power {r.power.state}"
         if r.power.runtime_s is not None:
             status += f" ({r.power.runtime_s:.0f}s left)"
+        if r.power.minority:
+            status += (f"; {len(r.power.minority)} of {r.power.quorum} sensors needed say "
+                       f"critical ({', '.join(r.power.minority)})")
     return f"{rec.region} active (epoch {rec.epoch}), {status}"
 
 

@@ -181,6 +181,8 @@ class RegionPower:
     # evidence an evacuation records), and how many were needed.
     evidence: tuple[str, ...] = ()
     quorum: int = 1
+    # Sensors saying "critical" when fewer than ``quorum`` do (not acted on).
+    minority: tuple[str, ...] = ()
 
 
 def fresh(r: Reading, now: float, stale_s: float) -> bool:
@@ -261,15 +263,17 @@ def region_power(readings: Iterable[Reading], now: float, *, grace_s: float,
                            tuple(critical), quorum)
     short = (f"; {len(critical)} of {quorum} sensors needed say critical: "
              f"{', '.join(critical)}") if critical else ""
+    minority = tuple(critical)
     if generator:
         return RegionPower("on_generator", detail="generator carrying the load" + short,
-                           quorum=quorum)
+                           quorum=quorum, minority=minority)
     if not outage:
-        return RegionPower("normal", detail=short.lstrip("; "), quorum=quorum)
+        return RegionPower("normal", detail=short.lstrip("; "), quorum=quorum,
+                           minority=minority)
     assert since is not None
     state = "on_battery" if any(r.state == "on_battery" for r in outage) else "utility_lost"
     return RegionPower(state, runtime, since, f"outage for {now - since:.0f}s{short}",
-                       quorum=quorum)
+                       quorum=quorum, minority=minority)
 
 
 def reading_to_json(r: Reading, relayed_by: str) -> str:
