@@ -10,15 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import footprint, health, power, routers, takeover
+from bench import evacuate, footprint, health, power, routers, takeover
 
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
-    ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint"),
-                    action="append")
+    ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint",
+                                       "evacuate"), action="append")
+    ap.add_argument("--groups", type=int, action="append",
+                    help="evacuate: group counts to measure (default 10, 100, 1000)")
     ap.add_argument("--footprint-s", type=float, default=60.0,
                     help="how long the footprint is sampled (default 60 s)")
     ap.add_argument("--json", action="store_true")
@@ -30,6 +32,8 @@ async def main() -> int:
             rows += await mod.run(args.trials, args.ttl)
     if not args.only or "footprint" in args.only:
         rows += await footprint.run(args.trials, args.ttl, args.footprint_s)
+    if not args.only or "evacuate" in args.only:
+        rows += await evacuate.run(args.ttl, args.groups or [10, 100, 1000])
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -347,24 +347,27 @@ class SagaRunner:
         return wf, ok
 
     async def _drive(self, group: str) -> None:
-        async with self._slots:
-            local: Workflow | None = None
-            while True:
-                wf, ok = self._current(group, local)
-                g = self._settings().group_by_name(group)
-                if not ok or wf is None or g is None or self._view is None:
-                    return
-                changed = self._changed
+        local: Workflow | None = None
+        while True:
+            wf, ok = self._current(group, local)
+            g = self._settings().group_by_name(group)
+            if not ok or wf is None or g is None or self._view is None:
+                return
+            changed = self._changed
+            # The bound is on steps executing at once (router calls, records),
+            # not on sagas waiting for members' acks: a waiting saga must not
+            # keep another group's saga from starting.
+            async with self._slots:
                 try:
                     local, progressed = await self._saga.advance(wf, g, self._view)
                 except StoreError as exc:
                     log.warning("saga paused: store error", group=group, error=str(exc))
                     local, progressed = None, False
                     self._saga.due[group] = self._clock() + 0.5
-                if progressed:
-                    continue  # a step finished: go on at once
-                due = self._saga.due.get(group)
-                wait = max(due - self._clock(), 0.0) if due is not None else 60.0
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await changed.wait()
+            if progressed:
+                continue  # a step finished: go on at once
+            due = self._saga.due.get(group)
+            wait = max(due - self._clock(), 0.0) if due is not None else 60.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await changed.wait()

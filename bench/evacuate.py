@@ -1,0 +1,186 @@
+"""Region evacuation at scale: G groups active in east, one ``generator_failed``.
+
+For each G (default 10, 100, 1,000), on a fresh 3-member etcd, mosquitto and
+3 daemons (east 100, west 50, south 10), default policy, ``drain_s = 0``, one
+exec route per group:
+
+- bootstrap: daemons started → the last promote hook of the G groups ran;
+- idle CPU per daemon (the busiest of the three) once every saga is done;
+- MQTT publish → the last active record committed, → the last promote hook
+  started in west, → the last saga done;
+- the pure decision (``engine.decide``) at G groups, CPU time.
+
+Each figure is printed with its ratio to G = 10 and the target at 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.footprint import _cpu_ticks
+from failoverd.engine import GroupPolicy, Policy, decide
+from failoverd.model import ActiveRecord, ClusterView, ControlState, MemberRecord
+from failoverd.power import Reading
+from tests.harness import EtcdCluster, LocalCluster, Mosquitto, read_hook_log, wait_until
+
+REGIONS = {"east": 100, "west": 50, "south": 10}
+TARGETS_1000 = {"commit": 1.0, "hook": 3.0, "saga": 10.0, "bootstrap": 10.0, "idle": 3.0,
+                "decide": 0.05}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def decide_cpu_s(groups: int, repeat: int = 5) -> float:
+    """CPU time of one ``decide`` that evacuates ``groups`` groups (best of N)."""
+    now = 1_000_000.0
+    members = {f"{r}-1": MemberRecord(f"{r}-1", r, "0", "", now - 3600) for r in REGIONS}
+    policy = Policy(priorities=tuple(REGIONS.items()),
+                    groups=tuple(GroupPolicy(f"g{i}", tuple(REGIONS)) for i in range(groups)),
+                    cooldown_s=300, max_evacuations_per_hour=3, failback="manual",
+                    failback_stable_s=300)
+    view = ClusterView(
+        revision=1, coordinator=None, members=members,
+        active={f"g{i}": ActiveRecord("east", 3, now - 9999, "", 1, "bootstrap", 7)
+                for i in range(groups)},
+        control=ControlState(),
+        power={("east", "gen"): [Reading("east", "gen", "generator_failed", now, now, None,
+                                         None, now)]})
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.process_time()
+        d = decide(view, replace(policy), now)
+        best = min(best, time.process_time() - t0)
+        assert len(d.changes) == groups
+    return best
+
+
+async def _groups_in(c: LocalCluster, region: str, n: int) -> bool:
+    snap = await c.store.get_prefix(c.keys.groups)
+    return sum(1 for kv in snap.kvs if kv.key.endswith("/active")
+               and json.loads(kv.value)["region"] == region) >= n
+
+
+async def _sagas_done(c: LocalCluster, n: int, epoch: int) -> bool:
+    snap = await c.store.get_prefix(c.keys.groups)
+    done = 0
+    for kv in snap.kvs:
+        if kv.key.endswith("/workflow"):
+            wf = json.loads(kv.value)
+            done += wf["epoch"] == epoch and wf["state"] == "done"
+    return done >= n
+
+
+def _last_hook(log: Path, member: str, epoch: int, n: int) -> float | None:
+    hooks = [h for h in read_hook_log(log)
+             if h["member"] == member and h["role"] == "active" and h["epoch"] == epoch]
+    return max(h["t"] for h in hooks) if len({h["group"] for h in hooks}) >= n else None
+
+
+async def one(groups: int, ttl: int) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix=f"failoverd-bench-evac-{groups}-"))
+    etcd = EtcdCluster(work, size=3)
+    etcd.start()
+    broker = Mosquitto(work).start()
+    route = work / "route.sh"
+    route.write_text("#!/bin/sh\nexit 0\n")
+    route.chmod(0o755)
+    c = LocalCluster(
+        work, "bench-evac", etcd.endpoints, REGIONS,
+        {f"g{i:04d}": list(REGIONS) for i in range(groups)}, ttl=max(ttl, 3),
+        mqtt=[broker.url], drain_s=0, log_level="info",
+        policy={"cooldown_s": 300, "max_evacuations_per_hour": 3,
+                "max_auto_failovers_per_group_per_hour": 3, "bootstrap_grace_s": 2,
+                "member_loss_grace_s": 5, "tick_s": 1.0},
+        group_toml=f'[[groups.routes]]\nkind = "exec"\ncommand = ["{route}"]\n')
+    out: dict[str, float] = {}
+    try:
+        t0 = time.time()
+        for member, region in (("east-1", "east"), ("west-1", "west"), ("south-1", "south")):
+            c.add(member, region)
+        await wait_until(lambda: _groups_in(c, "east", groups), 120, "records bootstrapped",
+                         interval=0.2)
+        last = await wait_until(lambda: _last_hook(c.hook_log, "east-1", 1, groups), 300,
+                                "every bootstrap promote", interval=0.2)
+        out["bootstrap"] = last - t0
+        await wait_until(lambda: _sagas_done(c, groups, 1), 300, "bootstrap sagas done",
+                         interval=0.5)
+        await asyncio.sleep(3)  # let the last acks and history writes settle
+        pids = [d.pid for d in c.daemons.values()]
+        before = [_cpu_ticks(p) for p in pids]
+        w0 = time.monotonic()
+        await asyncio.sleep(10)
+        spent = [(_cpu_ticks(p) - b) / TICK for p, b in zip(pids, before, strict=True)]
+        out["idle"] = max(spent) / (time.monotonic() - w0) * 100
+
+        committed: dict[str, float] = {}
+
+        async def watch() -> None:
+            start = (await c.store.get_prefix(c.keys.groups)).revision + 1
+            async for batch in c.store.watch(c.keys.groups, start):
+                now = time.time()
+                for ev in batch:
+                    if ev.key.endswith("/active") and not ev.deleted:
+                        committed[ev.key] = now
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        async with aiomqtt.Client("127.0.0.1", broker.port) as mq:
+            t0 = time.time()
+            await mq.publish("failoverd/power/east/gen",
+                             json.dumps({"state": "generator_failed", "ts": t0}), qos=1)
+        await wait_until(lambda: len(committed) >= groups, 60, "every record committed",
+                         interval=0.05)
+        out["commit"] = max(committed.values()) - t0
+        last = await wait_until(lambda: _last_hook(c.hook_log, "west-1", 2, groups), 300,
+                                "every promote in west", interval=0.1)
+        out["hook"] = last - t0
+        await wait_until(lambda: _sagas_done(c, groups, 2), 300, "every saga done",
+                         interval=0.1)
+        out["saga"] = time.time() - t0
+        task.cancel()
+    finally:
+        await c.close()
+        broker.stop()
+        etcd.stop()
+    out["decide"] = decide_cpu_s(groups)
+    return out
+
+
+NAMES = {
+    "bootstrap": "bootstrap: start -> last promote hook",
+    "idle": "idle CPU, busiest daemon (% of a core)",
+    "commit": "evacuation: MQTT publish -> last record committed",
+    "hook": "evacuation: MQTT publish -> last promote hook started",
+    "saga": "evacuation: MQTT publish -> last saga done",
+    "decide": "decide() CPU, one evacuating cycle",
+}
+
+
+async def run(ttl: int, sizes: list[int]) -> list[dict[str, Any]]:
+    results = {g: await one(g, ttl) for g in sizes}
+    base = results.get(min(sizes))
+    rows: list[dict[str, Any]] = []
+    for key, name in NAMES.items():
+        for g in sizes:
+            v = results[g][key]
+            unit = "%" if key == "idle" else "ms"
+            shown = v if key == "idle" else v * 1000
+            ratio = (v / base[key]) if base and base[key] else float("nan")
+            target = TARGETS_1000[key]
+            goal = (f"target at 1,000: <= {target:g}{' %' if key == 'idle' else ' s'}"
+                    + ("" if g != 1000 else (" MET" if v <= target else " MISSED")))
+            rows.append({"benchmark": f"{name} (G={g})", "unit": unit, "samples": 1,
+                         "p50": round(shown, 2), "p99": round(shown, 2),
+                         "min": round(shown, 2), "max": round(shown, 2), "stdev": 0.0,
+                         "floor": f"x{ratio:.1f} of G={min(sizes)}; {goal}"})
+    return rows
