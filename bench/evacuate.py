@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,6 +136,7 @@ async def one(groups: int, ttl: int) -> dict[str, float]:
                         committed[ev.key] = now
         task = asyncio.create_task(watch())
         await asyncio.sleep(0.2)
+        profilers = _profile(c, work)
         async with aiomqtt.Client("127.0.0.1", broker.port) as mq:
             t0 = time.time()
             await mq.publish("failoverd/power/east/gen",
@@ -148,12 +151,27 @@ async def one(groups: int, ttl: int) -> dict[str, float]:
                          interval=0.1)
         out["saga"] = time.time() - t0
         task.cancel()
+        for p in profilers:
+            p.wait()
     finally:
         await c.close()
         broker.stop()
         etcd.stop()
     out["decide"] = decide_cpu_s(groups)
     return out
+
+
+def _profile(c: LocalCluster, work: Path) -> list[subprocess.Popen[bytes]]:
+    """With FAILOVERD_BENCH_PROFILE=S, sample every daemon with py-spy for S
+    seconds from the power event on (flame data in the bench's work dir)."""
+    seconds = os.environ.get("FAILOVERD_BENCH_PROFILE")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not seconds or not Path(spy).exists():
+        return []
+    return [subprocess.Popen([spy, "record", "-r", "200", "-d", seconds, "-f", "raw",
+                              "-o", str(work / f"{m}.pyspy.txt"), "-p", str(d.pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for m, d in c.daemons.items()]
 
 
 NAMES = {

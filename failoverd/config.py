@@ -311,7 +311,14 @@ class Settings(_Model):
         return next((r for r in self.regions if r.name == name), None)
 
     def group_by_name(self, name: str) -> GroupSettings | None:
-        return next((g for g in self.groups if g.name == name), None)
+        # O(1): sagas ask per step.  The index is rebuilt if ``groups`` is
+        # not the list it was built from (model_copy copies __dict__).
+        index = self.__dict__.get("_group_index")
+        if index is None or index[0] is not self.groups:
+            index = (self.groups, {g.name: g for g in self.groups})
+            self.__dict__["_group_index"] = index
+        found: GroupSettings | None = index[1].get(name)
+        return found
 
 
 def _items(value: object) -> list[dict[str, object]]:

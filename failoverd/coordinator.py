@@ -41,7 +41,7 @@ from failoverd.model import (
     parse_view,
     to_json,
 )
-from failoverd.saga import Saga, SagaFenced, SagaRunner
+from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward
 from failoverd.store import Compare, Delete, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.workflow import Workflow
 
@@ -83,6 +83,8 @@ class Coordinator:
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
+        self._settings = settings
+        self._fast_forwarded: dict[tuple[str, int], tuple[str, list[str]]] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
         self.sagas = SagaRunner(self._saga, settings, clock)
         self._mirror = mirror
@@ -251,12 +253,19 @@ class Coordinator:
             event["evacuation"] = intent.evacuation
         if intent.overrode:
             event["overrode"] = list(intent.overrode)
-        success: list[Op] = [Put(key, record.to_value()),
-                             self._history.put_op("epoch_changed", **event)]
-        # The saga that carries the change out, durable with the decision.
+        # The saga that carries the change out, durable with the decision;
+        # what needs no I/O is done in this txn (members promote at once).
         wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
                           intent.region, mode, now)
-        success.append(Put(self._keys.workflow(intent.group), wf.to_value()))
+        group = self._settings().group_by_name(intent.group)
+        if group is not None:
+            wf = fast_forward(wf, group, now)
+            done = [st.name for st in wf.steps if st.state == "done"]
+            event["steps_done"] = done
+            self._fast_forwarded[(intent.group, intent.epoch)] = (mode, done)
+        success: list[Op] = [Put(key, record.to_value()),
+                             self._history.put_op("epoch_changed", **event),
+                             Put(self._keys.workflow(intent.group), wf.to_value())]
         old = view.workflows.get(intent.group)
         if old is not None and old.state == "running":
             # A newer epoch takes over: say so, never drop a saga silently.
@@ -285,6 +294,12 @@ class Coordinator:
         kept = tuple(i for i in view.control.incidents if now - i.at < HOUR_S)
         ops.append(Put(self._keys.storm, incidents_value(kept + decision.incidents)))
         return [Compare(self._keys.storm, "mod", view.control.storm_mod_revision)], ops
+
+    def _after_fast_forward(self, intent: SetActive) -> None:
+        """Test fault points of steps done at creation fire once committed."""
+        mode, done = self._fast_forwarded.pop((intent.group, intent.epoch), ("", []))
+        for step in done:
+            fault_point(f"after-{mode}-{step}")
 
     async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
         """Carry out or refuse one operator request, with its audit event and
@@ -325,6 +340,8 @@ class Coordinator:
             return
         if txn.succeeded:
             self.committed_revision = max(self.committed_revision, txn.revision)
+            if outcome.change is not None:
+                self._after_fast_forward(outcome.change)
             log.info("operator request", request=req.id, action=req.action, by=req.by,
                      status=result["status"], reason=outcome.reason)
             return
@@ -365,6 +382,8 @@ class Coordinator:
             if not ok:
                 break
             committed += len(intents)
+            for intent in intents:
+                self._after_fast_forward(intent)
         done = {c.group for c in decision.changes[:committed]}
         for ev in decision.evacuations:
             moved = sum(1 for m in ev.moves if m.group in done)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -59,12 +60,24 @@ class Watcher:
         self._store = store
         self._keys = keys
         self._subs: list[tuple[str, asyncio.Event]] = []
+        self._listeners: list[tuple[str, Callable[[list[str] | None], None]]] = []
         self.mirror = KeyMirror(keys.prefix, exclude=("history/",))
 
     def subscribe(self, sub_prefix: str) -> asyncio.Event:
         event = asyncio.Event()
         self._subs.append((self._keys.prefix + sub_prefix, event))
         return event
+
+    def listen(self, sub_prefix: str, fn: Callable[[list[str] | None], None]) -> None:
+        """Call ``fn`` with the changed keys under ``sub_prefix`` (None: the
+        mirror was reloaded, everything may have changed)."""
+        self._listeners.append((self._keys.prefix + sub_prefix, fn))
+
+    def _reloaded(self) -> None:
+        for _, fn in self._listeners:
+            fn(None)
+        for _, event in self._subs:
+            event.set()
 
     async def _load(self) -> int:
         async for attempt in AsyncRetrying(
@@ -74,8 +87,7 @@ class Watcher:
             with attempt:
                 snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
         self.mirror.load(snap)
-        for _, event in self._subs:
-            event.set()
+        self._reloaded()
         return snap.revision
 
     async def resync(self) -> None:
@@ -83,8 +95,7 @@ class Watcher:
         snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
         if snap.revision > self.mirror.revision:
             self.mirror.load(snap)
-            for _, event in self._subs:
-                event.set()
+            self._reloaded()
 
     async def run(self) -> None:
         while True:
@@ -96,6 +107,10 @@ class Watcher:
                         log.warning("watch compacted; reloading the mirror")
                         break
                     changed = self.mirror.apply(batch)
+                    for prefix, fn in self._listeners:
+                        keys = [k for k in changed if k.startswith(prefix)]
+                        if keys:
+                            fn(keys)
                     for prefix, event in self._subs:
                         if any(k.startswith(prefix) for k in changed):
                             event.set()
@@ -143,6 +158,7 @@ class Daemon:
         roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
                                self.watcher.subscribe("groups/"), self._live_lease,
                                mirror=self.watcher.mirror)
+        self.watcher.listen("groups/", roles.keys_changed)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.api = Api(self.store, self.keys, lambda: self.settings,
@@ -155,6 +171,7 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.watcher.run(), name="watch")
+                tg.create_task(self.history.run(), name="history")
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self.power.run(), name="mqtt")
@@ -171,6 +188,9 @@ class Daemon:
         finally:
             self.notifier.stopping()
             await self._release()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.history.flush()  # what the writer had not sent
             await self.store.close()
             self.notifier.close()
             log.info("failoverd stopped")
@@ -236,6 +256,7 @@ class Daemon:
                     await resign(self.store, self.keys, coord.term,
                                  self.history.put_op("coordinator_resigned", term=coord.term))
                 await self.history.record("member_left")
+                await self.history.flush()
                 await self.store.revoke(lease.id)
         except (StoreError, TimeoutError) as exc:
             log.warning("could not release lease cleanly; it will expire", error=str(exc))

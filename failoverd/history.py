@@ -3,10 +3,18 @@
 Events are appended best-effort — a history write must never block or fail a
 safety action — except where the event is part of a fenced txn (an epoch
 change), in which case it lands atomically with the change it records.
+
+While :meth:`History.run` runs (the daemon's ``history`` task), ``record``
+only queues: the writer sends what accumulated in one txn (up to
+``BATCH`` events), so 1,000 hooks finishing together cost a handful of etcd
+writes, and a member cut off from etcd never waits on its audit trail.
+Events wait (up to ``MAX_QUEUED``, oldest dropped and counted) while etcd is
+unreachable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -14,9 +22,13 @@ from collections.abc import Callable
 import structlog
 
 from failoverd.model import Keyspace, to_json
-from failoverd.store import Put, Store, StoreError
+from failoverd.store import Op, Put, Store, StoreError
 
 log = structlog.get_logger("failoverd.history")
+
+BATCH = 120  # events per txn (etcd's --max-txn-ops is 128 by default)
+MAX_QUEUED = 10_000
+RETRY_S = 1.0
 
 
 class History:
@@ -28,6 +40,10 @@ class History:
         self._region = region
         self._clock = clock
         self._last_ns = 0
+        self._queue: list[Put] = []
+        self._queued = asyncio.Event()
+        self._writer_running = False
+        self.dropped = 0
 
     def put_op(self, kind: str, **fields: object) -> Put:
         """The event as a :class:`Put`, to ride inside a txn."""
@@ -41,10 +57,44 @@ class History:
 
     async def record(self, kind: str, **fields: object) -> None:
         op = self.put_op(kind, **fields)
+        if self._writer_running:
+            if len(self._queue) >= MAX_QUEUED:
+                del self._queue[0]
+                self.dropped += 1
+                log.warning("history queue full; oldest event dropped", dropped=self.dropped)
+            self._queue.append(op)
+            self._queued.set()
+            return
         try:
             await self._store.put(op.key, op.value)
         except StoreError as exc:
             log.warning("history event not recorded", kind=kind, error=str(exc))
+
+    async def run(self) -> None:
+        """The writer: sends queued events in batches until cancelled."""
+        self._writer_running = True
+        try:
+            while True:
+                await self._queued.wait()
+                self._queued.clear()
+                if not await self.flush():
+                    await asyncio.sleep(RETRY_S)
+                    self._queued.set()
+        finally:
+            self._writer_running = False
+
+    async def flush(self) -> bool:
+        """Write everything queued; False if etcd refused (kept for later)."""
+        while self._queue:
+            batch: list[Op] = list(self._queue[:BATCH])
+            try:
+                await self._store.txn([], batch)
+            except StoreError as exc:
+                log.warning("history events not recorded yet", queued=len(self._queue),
+                            error=str(exc))
+                return False
+            del self._queue[:len(batch)]
+        return True
 
     async def prune(self, limit: int) -> int:
         """Keep the newest ``limit`` events; returns how many were deleted."""

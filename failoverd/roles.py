@@ -26,7 +26,7 @@ from failoverd.config import GroupSettings, Settings
 from failoverd.history import History
 from failoverd.hooks import run_hook
 from failoverd.mirror import KeyMirror
-from failoverd.model import ActiveRecord, Keyspace, parse_active, to_json
+from failoverd.model import ActiveRecord, Keyspace, parse_ack, parse_active, to_json
 from failoverd.store import KeyValue, Op, Put, Store, StoreError
 from failoverd.workflow import Workflow, may_demote, may_promote, parse_workflow
 
@@ -138,10 +138,21 @@ class RoleReconciler:
         # What we last published as our ack, per group (to skip rewrites).
         self._acked: dict[str, str] = {}
         self._ack_lease: int | None = None
+        self._to_ack: set[str] = set()
+        # Per group, the mod_revisions of (active, workflow, our ack) last
+        # looked at, and the groups to look at again regardless.
+        self._marks: dict[str, tuple[int, ...]] = {}
+        self._dirty: set[str] = set()
+        # With the mirror, only groups the watch names (or that are dirty)
+        # are read; without it, or after a reload, all of them.
+        self._look_at_all = True
+        self._settings_seen: Settings | None = None
+        self._ack_wanted = asyncio.Event()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            tg.create_task(self._ack_loop(), name="roles-acks")
             while True:
                 self._wake.clear()
                 await self.reconcile_once()
@@ -151,76 +162,100 @@ class RoleReconciler:
                 except TimeoutError:
                     pass
 
-    async def _read(self) -> list[KeyValue] | None:
+    async def _read(self) -> dict[str, tuple[KeyValue | None, ...]] | None:
+        """Per group to look at: its (active, workflow, our ack) keys."""
+        me = self._settings().member
+        kvs: dict[str, KeyValue]
+        settings = self._settings()
+        groups = settings.groups
+        if settings is not self._settings_seen:  # started, or reloaded
+            self._settings_seen = settings
+            self._look_at_all = True
         if self._mirror is not None:
             if not self._mirror.ready.is_set():
                 return None
-            me = self._settings().member
             kvs = self._mirror.kvs
-            out = []
-            for g in self._settings().groups:
-                for key in (self._keys.active(g.name), self._keys.workflow(g.name),
-                            self._keys.ack(g.name, me)):
-                    kv = kvs.get(key)
-                    if kv is not None:
-                        out.append(kv)
-            return out
-        try:
-            return list((await self._store.get_prefix(self._keys.groups)).kvs)
-        except StoreError as exc:
-            log.warning("cannot read active records; holding local roles", error=str(exc))
-            return None
+            if not self._look_at_all:
+                dirty = self._dirty
+                groups = [g for g in groups if g.name in dirty] if len(dirty) < len(
+                    groups) else groups
+            self._look_at_all = False
+        else:
+            try:
+                kvs = {kv.key: kv for kv in (await self._store.get_prefix(
+                    self._keys.groups)).kvs}
+            except StoreError as exc:
+                log.warning("cannot read active records; holding local roles",
+                            error=str(exc))
+                return None
+        return {g.name: (kvs.get(self._keys.active(g.name)),
+                         kvs.get(self._keys.workflow(g.name)),
+                         kvs.get(self._keys.ack(g.name, me)))
+                for g in groups}
+
+    def keys_changed(self, keys: list[str] | None) -> None:
+        """From the watch: which groups to look at (None: all of them)."""
+        if keys is None:
+            self._look_at_all = True
+            return
+        for key in keys:
+            self._dirty.add(key[len(self._keys.groups):].split("/", 1)[0])
 
     def _parse(self, kv: KeyValue, parse: Callable[[KeyValue], T]) -> T:
         return self._mirror.parsed(kv, parse) if self._mirror is not None else parse(kv)
 
     async def reconcile_once(self) -> None:
-        kvs = await self._read()
-        if kvs is None:
+        """Look at the groups whose keys changed (or that wait for a retry);
+        a member of a region active for 1,000 groups must not re-examine all
+        of them at every ack."""
+        found = await self._read()
+        if found is None:
             return
-        records: dict[str, ActiveRecord] = {}
-        workflows: dict[str, Workflow] = {}
-        acks: dict[str, str] = {}
-        me = self._settings().member
-        for kv in kvs:
-            name = kv.key[len(self._keys.groups):].split("/", 1)[0]
-            try:
-                if kv.key.endswith("/active"):
-                    records[name] = self._parse(kv, parse_active)
-                elif kv.key.endswith("/workflow"):
-                    workflows[name] = self._parse(kv, _parse_workflow)
-                elif kv.key == self._keys.ack(name, me):
-                    acks[name] = kv.value
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring malformed key", key=kv.key, error=str(exc))
         s = self._settings()
-        self.epochs = {name: r.epoch for name, r in records.items()}
-        self.active_regions = {name: r.region for name, r in records.items()}
-        for name, record in records.items():
-            if self._acked.get(f"metric:{name}") != f"{record.epoch}:{record.region}":
-                self._acked[f"metric:{name}"] = f"{record.epoch}:{record.region}"
-                metrics.EPOCH.labels(name).set(record.epoch)
-                for r in s.regions:
-                    metrics.ACTIVE_REGION.labels(name, r.name).set(
-                        1 if r.name == record.region else 0)
         pending_acks: list[str] = []
+        seen: dict[str, tuple[int, str] | None] = {}
         for group in s.groups:
-            rec = records.get(group.name)
-            if rec is None or s.region not in group.regions:
+            if group.name not in found:
+                continue
+            active_kv, wf_kv, ack_kv = found[group.name]
+            mark = tuple(kv.mod_revision if kv else 0 for kv in (active_kv, wf_kv, ack_kv))
+            if self._marks.get(group.name) == mark and group.name not in self._dirty:
+                continue
+            self._marks[group.name] = mark
+            self._dirty.discard(group.name)
+            if active_kv is None:
+                continue
+            try:
+                rec = self._parse(active_kv, parse_active)
+                wf = self._parse(wf_kv, _parse_workflow) if wf_kv else None
+                seen[group.name] = self._parse(ack_kv, parse_ack) if ack_kv else None
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring malformed key", group=group.name, error=str(exc))
+                continue
+            if self.epochs.get(group.name) != rec.epoch or (
+                    self.active_regions.get(group.name) != rec.region):
+                metrics.EPOCH.labels(group.name).set(rec.epoch)
+                for r in s.regions:
+                    metrics.ACTIVE_REGION.labels(group.name, r.name).set(
+                        1 if r.name == rec.region else 0)
+            self.epochs[group.name] = rec.epoch
+            self.active_regions[group.name] = rec.region
+            if s.region not in group.regions:
                 continue
             task = self._running.get(group.name)
             if task is not None and not task.done():
                 continue  # its hook is running; it acks when done
-            work = self._work(s, group, rec, workflows.get(group.name))
+            work = self._work(s, group, rec, wf)
             if work is not None:
                 self._start(s, group, *work)
             else:
                 pending_acks.append(group.name)
-        await self._ack_all(pending_acks, acks)
+        await self._ack_all(pending_acks, seen)
 
     def _start(self, s: Settings, group: GroupSettings, epoch: int, role: str,
                argv: list[str]) -> None:
         if time.monotonic() < self._retry_at.get(group.name, 0.0):
+            self._dirty.add(group.name)  # looked at again on the next tick
             return
         coro = self._apply(s, group, epoch, role, argv)
         if self._tg is None:  # not running (tests call reconcile_once directly)
@@ -233,18 +268,31 @@ class RoleReconciler:
                      argv: list[str]) -> None:
         async with self._slots:
             if await self._run_role(s, group, epoch, role, argv):
-                await self._ack_all([group.name], {})
+                self._to_ack.add(group.name)
+                self._ack_wanted.set()
+        self._dirty.add(group.name)  # look again: the record may have moved meanwhile
         self._wake.set()
 
-    async def _ack_all(self, groups: list[str], seen: dict[str, str]) -> None:
+    async def _ack_loop(self) -> None:
+        """Acks of hooks that finished together go out in one txn."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            groups, self._to_ack = sorted(self._to_ack), set()
+            await self._ack_all(groups, {})
+
+    async def _ack_all(self, groups: list[str],
+                       seen: dict[str, tuple[int, str] | None]) -> None:
         """Tell the coordinator (under our lease) which epoch/role we applied,
         for every group whose published ack differs: batched in txns."""
         lease = self._lease_id()
         if lease is None:
             return
         if lease != self._ack_lease:
-            self._acked = {k: v for k, v in self._acked.items() if k.startswith("metric:")}
+            self._acked = {}
             self._ack_lease = lease
+            self._dirty.update(g.name for g in self._settings().groups)  # re-ack all
+            self._wake.set()
         me = self._settings().member
         puts: list[Op] = []
         values: dict[str, str] = {}
@@ -252,8 +300,10 @@ class RoleReconciler:
             applied = self.state.groups.get(group)
             if applied is None:
                 continue
+            if seen.get(group) == (applied.epoch, applied.role):
+                continue
             value = to_json({"epoch": applied.epoch, "role": applied.role})
-            if value == seen.get(group) or value == self._acked.get(group):
+            if value == self._acked.get(group):
                 continue
             puts.append(Put(self._keys.ack(group, me), value, lease))
             values[group] = value

@@ -71,6 +71,47 @@ def worst_step_s(group: GroupSettings) -> float:
     return total
 
 
+def precheck(wf: Workflow, group: GroupSettings) -> str:
+    """Routes exist for the target (pure: config only).  ``FencedOut`` if not:
+    a configuration problem, not retried."""
+    for route in group.routes:
+        if isinstance(route, HaproxyRoute) and wf.to_region not in route.servers:
+            raise FencedOut(f"no haproxy server for {wf.to_region}")
+        if isinstance(route, DnsRoute) and not route.addresses.get(wf.to_region):
+            raise FencedOut(f"no DNS addresses for {wf.to_region}")
+    return f"{len(group.routes)} route(s) ready for {wf.to_region}"
+
+
+def fast_forward(wf: Workflow, group: GroupSettings, now: float) -> Workflow:
+    """A new workflow with the steps that need no I/O already done, and the
+    first gate already running, so that it is written in the very txn of the
+    epoch change: members start promoting on the record's watch event, with
+    no saga write in between (1,000 sagas need no 1,000 writes first).
+
+    No I/O: precheck (config); drain_old when ``drain_s`` is 0 (no drain
+    period: reroute moves the traffic); fence_old when no route can fence
+    (only HAProxy does).  The first step that needs I/O stops it.
+    """
+    for step in wf.steps:
+        if step.name == "precheck":
+            try:
+                detail = precheck(wf, group)
+            except FencedOut:
+                return wf  # the saga records the failure
+        elif step.name == "drain_old" and (group.drain_s == 0 or not wf.from_region):
+            detail = "no drain period (drain_s = 0)"
+        elif step.name == "fence_old" and not any(isinstance(r, HaproxyRoute)
+                                                  for r in group.routes):
+            detail = "no route that fences"
+        elif step.name in GATES:
+            return wf.with_step(replace(step, state="running", started=now), now)
+        else:
+            return wf
+        wf = wf.with_step(replace(step, state="done", started=now, finished=now,
+                                  detail=detail, attempts=1), now)
+    return wf
+
+
 class Saga:
     """Runs one step of a workflow at a time, recording each (fenced).
 
@@ -94,55 +135,74 @@ class Saga:
         self.revision = 0
 
     async def advance(self, wf: Workflow, group: GroupSettings, view: ClusterView
-                      ) -> tuple[Workflow, bool]:
-        """Run the current step: the workflow as we last wrote it, and whether
-        a step finished (then the next may run at once)."""
+                      ) -> Workflow:
+        """Run steps until one has to wait (or the saga ends); the workflow as
+        recorded.
+
+        Steps that finish at once are recorded together with what comes
+        next (the next gate's ``running``, a waiting step's start, a
+        failure, the end): a coordinator that dies in between is replaced
+        and its successor re-runs them — every step is idempotent — so one
+        write per wait instead of one per step, which is what lets 1,000
+        sagas start together.
+        """
         self.due.pop(wf.group, None)
-        step = wf.current()
         now = self._clock()
-        if step is None or step.state == "failed":
-            return wf, False
-        if now < step.retry_at:
-            self._due(wf.group, step.retry_at)
-            return wf, False
-        was_pending = step.state == "pending"
-        if was_pending:
-            step = replace(step, state="running", started=now)
-            if step.name in GATES:  # members act when they see it running
-                wf = await self._record(wf, step, now)
-        fault_point(f"before-{wf.mode}-{step.name}")
-        bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
-        try:
-            done, detail = await self._run_to_outcome(step, wf, group, view, now, bound)
-        except FencedOut as exc:
-            bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
-            step = replace(step, state="failed", error=str(exc), finished=now,
+        recorded = work = wf
+        unrecorded: list[Step] = []
+        while work.state == "running":
+            step = work.current()
+            if step is None or step.state == "failed":
+                break
+            if now < step.retry_at:
+                self._due(wf.group, step.retry_at)
+                break
+            was_pending = step.state == "pending"
+            if was_pending:
+                step = replace(step, state="running", started=now)
+                if step.name in GATES:  # members act when they see it running
+                    recorded = work = await self._record(recorded, [*unrecorded, step], now)
+                    unrecorded = []
+            fault_point(f"before-{wf.mode}-{step.name}")
+            bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
+            try:
+                done, detail = await self._run_to_outcome(step, work, group, view, now, bound)
+            except FencedOut as exc:
+                bound.error("saga fenced out: a newer epoch owns the resource",
+                            error=str(exc))
+                step = replace(step, state="failed", error=str(exc), finished=now,
+                               attempts=step.attempts + 1)
+                return await self._record(recorded, [*unrecorded, step], now)
+            except (StepFailed, RouterError, StoreError) as exc:
+                attempts = step.attempts + 1
+                if attempts >= group.step_attempts:
+                    bound.error("saga step failed; giving up", error=str(exc),
+                                attempts=attempts)
+                    step = replace(step, state="failed", error=str(exc), attempts=attempts,
+                                   finished=now)
+                else:
+                    delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
+                    bound.warning("saga step failed; retrying", error=str(exc),
+                                  attempts=attempts, retry_in_s=round(delay, 2))
+                    step = replace(step, attempts=attempts, error=str(exc),
+                                   retry_at=now + delay, started=now)
+                    self._due(wf.group, now + delay)
+                return await self._record(recorded, [*unrecorded, step], now)
+            if not done:
+                if was_pending and step.name not in GATES:
+                    unrecorded.append(step)  # keep its start time (drain, deadlines)
+                break  # waiting: looked at again when due or the view changes
+            step = replace(step, state="done", finished=now, detail=detail, error="",
                            attempts=step.attempts + 1)
-            return await self._record(wf, step, now), False
-        except (StepFailed, RouterError, StoreError) as exc:
-            attempts = step.attempts + 1
-            if attempts >= group.step_attempts:
-                bound.error("saga step failed; giving up", error=str(exc), attempts=attempts)
-                step = replace(step, state="failed", error=str(exc), attempts=attempts,
-                               finished=now)
-            else:
-                delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
-                bound.warning("saga step failed; retrying", error=str(exc),
-                              attempts=attempts, retry_in_s=round(delay, 2))
-                step = replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
-                               started=now)
-                self._due(wf.group, now + delay)
-            return await self._record(wf, step, now), False
-        if not done:
-            if was_pending and step.name not in GATES:
-                wf = await self._record(wf, step, now)  # keep its start (drain, deadlines)
-            return wf, False  # waiting; looked at again when due or the view changes
-        step = replace(step, state="done", finished=now, detail=detail, error="",
-                       attempts=step.attempts + 1)
-        wf = await self._record(wf, step, now)
-        fault_point(f"after-{wf.mode}-{step.name}")
-        bound.info("saga step done", detail=detail)
-        return wf, True
+            unrecorded.append(step)
+            work = work.with_step(step, now)
+            bound.info("saga step done", detail=detail)
+        if unrecorded:
+            recorded = await self._record(recorded, unrecorded, now)
+            for st in unrecorded:
+                if st.state == "done":
+                    fault_point(f"after-{wf.mode}-{st.name}")
+        return recorded
 
     async def _run_to_outcome(self, step: Step, wf: Workflow, group: GroupSettings,
                               view: ClusterView, now: float, bound: Any) -> tuple[bool, str]:
@@ -163,25 +223,31 @@ class Saga:
                 bound.warning("saga step failed after our term ended", error=str(exc))
             raise
 
-    async def _record(self, wf: Workflow, step: Step, now: float) -> Workflow:
-        new = wf.with_step(step, now)
-        ops: list[Op] = [Put(self._keys.workflow(wf.group), new.to_value())]
-        if step.state in {"done", "failed"}:
-            took = (step.finished or now) - (step.started or now)
-            metrics.WORKFLOW_STEP.labels(step.name, step.state).observe(took)
-            ops.append(self._history.put_op(
-                "workflow_step", group=wf.group, epoch=wf.epoch, step=step.name,
-                state=step.state, attempts=step.attempts, duration_s=round(took, 3),
-                detail=step.detail, error=step.error, term=self._term))
+    async def _record(self, wf: Workflow, steps: list[Step], now: float) -> Workflow:
+        """Write ``steps`` into ``wf`` (as recorded) in one txn fenced by the
+        term and the workflow's ``mod_revision``, with their history."""
+        new = wf
+        ops: list[Op] = []
+        for step in steps:
+            new = new.with_step(step, now)
+            if step.state in {"done", "failed"}:
+                took = (step.finished or now) - (step.started or now)
+                metrics.WORKFLOW_STEP.labels(step.name, step.state).observe(took)
+                ops.append(self._history.put_op(
+                    "workflow_step", group=wf.group, epoch=wf.epoch, step=step.name,
+                    state=step.state, attempts=step.attempts, duration_s=round(took, 3),
+                    detail=step.detail, error=step.error, term=self._term))
+        ops.insert(0, Put(self._keys.workflow(wf.group), new.to_value()))
         if new.state == "done":
             ops.append(self._history.put_op(
                 "workflow_done", group=wf.group, epoch=wf.epoch, mode=wf.mode,
                 previous_region=wf.from_region, region=wf.to_region,
                 duration_s=round(now - wf.created, 3), term=self._term))
         elif new.state == "failed":
+            failed = next(st for st in steps if st.state == "failed")
             ops.append(self._history.put_op(
                 "alert", group=wf.group, epoch=wf.epoch,
-                reason=f"failover workflow failed at {step.name}: {step.error}",
+                reason=f"failover workflow failed at {failed.name}: {failed.error}",
                 term=self._term))
         result = await self._store.txn(
             [Compare(self._keys.coordinator, "create", self._term),
@@ -201,7 +267,7 @@ class Saga:
         change = Change(wf.group, wf.from_region, wf.to_region, wf.epoch, step.name)
         started = step.started or now
         if step.name == "precheck":
-            return True, self._precheck(wf, group)
+            return True, precheck(wf, group)
         if step.name == "drain_old":
             if wf.from_region:  # idempotent: re-applied while the drain time runs
                 await self._each_router(group, replace(change, step="drain"))
@@ -228,14 +294,6 @@ class Saga:
 
     def _due(self, group: str, at: float) -> None:
         self.due[group] = min(self.due.get(group, at), at)
-
-    def _precheck(self, wf: Workflow, group: GroupSettings) -> str:
-        for route in group.routes:
-            if isinstance(route, HaproxyRoute) and wf.to_region not in route.servers:
-                raise FencedOut(f"no haproxy server for {wf.to_region}")  # config: no retry
-            if isinstance(route, DnsRoute) and not route.addresses.get(wf.to_region):
-                raise FencedOut(f"no DNS addresses for {wf.to_region}")
-        return f"{len(group.routes)} route(s) ready for {wf.to_region}"
 
     async def _each_router(self, group: GroupSettings, change: Change) -> str:
         done = []
@@ -295,14 +353,17 @@ class Saga:
 
 
 class SagaRunner:
-    """Drives every running workflow of the coordinator's term concurrently,
-    at most ``limit()`` at once (an evacuation starts one saga per group).
+    """Drives every running workflow of the coordinator's term concurrently;
+    at most ``max_concurrent_sagas`` of them execute a step at once (an
+    evacuation starts one saga per group).
 
     Each workflow gets one task, started from :meth:`update` with the
-    coordinator's newest view and woken by every later one (acks arrive
-    that way) or when its waiting step is due.  Owns those tasks and nothing
-    else: it never decides, and it stops with the coordinator's TaskGroup
-    (a router change under way finishes first; see ``_run_to_outcome``).
+    coordinator's newest view and woken only when what its step waits on
+    changed (its workflow, its group's acks, the members) or when its step
+    is due: waking 1,000 waiting sagas on every ack would make an
+    evacuation quadratic.  Owns those tasks and nothing else: it never
+    decides, and it stops with the coordinator's TaskGroup (a router change
+    under way finishes first; see ``Saga._run_to_outcome``).
     """
 
     def __init__(self, saga: Saga, settings: Callable[[], Settings],
@@ -312,7 +373,8 @@ class SagaRunner:
         self._clock = clock
         self._view: ClusterView | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._changed = asyncio.Event()
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._seen: dict[str, object] = {}
         self._slots = asyncio.Semaphore(settings().policy.max_concurrent_sagas)
 
     @property
@@ -321,15 +383,26 @@ class SagaRunner:
 
     def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
         self._view = view
-        self._changed.set()
-        self._changed = asyncio.Event()
+        acks: dict[str, list[tuple[str, tuple[int, str]]]] = {}
+        for (group, member), ack in view.acks.items():
+            acks.setdefault(group, []).append((member, ack))
+        members = tuple(sorted(view.members))
         for group, wf in view.workflows.items():
             rec = view.active.get(group)
             if wf.state != "running" or rec is None or rec.epoch != wf.epoch:
+                wake = self._wakes.get(group)
+                if wake is not None:
+                    wake.set()  # superseded or ended: let its task see it
                 continue
+            seen = (wf.mod_revision, rec.mod_revision, members,
+                    tuple(sorted(acks.get(group, ()))))
             task = self._tasks.get(group)
             if task is None or task.done():
+                self._wakes[group] = asyncio.Event()
                 self._tasks[group] = tg.create_task(self._drive(group), name=f"saga-{group}")
+            elif self._seen.get(group) != seen:
+                self._wakes[group].set()
+            self._seen[group] = seen
 
     def _current(self, group: str, local: Workflow | None) -> tuple[Workflow | None, bool]:
         """The newest copy of ``group``'s workflow (ours, or the view's if it
@@ -353,21 +426,20 @@ class SagaRunner:
             g = self._settings().group_by_name(group)
             if not ok or wf is None or g is None or self._view is None:
                 return
-            changed = self._changed
+            wake = self._wakes[group]
+            wake.clear()
             # The bound is on steps executing at once (router calls, records),
             # not on sagas waiting for members' acks: a waiting saga must not
             # keep another group's saga from starting.
             async with self._slots:
                 try:
-                    local, progressed = await self._saga.advance(wf, g, self._view)
+                    local = await self._saga.advance(wf, g, self._view)
                 except StoreError as exc:
                     log.warning("saga paused: store error", group=group, error=str(exc))
-                    local, progressed = None, False
+                    local = None
                     self._saga.due[group] = self._clock() + 0.5
-            if progressed:
-                continue  # a step finished: go on at once
             due = self._saga.due.get(group)
             wait = max(due - self._clock(), 0.0) if due is not None else 60.0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await changed.wait()
+                    await wake.wait()
