@@ -243,7 +243,9 @@ class PolicySettings(_Model):
     # member-loss trigger fires: a daemon restart (upgrade) is not a loss.
     # Detection after a crash is lease_ttl_s + this.
     member_loss_grace_s: Annotated[float, Field(ge=0)] = 5.0
-    history_limit: Annotated[int, Field(ge=10)] = 1000
+    # Audit events kept (oldest pruned): an evacuation of 1,000 groups writes
+    # several per group (epoch change, saga steps, hooks).
+    history_limit: Annotated[int, Field(ge=10)] = 20_000
     # Safety rule 4: after this long without etcd, a member of the active
     # region asks the other regions' members; if none answers, it demotes.
     isolation_grace_s: PositiveFloat = 10.0

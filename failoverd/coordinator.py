@@ -49,12 +49,19 @@ log = structlog.get_logger("failoverd.coordinator")
 
 HOUR_S = 3600.0
 PRUNE_EVERY_S = 60.0
+# The newest events the failover duration is learned from.
+LEARN_FROM_EVENTS = 2000
 # etcd's --max-txn-ops default: the most compares, and the most operations in
 # one branch, of one txn.
 MAX_TXN_OPS = 128
 MAX_LOGGED_CHANGES = 10
+# Commit txns of one decision in flight at once (after the first).
+PARALLEL_BATCHES = 8
 # How long the watch may take to show our own write before we re-read etcd.
 MIRROR_LAG_S = 2.0
+# Decisions take at most 1 / (1 + PACE) of the loop when events pour in.
+PACE = 3.0
+MAX_PACE_S = 0.25
 
 
 class NotCoordinator(Exception):
@@ -84,6 +91,11 @@ class Coordinator:
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
         self._settings = settings
+        self._work_s = 0.0
+        self._parsed: ClusterView | None = None
+        self._sagas_at = -1
+        self._cycle_cost_s = 0.0
+        self._cycle_ended = 0.0
         self._fast_forwarded: dict[tuple[str, int], tuple[str, list[str]]] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
         self.sagas = SagaRunner(self._saga, settings, clock)
@@ -134,11 +146,19 @@ class Coordinator:
                 await self._resync()
             if mirror.revision < wanted:
                 return None
-        return parse_view(self._keys, mirror.snapshot(), cache=mirror)
+        if self._parsed is not None and self._parsed.revision == mirror.revision:
+            return self._parsed  # nothing changed since the last cycle (a tick)
+        started = time.perf_counter()
+        view = parse_view(self._keys, mirror.snapshot(), cache=mirror)
+        self._work_s += time.perf_counter() - started
+        self._parsed = view
+        return view
 
     async def _loop(self, tg: asyncio.TaskGroup) -> None:
         while True:
+            await self._pace()
             self.cycle_started = time.monotonic()
+            self._work_s = 0.0
             await async_fault_point("coordinator-cycle")
             self._wake.clear()
             self._ensure_leading()
@@ -161,15 +181,34 @@ class Coordinator:
                     await self._answer(req, view, now)
                 await asyncio.sleep(0)
                 continue
+            started = time.perf_counter()
             policy = self._policy()
             decision = decide(view, policy, now)
             _export(view, policy, now)
             self._log(decision, view)
+            self._work_s += time.perf_counter() - started
             await self._apply(decision, view)
-            if not decision.changes:
+            if not decision.changes and view.revision != self._sagas_at:
+                started = time.perf_counter()
                 self.sagas.update(view, tg)
+                self._sagas_at = view.revision
+                self._work_s += time.perf_counter() - started
+            self._cycle_cost_s = self._work_s
+            self._cycle_ended = time.monotonic()
             await self._maybe_prune()
             await self._sleep(0 if decision.changes else self._tick_s())
+
+    async def _pace(self) -> None:
+        """Keep deciding to a share of the event loop: a cycle that cost c
+        seconds of work is followed by at least PACE x c of other work.  At
+        rest a cycle costs well under a millisecond (no added latency);
+        during an evacuation of 1,000 groups, when every ack wakes us, it
+        keeps the loop free for the lease keep-alive, the sagas and the hooks.
+        """
+        gap = min(PACE * self._cycle_cost_s, MAX_PACE_S) - (
+            time.monotonic() - self._cycle_ended)
+        if gap > 0:
+            await asyncio.sleep(gap)
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()
@@ -373,18 +412,29 @@ class Coordinator:
         batches.append(current)
         fault_point("before-commit")
         started = time.monotonic()
-        committed = 0
-        for i, (intents, compares, ops) in enumerate(batches):
-            if i:
-                self._ensure_leading()
-            ok = await self._commit_batch(intents, [Compare(self._keys.coordinator, "create",
-                                                            self.term), *compares], ops)
-            if not ok:
-                break
-            committed += len(intents)
-            for intent in intents:
-                self._after_fast_forward(intent)
-        done = {c.group for c in decision.changes[:committed]}
+        done: set[str] = set()
+        term_guard = Compare(self._keys.coordinator, "create", self.term)
+
+        async def send(intents: list[SetActive], compares: list[Compare], ops: list[Op]
+                       ) -> bool:
+            ok = await self._commit_batch(intents, [term_guard, *compares], ops)
+            if ok:
+                done.update(i.group for i in intents)
+                for intent in intents:
+                    self._after_fast_forward(intent)
+            return ok
+
+        # The first batch (it carries the incident and the evacuation event)
+        # alone; the others, independent of each other, a few at a time.
+        if await send(*batches[0]) and len(batches) > 1:
+            self._ensure_leading()
+            slots = asyncio.Semaphore(PARALLEL_BATCHES)
+
+            async def bounded(batch: tuple[list[SetActive], list[Compare], list[Op]]) -> bool:
+                async with slots:
+                    return await send(*batch)
+            await asyncio.gather(*(bounded(b) for b in batches[1:]))
+        committed = len(done)
         for ev in decision.evacuations:
             moved = sum(1 for m in ev.moves if m.group in done)
             if moved and ev.new_incident:
@@ -469,7 +519,8 @@ class Coordinator:
             for kv in (await self._store.get_prefix(self._keys.results)).kvs:
                 if kv.mod_revision and _older_than(kv.value, now - HOUR_S):
                     await self._store.delete(kv.key)
-            events = await read_history(self._store, self._keys, self._history_limit())
+            events = await read_history(self._store, self._keys,
+                                        min(self._history_limit(), LEARN_FROM_EVENTS))
         except StoreError as exc:
             log.warning("history prune failed", error=str(exc))
             return

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import structlog
-from etcd3aio import EtcdError, EtcdUnauthenticatedError, prefix_range_end
+from etcd3aio import (
+    EtcdError,
+    EtcdUnauthenticatedError,
+    SortOrder,
+    SortTarget,
+    prefix_range_end,
+)
 from etcd3aio._protobuf import (
     Compare as PbCompare,
 )
@@ -183,14 +189,24 @@ class EtcdStore:
         resp = await self._call("get", lambda: self._kv_svc.get(key, timeout=self._timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    async def get_prefix(self, prefix: str) -> Snapshot:
+    async def get_prefix(self, prefix: str, limit: int = 0, newest_first: bool = False,
+                         keys_only: bool = False) -> Snapshot:
+        order = SortOrder.DESCEND if newest_first else SortOrder.ASCEND
         resp = await self._call(
             "get prefix",
             lambda: self._kv_svc.get(
-                prefix, prefix_range_end(prefix), timeout=self._timeout
+                prefix, prefix_range_end(prefix), limit=limit, sort_order=order,
+                sort_target=SortTarget.KEY, keys_only=keys_only, timeout=self._timeout
             ),
         )
         return Snapshot(int(resp.header.revision), tuple(_kv(kv) for kv in resp.kvs))
+
+    async def count(self, prefix: str) -> int:
+        resp = await self._call(
+            "count",
+            lambda: self._kv_svc.get(prefix, prefix_range_end(prefix), count_only=True,
+                                     timeout=self._timeout))
+        return int(resp.count)
 
     async def snapshot(self, prefix: str, exclude: Sequence[str] = ()) -> Snapshot:
         # Cut [prefix, end) around each excluded sub-prefix; read the pieces
@@ -238,7 +254,8 @@ class EtcdStore:
         if isinstance(op, Put):
             return KVService.txn_op_put(op.key, op.value, lease=op.lease)
         if isinstance(op, Delete):
-            end = prefix_range_end(op.key) if op.prefix else None
+            end = (op.end.encode() if op.end is not None
+                   else prefix_range_end(op.key) if op.prefix else None)
             return KVService.txn_op_delete(op.key, range_end=end)
         return KVService.txn_op_get(op.key)
 

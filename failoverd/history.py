@@ -22,7 +22,7 @@ from collections.abc import Callable
 import structlog
 
 from failoverd.model import Keyspace, to_json
-from failoverd.store import Op, Put, Store, StoreError
+from failoverd.store import Delete, Op, Put, Store, StoreError
 
 log = structlog.get_logger("failoverd.history")
 
@@ -97,21 +97,23 @@ class History:
         return True
 
     async def prune(self, limit: int) -> int:
-        """Keep the newest ``limit`` events; returns how many were deleted."""
-        snap = await self._store.get_prefix(self._keys.history)
-        excess = len(snap.kvs) - limit
+        """Keep the newest ``limit`` events; returns how many were deleted.
+        One range delete (keys sort by time), not one request per event."""
+        excess = await self._store.count(self._keys.history) - limit
         if excess <= 0:
             return 0
-        for kv in sorted(snap.kvs, key=lambda kv: kv.key)[:excess]:
-            await self._store.delete(kv.key)
-        return excess
+        oldest = await self._store.get_prefix(self._keys.history, limit=excess + 1,
+                                              keys_only=True)
+        keep_from = oldest.kvs[-1].key
+        await self._store.txn([], [Delete(self._keys.history, end=keep_from)])
+        return len(oldest.kvs) - 1
 
 
 async def read_history(store: Store, keys: Keyspace, limit: int) -> list[dict[str, object]]:
     """Events newest first; malformed ones are skipped."""
-    snap = await store.get_prefix(keys.history)
+    snap = await store.get_prefix(keys.history, limit=limit, newest_first=True)
     out: list[dict[str, object]] = []
-    for kv in sorted(snap.kvs, key=lambda kv: kv.key, reverse=True)[:limit]:
+    for kv in snap.kvs:
         try:
             data = json.loads(kv.value)
         except ValueError:

@@ -14,17 +14,17 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
 from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.history import History
-from failoverd.hooks import run_hook
+from failoverd.hooks import HookResult, run_hook
 from failoverd.mirror import KeyMirror
 from failoverd.model import ActiveRecord, Keyspace, parse_ack, parse_active, to_json
 from failoverd.store import KeyValue, Op, Put, Store, StoreError
@@ -266,10 +266,9 @@ class RoleReconciler:
 
     async def _apply(self, s: Settings, group: GroupSettings, epoch: int, role: str,
                      argv: list[str]) -> None:
-        async with self._slots:
-            if await self._run_role(s, group, epoch, role, argv):
-                self._to_ack.add(group.name)
-                self._ack_wanted.set()
+        if await self._run_role(s, group, epoch, role, argv):
+            self._to_ack.add(group.name)
+            self._ack_wanted.set()
         self._dirty.add(group.name)  # look again: the record may have moved meanwhile
         self._wake.set()
 
@@ -344,6 +343,12 @@ class RoleReconciler:
                   epoch=applied.epoch, reason=reason)
         await self._run_role(self._settings(), group, applied.epoch, "standby", group.demote)
 
+    async def _bounded(self, hook: Coroutine[Any, Any, HookResult]) -> HookResult:
+        """At most ``max_concurrent_hooks`` hook processes at once; the
+        bookkeeping after a hook (state file, ack) does not hold a slot."""
+        async with self._slots:
+            return await hook
+
     def active_groups(self) -> dict[str, int]:
         """Groups this member is active for, with the epoch it applied."""
         return {g: a.epoch for g, a in self.state.groups.items() if a.role == "active"}
@@ -360,8 +365,9 @@ class RoleReconciler:
         await self._history.record(f"{action}_started", group=group.name, region=s.region,
                                    epoch=epoch)
         task = asyncio.create_task(
-            run_hook(argv, group=group.name, region=s.region, epoch=epoch, role=role,
-                     timeout_s=group.hook_timeout_s, attempts=group.hook_attempts),
+            self._bounded(run_hook(argv, group=group.name, region=s.region, epoch=epoch,
+                                   role=role, timeout_s=group.hook_timeout_s,
+                                   attempts=group.hook_attempts)),
             name=f"hook-{group.name}-{action}")
         try:
             result = await asyncio.shield(task)

@@ -53,6 +53,8 @@ class Put:
 class Delete:
     key: str
     prefix: bool = False
+    # Delete the range [key, end) instead (one op, however many keys).
+    end: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +119,15 @@ class Store(Protocol):
 
     async def get(self, key: str) -> KeyValue | None: ...
 
-    async def get_prefix(self, prefix: str) -> Snapshot:
-        """Every key under ``prefix`` at one revision."""
+    async def get_prefix(self, prefix: str, limit: int = 0, newest_first: bool = False,
+                         keys_only: bool = False) -> Snapshot:
+        """Every key under ``prefix`` at one revision, in key order (reversed
+        with ``newest_first``), at most ``limit`` of them (0: all); values
+        empty with ``keys_only``."""
+        ...
+
+    async def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix``."""
         ...
 
     async def snapshot(self, prefix: str, exclude: Sequence[str] = ()) -> Snapshot:

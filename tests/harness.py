@@ -208,7 +208,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
-                 region_settings: dict[str, dict[str, Any]] | None = None) -> Path:
+                 region_settings: dict[str, dict[str, Any]] | None = None,
+                 etcd_timeout_s: float = 1.0) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes)."""
@@ -217,7 +218,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
         f'cluster = "{cluster}"', 'member = "unset"', f'region = "{first}"',
         f'state_dir = "{state_dir}"', "", "[etcd]",
         f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
-        "lease_margin_s = 0.3", "timeout_s = 1.0", "", "[log]", f'level = "{log_level}"', "",
+        "lease_margin_s = 0.3", f"timeout_s = {etcd_timeout_s}", "", "[log]",
+        f'level = "{log_level}"', "",
         "[api]", "[[api.tokens]]", 'name = "ops"', 'role = "operator"',
         f'sha256 = "{hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()}"',
         "[[api.tokens]]", 'name = "watcher"', 'role = "viewer"',
@@ -339,7 +341,8 @@ class LocalCluster:
                  probes: dict[str, list[dict[str, Any]]] | None = None,
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
-                 region_settings: dict[str, dict[str, Any]] | None = None) -> None:
+                 region_settings: dict[str, dict[str, Any]] | None = None,
+                 etcd_timeout_s: float = 1.0) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -351,7 +354,7 @@ class LocalCluster:
             cluster=cluster, endpoints=endpoints, regions=regions, groups=groups,
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
             mqtt=mqtt, group_toml=group_toml, drain_s=drain_s, log_level=log_level,
-            region_settings=region_settings,
+            region_settings=region_settings, etcd_timeout_s=etcd_timeout_s,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl
