@@ -47,11 +47,17 @@ class History:
 
     def put_op(self, kind: str, **fields: object) -> Put:
         """The event as a :class:`Put`, to ride inside a txn."""
+        return self.put_op_at(kind, None, **fields)
+
+    def put_op_at(self, kind: str, at: float | None, **fields: object) -> Put:
+        """Likewise, for something that happened at ``at`` (earlier than now:
+        a saga step recorded together with the next)."""
         now = self._clock()
         # Strictly increasing per member so two events never share a key.
         ns = max(int(now * 1e9), self._last_ns + 1)
         self._last_ns = ns
-        body = {"member_region": self._region, **fields, "ts": now, "kind": kind,
+        body = {"member_region": self._region, **fields,
+                "ts": now if at is None else min(at, now), "kind": kind,
                 "member": self._member}
         return Put(self._keys.history_event(ns, self._member), to_json(body))
 

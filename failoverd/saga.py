@@ -233,8 +233,9 @@ class Saga:
             if step.state in {"done", "failed"}:
                 took = (step.finished or now) - (step.started or now)
                 metrics.WORKFLOW_STEP.labels(step.name, step.state).observe(took)
-                ops.append(self._history.put_op(
-                    "workflow_step", group=wf.group, epoch=wf.epoch, step=step.name,
+                ops.append(self._history.put_op_at(
+                    "workflow_step", step.finished, group=wf.group, epoch=wf.epoch,
+                    step=step.name,
                     state=step.state, attempts=step.attempts, duration_s=round(took, 3),
                     detail=step.detail, error=step.error, term=self._term))
         ops.insert(0, Put(self._keys.workflow(wf.group), new.to_value()))

@@ -6,7 +6,8 @@ Starts a 3-member etcd, mosquitto, HAProxy, BIND 9, one small app per region
 failoverd per region (east, west, central), then plays a scenario:
 
   power       (default) east loses utility power, its generator fails to
-              start, its UPS battery drains: a planned failover to west
+              start, its UPS battery drains: every group (--groups, default 3)
+              leaves east for west in one evacuation, planned
   health      east's app starts failing its health checks: a forced failover
   crash       the coordinator is killed -9 in the middle of a switchover; the
               next coordinator finishes the saga
@@ -94,9 +95,11 @@ async def _names_region(url: str, region: str) -> bool:
 class Stack:
     """Every process of the demo, and the demo's own record of what it did."""
 
-    def __init__(self, work: Path, ttl: int) -> None:
+    def __init__(self, work: Path, ttl: int, groups: int = 3) -> None:
         self.work = work
         self.ttl = ttl
+        # "app" (HAProxy + DNS + verify) and app2..appN (a DNS name each).
+        self.groups = ["app", *(f"app{i}" for i in range(2, groups + 1))]
         self.etcd = EtcdCluster(work, size=3)
         self.broker = Mosquitto(work)
         self.app_port = _app_port()
@@ -160,7 +163,7 @@ class Stack:
         self._record_pids()
         say("==> failoverd: central-1, east-1, west-1 (one per region)")
         rec = await self.c.wait_active("app", "east", 30)
-        await wait_until(lambda: self._settled(rec.epoch), 30, "the bootstrap saga")
+        await wait_until(lambda: self.all_settled("east"), 60, "every bootstrap saga")
         await wait_until(lambda: self.answers_haproxy("east"), 10, "HAProxy serving east")
         coord = await self.c.wait_coordinator(5)
         say(f"    coordinator {coord.member} (term {coord.term}); app active in east "
@@ -183,10 +186,26 @@ class Stack:
                   for r, a in self.apps.items()}
         policy = {"power_grace_s": 30, "sensor_stale_s": 3 * SENSOR_PERIOD_S,
                   "member_loss_grace_s": 0, "max_evacuations_per_hour": 100}
+        extra = {g: (f'[[groups.routes]]\nkind = "dns"\nserver = "{bind.server}"\n'
+                     f'zone = "example.test."\nname = "{g}"\nttl = 5\n'
+                     f'tsig_key_file = "{bind.key_file}"\naddresses = {{ {addrs} }}\n')
+                 for g in self.groups[1:]}
         return LocalCluster(self.work, "demo", self.etcd.endpoints, REGIONS,
-                            {"app": list(REGIONS)}, ttl=self.ttl, policy=policy,
-                            probes=probes, mqtt=[self.broker.url], group_toml=group_toml,
-                            drain_s=1.0)
+                            {g: list(REGIONS) for g in self.groups}, ttl=self.ttl,
+                            policy=policy, probes=probes, mqtt=[self.broker.url],
+                            group_toml=group_toml, group_tomls=extra, drain_s=1.0)
+
+    async def all_settled(self, region: str) -> dict[str, float] | None:
+        """Every group active in ``region`` with its saga done: when each was."""
+        view = await self.c.view()
+        done = {}
+        for g in self.groups:
+            rec, wf = view.active.get(g), view.workflows.get(g)
+            if rec is None or rec.region != region or wf is None or wf.epoch != rec.epoch \
+                    or wf.state != "done":
+                return None
+            done[g] = wf.updated
+        return done
 
     async def _settled(self, epoch: int) -> bool:
         wf = (await self.c.view()).workflows.get("app")
@@ -363,9 +382,26 @@ async def scenario_power(stack: Stack) -> None:
     traffic = asyncio.create_task(stack.watch_traffic("west", 30))
     epoch = await _failover_done(stack, "west", before, 20)
     await traffic
+    done = await wait_until(lambda: stack.all_settled("west"), 60, "every group's saga")
     drain.cancel()
     lines = await timeline(stack, start, t0)
     summary("power", lines, t0, "east", "west", (before, epoch))
+    await evacuation_summary(stack, t0, done)
+
+
+async def evacuation_summary(stack: Stack, t0: float, done: dict[str, float]) -> None:
+    """The whole site left east: how many groups, as how many incidents."""
+    events = [e for e in await stack.c.history()
+              if e["kind"] == "evacuation" and e["ts"] >= t0 - 1]
+    last = max(done.values())
+    say(f"\n==> evacuation: {len(done)} group(s) moved east -> west in "
+        f"{len(events)} evacuation event(s); the last saga was done "
+        f"{(last - t0) * 1000:.1f} ms after the trigger")
+    for e in events:
+        say(f"    {e['region']} ({e['trigger']}): {e['reason']}; groups "
+            + ", ".join(f"{g}->{r}" for g, r in sorted(e["groups"].items())))
+    say("EVACUATION " + json.dumps({"groups": len(done), "events": len(events),
+                                    "last_done_ms": round((last - t0) * 1000, 1)}))
 
 
 async def _battery_drains(stack: Stack) -> None:
@@ -517,7 +553,7 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    stack = Stack(work, args.ttl)
+    stack = Stack(work, args.ttl, args.groups)
     rc = 0
 
     async def play() -> None:
@@ -557,6 +593,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true",
                     help="stay up after the scenario even without a terminal")
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL in seconds (default 2)")
+    ap.add_argument("--groups", type=int, default=3,
+                    help="failover groups (default 3): 'app' with HAProxy, DNS and a "
+                         "verified traffic path, and app2..appN each with a DNS name; "
+                         "a power event evacuates them all")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".demo",
                     help="where data, configs and logs go (wiped first)")
     args = ap.parse_args()

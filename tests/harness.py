@@ -209,10 +209,12 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
                  region_settings: dict[str, dict[str, Any]] | None = None,
-                 etcd_timeout_s: float = 1.0) -> Path:
+                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None
+                 ) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
-    ``group_toml`` is raw TOML added to every group (settings, routes)."""
+    ``group_toml`` is raw TOML added to every group (settings, routes), or
+    ``group_tomls[name]`` where given."""
     first = next(iter(regions))
     lines = [
         f'cluster = "{cluster}"', 'member = "unset"', f'region = "{first}"',
@@ -238,7 +240,7 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                   "hook_timeout_s = 5", "hook_attempts = 2", f"drain_s = {drain_s}"]
         if hook is not None:
             lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
-        lines += [group_toml, ""]
+        lines += [(group_tomls or {}).get(name, group_toml), ""]
     pol = {"cooldown_s": 0, "tick_s": 0.5, "bootstrap_grace_s": 2,
            "member_loss_grace_s": 0, **(policy or {})}
     lines.append("[policy]")
@@ -342,7 +344,8 @@ class LocalCluster:
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
                  region_settings: dict[str, dict[str, Any]] | None = None,
-                 etcd_timeout_s: float = 1.0) -> None:
+                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None
+                 ) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.etcd import EtcdStore  # noqa: PLC0415
         from failoverd.model import Keyspace  # noqa: PLC0415
@@ -355,6 +358,7 @@ class LocalCluster:
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
             mqtt=mqtt, group_toml=group_toml, drain_s=drain_s, log_level=log_level,
             region_settings=region_settings, etcd_timeout_s=etcd_timeout_s,
+            group_tomls=group_tomls,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl

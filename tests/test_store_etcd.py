@@ -12,11 +12,11 @@ from etcd3aio import Etcd3Client, EtcdError
 from failoverd.config import EtcdSettings, Settings
 from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
-from failoverd.engine import Decision, GroupPolicy, Policy, SetActive
+from failoverd.engine import Decision, Evacuation, GroupPolicy, Policy, SetActive
 from failoverd.etcd import EtcdStore
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease, LeaseLost
-from failoverd.model import Keyspace, parse_view
+from failoverd.model import Incident, Keyspace, parse_view
 from failoverd.store import Compare, LeaseNotFound, Put, StoreError
 from tests.harness import EtcdCluster, free_port, wait_until
 
@@ -209,6 +209,43 @@ async def test_safety_rule_1_epoch_only_grows_and_stale_record_is_refused(
     # Bootstrapping again over an existing record is refused too.
     await c._commit(_one(SetActive("app", "east", 1, "bootstrap", "again", None)), await view())
     assert (await view()).active["app"] == r2
+
+
+async def test_safety_rule_1_deposed_coordinators_evacuation_batch_is_refused_whole(
+        store: EtcdStore, cluster_name: str) -> None:
+    """200 groups move in one decision: the commit is split into txns within
+    etcd's --max-txn-ops (128), each fenced by the term and every record it
+    touches.  Once the seat has passed, the old coordinator's evacuation is
+    refused as a whole: no record, no evacuation event, no incident."""
+    keys = Keyspace(cluster_name)
+    old_lease = await _lease(store, ttl=5)
+    old_term = await campaign(store, keys, "old", old_lease)
+    assert old_term is not None
+    old = _coordinator(store, keys, "old", old_term, old_lease)
+
+    async def view():
+        return parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
+    names = [f"g{i:03d}" for i in range(200)]
+    boot = tuple(SetActive(g, "east", 1, "bootstrap", "b", None) for g in names)
+    await old._commit(Decision(boot, "bootstrap 200"), await view())
+    before = (await view()).active
+    assert sorted(before) == names  # 200 x 3 puts: several txns, all applied
+
+    await store.revoke(old_lease.id)
+    new_lease = await _lease(store, ttl=5)
+    assert await campaign(store, keys, "new", new_lease) is not None
+    v = await view()
+    moves = tuple(SetActive(g, "west", 2, "power", "p", before[g], planned=True,
+                            evacuation="east") for g in names)
+    evac = Evacuation("east", "power", "east power critical", ("gen:generator_failed",), moves)
+    decision = Decision(moves, "evacuate", (evac,),
+                        (Incident("evacuation", "east", "power", 1.0, "x", 200),))
+    with pytest.raises(NotCoordinator):
+        await old._commit(decision, v)
+    after = await view()
+    assert after.active == before
+    assert after.control.incidents == ()
+    assert not [e for e in await _history(store, keys) if e["kind"] == "evacuation"]
 
 
 async def _history(store: EtcdStore, keys: Keyspace) -> list[dict]:
