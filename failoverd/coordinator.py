@@ -59,6 +59,8 @@ MAX_LOGGED_CHANGES = 10
 PARALLEL_BATCHES = 8
 # How long the watch may take to show our own write before we re-read etcd.
 MIRROR_LAG_S = 2.0
+# Key prefixes (under the cluster's) that decide() reads, besides active records.
+DECISION_INPUTS = ("members/", "observations/", "power/", "control/", "coordinator")
 # Decisions take at most 1 / (1 + PACE) of the loop when events pour in.
 PACE = 3.0
 MAX_PACE_S = 0.25
@@ -95,6 +97,8 @@ class Coordinator:
         self._parsed: ClusterView | None = None
         self._sagas_at = -1
         self._cycle_cost_s = 0.0
+        self._inputs_changed = True
+        self._decided_at = 0.0
         self._cycle_ended = 0.0
         self._fast_forwarded: dict[tuple[str, int], tuple[str, list[str]]] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
@@ -162,6 +166,7 @@ class Coordinator:
             await async_fault_point("coordinator-cycle")
             self._wake.clear()
             self._ensure_leading()
+            inputs_changed, self._inputs_changed = self._inputs_changed, False
             try:
                 parsed = await self._read()
             except StoreError as exc:
@@ -181,13 +186,21 @@ class Coordinator:
                     await self._answer(req, view, now)
                 await asyncio.sleep(0)
                 continue
-            started = time.perf_counter()
-            policy = self._policy()
-            decision = decide(view, policy, now)
-            _export(view, policy, now)
-            self._log(decision, view)
-            self._work_s += time.perf_counter() - started
-            await self._apply(decision, view)
+            if (not inputs_changed and self._mirror is not None
+                    and time.monotonic() - self._decided_at < self._tick_s()):
+                # Only acks and saga records moved (an evacuation's sagas at
+                # work): nothing decide() reads changed, and time-based rules
+                # are looked at every tick anyway.
+                decision = Decision((), self._last_reason)
+            else:
+                started = time.perf_counter()
+                policy = self._policy()
+                decision = decide(view, policy, now)
+                _export(view, policy, now)
+                self._log(decision, view)
+                self._decided_at = time.monotonic()
+                self._work_s += time.perf_counter() - started
+                await self._apply(decision, view)
             if not decision.changes and view.revision != self._sagas_at:
                 started = time.perf_counter()
                 self.sagas.update(view, tg)
@@ -197,6 +210,20 @@ class Coordinator:
             self._cycle_ended = time.monotonic()
             await self._maybe_prune()
             await self._sleep(0 if decision.changes else self._tick_s())
+
+    def note_changes(self, keys: list[str] | None) -> None:
+        """From the watch: did anything decide() reads change?  (Members,
+        observations, power, control, the seat, active records; not acks or
+        workflows.)"""
+        if keys is None:
+            self._inputs_changed = True
+            return
+        cut = len(self._keys.prefix)
+        for key in keys:
+            rel = key[cut:]
+            if rel.startswith(DECISION_INPUTS) or rel.endswith("/active"):
+                self._inputs_changed = True
+                return
 
     async def _pace(self) -> None:
         """Keep deciding to a share of the event loop: a cycle that cost c

@@ -159,6 +159,7 @@ class Daemon:
                                self.watcher.subscribe("groups/"), self._live_lease,
                                mirror=self.watcher.mirror)
         self.watcher.listen("groups/", roles.keys_changed)
+        self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.api = Api(self.store, self.keys, lambda: self.settings,
@@ -386,6 +387,11 @@ class Daemon:
             metrics.IS_COORDINATOR.set(0)
             metrics.COORDINATOR_TERM.set(0)
             structlog.contextvars.unbind_contextvars("term")
+
+    def _decision_inputs(self, keys: list[str] | None) -> None:
+        coord = self.coordinator
+        if coord is not None:
+            coord.note_changes(keys)
 
     def _live_lease(self) -> int | None:
         lease = self.lease

@@ -147,10 +147,10 @@ class Saga:
         sagas start together.
         """
         self.due.pop(wf.group, None)
-        now = self._clock()
         recorded = work = wf
         unrecorded: list[Step] = []
         while work.state == "running":
+            now = self._clock()
             step = work.current()
             if step is None or step.state == "failed":
                 break
@@ -162,47 +162,57 @@ class Saga:
                 step = replace(step, state="running", started=now)
                 if step.name in GATES:  # members act when they see it running
                     recorded = work = await self._record(recorded, [*unrecorded, step], now)
+                    self._after(wf, unrecorded)
                     unrecorded = []
             fault_point(f"before-{wf.mode}-{step.name}")
             bound = log.bind(group=wf.group, epoch=wf.epoch, step=step.name)
             try:
                 done, detail = await self._run_to_outcome(step, work, group, view, now, bound)
-            except FencedOut as exc:
-                bound.error("saga fenced out: a newer epoch owns the resource",
-                            error=str(exc))
-                step = replace(step, state="failed", error=str(exc), finished=now,
-                               attempts=step.attempts + 1)
-                return await self._record(recorded, [*unrecorded, step], now)
-            except (StepFailed, RouterError, StoreError) as exc:
-                attempts = step.attempts + 1
-                if attempts >= group.step_attempts:
-                    bound.error("saga step failed; giving up", error=str(exc),
-                                attempts=attempts)
-                    step = replace(step, state="failed", error=str(exc), attempts=attempts,
-                                   finished=now)
-                else:
-                    delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
-                    bound.warning("saga step failed; retrying", error=str(exc),
-                                  attempts=attempts, retry_in_s=round(delay, 2))
-                    step = replace(step, attempts=attempts, error=str(exc),
-                                   retry_at=now + delay, started=now)
-                    self._due(wf.group, now + delay)
-                return await self._record(recorded, [*unrecorded, step], now)
+            except (FencedOut, StepFailed, RouterError, StoreError) as exc:
+                step = self._failed(wf, group, step, exc, now, bound)
+                recorded = await self._record(recorded, [*unrecorded, step], now)
+                self._after(wf, unrecorded)
+                return recorded
             if not done:
                 if was_pending and step.name not in GATES:
                     unrecorded.append(step)  # keep its start time (drain, deadlines)
                 break  # waiting: looked at again when due or the view changes
-            step = replace(step, state="done", finished=now, detail=detail, error="",
-                           attempts=step.attempts + 1)
+            step = replace(step, state="done", finished=self._clock(), detail=detail,
+                           error="", attempts=step.attempts + 1)
             unrecorded.append(step)
             work = work.with_step(step, now)
             bound.info("saga step done", detail=detail)
         if unrecorded:
-            recorded = await self._record(recorded, unrecorded, now)
-            for st in unrecorded:
-                if st.state == "done":
-                    fault_point(f"after-{wf.mode}-{st.name}")
+            recorded = await self._record(recorded, unrecorded, self._clock())
+            self._after(wf, unrecorded)
         return recorded
+
+    def _failed(self, wf: Workflow, group: GroupSettings, step: Step, exc: Exception,
+                now: float, bound: Any) -> Step:
+        """The step after a failed attempt: failed for good (fenced out, or
+        out of attempts) or due again after a jittered backoff."""
+        attempts = step.attempts + 1
+        if isinstance(exc, FencedOut):
+            bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
+            return replace(step, state="failed", error=str(exc), finished=now,
+                           attempts=attempts)
+        if attempts >= group.step_attempts:
+            bound.error("saga step failed; giving up", error=str(exc), attempts=attempts)
+            return replace(step, state="failed", error=str(exc), attempts=attempts,
+                           finished=now)
+        delay = min(0.5 * 2 ** attempts, 30.0) * random.uniform(0.5, 1.5)
+        bound.warning("saga step failed; retrying", error=str(exc), attempts=attempts,
+                      retry_in_s=round(delay, 2))
+        self._due(wf.group, now + delay)
+        return replace(step, attempts=attempts, error=str(exc), retry_at=now + delay,
+                       started=now)
+
+    @staticmethod
+    def _after(wf: Workflow, recorded: list[Step]) -> None:
+        """Test fault points after the record that holds each step's end."""
+        for st in recorded:
+            if st.state == "done":
+                fault_point(f"after-{wf.mode}-{st.name}")
 
     async def _run_to_outcome(self, step: Step, wf: Workflow, group: GroupSettings,
                               view: ClusterView, now: float, bound: Any) -> tuple[bool, str]:

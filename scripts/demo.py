@@ -184,7 +184,10 @@ class Stack:
         probes = {r: [{"kind": "http", "target": f"http://{a.address}/health",
                        "interval_s": 0.5, "timeout_s": 0.4, "fall": 2, "rise": 2}]
                   for r, a in self.apps.items()}
+        # bootstrap_grace_s as in production: the daemons start one after the
+        # other, and east must be judged before the first choice is made.
         policy = {"power_grace_s": 30, "sensor_stale_s": 3 * SENSOR_PERIOD_S,
+                  "bootstrap_grace_s": 10,
                   "member_loss_grace_s": 0, "max_evacuations_per_hour": 100}
         extra = {g: (f'[[groups.routes]]\nkind = "dns"\nserver = "{bind.server}"\n'
                      f'zone = "example.test."\nname = "{g}"\nttl = 5\n'
