@@ -136,10 +136,13 @@ async def test_safety_rule_2_deposed_coordinator_dns_update_is_refused_by_the_se
     s.c.add("w1", "west")
     await s.wait_done(2, timeout=30)
     assert await s.dns() == ({"198.51.100.10"}, {'"epoch=2"'})
-    # The bootstrap saga e1 left unfinished is recorded as superseded.
+    # The bootstrap saga e1 left unfinished is recorded as superseded, at the
+    # last step it recorded: promote_new (a step that finishes at once is
+    # recorded with the next wait, so e1 froze in reroute before writing
+    # promote_new's end).
     superseded = [e for e in await s.c.history() if e["kind"] == "workflow_superseded"]
     assert superseded and (superseded[0]["epoch"], superseded[0]["at_step"],
-                           superseded[0]["by_epoch"]) == (1, "reroute", 2)
+                           superseded[0]["by_epoch"]) == (1, "promote_new", 2)
     e1.signal(signal.SIGCONT)
 
     async def refused() -> list[dict]:
