@@ -115,7 +115,7 @@ def _last_hook(log: Path, member: str, epoch: int, n: int) -> float | None:
     return max(h["t"] for h in hooks) if len({h["group"] for h in hooks}) >= n else None
 
 
-async def one(groups: int, ttl: int) -> dict[str, float]:
+async def one(groups: int, ttl: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"failoverd-bench-evac-{groups}-"))
     etcd = EtcdCluster(work, size=3)
     etcd.start()
@@ -131,7 +131,7 @@ async def one(groups: int, ttl: int) -> dict[str, float]:
                 "max_auto_failovers_per_group_per_hour": 3, "bootstrap_grace_s": 2,
                 "member_loss_grace_s": 5, "tick_s": 1.0},
         group_toml=f'[[groups.routes]]\nkind = "exec"\ncommand = ["{route}"]\n')
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     try:
         t0 = time.time()
         # The coordinator in south, neither the evacuated nor the target
@@ -161,6 +161,8 @@ async def one(groups: int, ttl: int) -> dict[str, float]:
 
         profilers = _profile(c, work)
         cpu0 = _cpu_all(c, etcd)
+        seat = (await c.view()).coordinator
+        out["coordinator"] = seat.member if seat else "?"
         async with aiomqtt.Client("127.0.0.1", broker.port) as mq:
             t0 = time.time()
             await mq.publish("failoverd/power/east/gen",
@@ -235,11 +237,11 @@ async def run(ttl: int, sizes: list[int]) -> list[dict[str, Any]]:
                          "min": round(shown, 2), "max": round(shown, 2), "stdev": 0.0,
                          "floor": f"x{ratio:.1f} of G={min(sizes)}; {goal}"})
     for g in sizes:
-        cpu = ", ".join(f"{k.removeprefix('cpu:')} {v:.1f} s" for k, v in results[g].items()
-                        if k.startswith("cpu:"))
+        cpu = ", ".join(f"{k.removeprefix('cpu:')} {float(v):.1f} s"
+                        for k, v in results[g].items() if k.startswith("cpu:"))
         rows.append({"benchmark": f"CPU during the evacuation (G={g})", "unit": "s",
-                     "samples": 1, "p50": round(sum(v for k, v in results[g].items()
+                     "samples": 1, "p50": round(sum(float(v) for k, v in results[g].items()
                                                     if k.startswith("cpu:")), 1),
                      "p99": 0, "min": 0, "max": 0, "stdev": 0.0,
-                     "floor": f"{cpu} (coordinator: south-1)"})
+                     "floor": f"{cpu} (coordinator: {results[g]['coordinator']})"})
     return rows

@@ -227,7 +227,6 @@ class RoleReconciler:
                 continue
             try:
                 rec = self._parse(active_kv, parse_active)
-                wf = self._parse(wf_kv, _parse_workflow) if wf_kv else None
                 seen[group.name] = self._parse(ack_kv, parse_ack) if ack_kv else None
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring malformed key", group=group.name, error=str(exc))
@@ -245,7 +244,11 @@ class RoleReconciler:
             task = self._running.get(group.name)
             if task is not None and not task.done():
                 continue  # its hook is running; it acks when done
-            work = self._work(s, group, rec, wf)
+            try:
+                work = self._work(s, group, rec, wf_kv)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring malformed workflow", group=group.name, error=str(exc))
+                continue
             if work is not None:
                 self._start(s, group, *work)
             else:
@@ -316,11 +319,15 @@ class RoleReconciler:
         self._acked.update(values)
 
     def _work(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
-              wf: Workflow | None) -> tuple[int, str, list[str]] | None:
-        """The hook this group needs now, if any."""
+              wf_kv: KeyValue | None) -> tuple[int, str, list[str]] | None:
+        """The hook this group needs now, if any.  The workflow is parsed
+        only when it gates something (most changes need nothing of us)."""
         applied = self.state.groups.get(group.name)
+
+        def wf() -> Workflow | None:
+            return self._parse(wf_kv, _parse_workflow) if wf_kv is not None else None
         if rec.region == s.region:
-            if applied == Applied(rec.epoch, "active") or not may_promote(wf, rec.epoch):
+            if applied == Applied(rec.epoch, "active") or not may_promote(wf(), rec.epoch):
                 return None  # done already, or the saga has not reached promote_new
             return rec.epoch, "active", group.promote
         # Fence on doubt: demote unless we *know* we are standby already.
@@ -328,7 +335,7 @@ class RoleReconciler:
         # come back half-active.
         if applied is not None and applied.role == "standby":
             return None
-        if not may_demote(wf, rec.epoch):
+        if not may_demote(wf(), rec.epoch):
             return None  # planned switchover: keep serving while traffic drains
         return rec.epoch, "standby", group.demote
 
