@@ -288,6 +288,9 @@ class LogSettings(_Model):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+_GROUP_INDEX: dict[int, tuple[list[GroupSettings], dict[str, GroupSettings]]] = {}
+
+
 class Settings(_Model):
     cluster: Name
     member: Name
@@ -313,14 +316,16 @@ class Settings(_Model):
         return next((r for r in self.regions if r.name == name), None)
 
     def group_by_name(self, name: str) -> GroupSettings | None:
-        # O(1): sagas ask per step.  The index is rebuilt if ``groups`` is
-        # not the list it was built from (model_copy copies __dict__).
-        index = self.__dict__.get("_group_index")
+        # O(1): sagas ask per step.  Indexed by the groups list itself (kept
+        # alive by the index, so its id cannot be reused), outside the model
+        # so equality and dumps are unaffected.
+        index = _GROUP_INDEX.get(id(self.groups))
         if index is None or index[0] is not self.groups:
+            if len(_GROUP_INDEX) > 16:
+                _GROUP_INDEX.clear()
             index = (self.groups, {g.name: g for g in self.groups})
-            self.__dict__["_group_index"] = index
-        found: GroupSettings | None = index[1].get(name)
-        return found
+            _GROUP_INDEX[id(self.groups)] = index
+        return index[1].get(name)
 
 
 def _items(value: object) -> list[dict[str, object]]:

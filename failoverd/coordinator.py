@@ -460,7 +460,13 @@ class Coordinator:
             async def bounded(batch: tuple[list[SetActive], list[Compare], list[Op]]) -> bool:
                 async with slots:
                     return await send(*batch)
-            await asyncio.gather(*(bounded(b) for b in batches[1:]))
+            results = await asyncio.gather(*(bounded(b) for b in batches[1:]),
+                                           return_exceptions=True)
+            # Every batch resolved (history says which landed); then, if our
+            # term ended meanwhile, step down.
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
         committed = len(done)
         for ev in decision.evacuations:
             moved = sum(1 for m in ev.moves if m.group in done)

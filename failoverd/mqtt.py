@@ -158,8 +158,8 @@ class PowerFeeds:
         now = self._clock()
         every = self._settings().policy.sensor_stale_s / 3
         if (last is not None and not force and lease == self._relay_lease
-                and (last[0].state, last[0].since, last[0].runtime_s)
-                == (r.state, r.since, r.runtime_s) and now - last[1] < every):
+                and (last[0].state, last[0].since, last[0].runtime_s, last[0].lwt_at)
+                == (r.state, r.since, r.runtime_s, r.lwt_at) and now - last[1] < every):
             return  # unchanged and recently relayed
         try:
             await self._store.put(self._keys.power(r.region, r.sensor, self._settings().member),
