@@ -191,13 +191,10 @@ async def test_safety_rule_1_epoch_only_grows_and_stale_record_is_refused(
     """A write based on an out-of-date record (its mod_revision moved) fails
     even under the right term: two writers can never both advance the epoch."""
     keys = Keyspace(cluster_name)
-    lease = await _lease(store, ttl=5)
-    term = await campaign(store, keys, "c", lease)
-    assert term is not None
-    c = _coordinator(store, keys, "c", term, lease)
+    c, _ = await _seated(store, keys, "c")
 
     async def view():
-        return parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
+        return await _view(store, keys)
     await c._commit(_one(SetActive("app", "east", 1, "bootstrap", "t", None)), await view())
     r1 = (await view()).active["app"]
     await c._commit(_one(SetActive("app", "west", 2, "operator", "t", r1)), await view())
@@ -218,13 +215,10 @@ async def test_safety_rule_1_deposed_coordinators_evacuation_batch_is_refused_wh
     touches.  Once the seat has passed, the old coordinator's evacuation is
     refused as a whole: no record, no evacuation event, no incident."""
     keys = Keyspace(cluster_name)
-    old_lease = await _lease(store, ttl=5)
-    old_term = await campaign(store, keys, "old", old_lease)
-    assert old_term is not None
-    old = _coordinator(store, keys, "old", old_term, old_lease)
+    old, old_lease = await _seated(store, keys, "old")
 
     async def view():
-        return parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
+        return await _view(store, keys)
     names = [f"g{i:03d}" for i in range(200)]
     boot = tuple(SetActive(g, "east", 1, "bootstrap", "b", None) for g in names)
     await old._commit(Decision(boot, "bootstrap 200"), await view())
@@ -246,6 +240,19 @@ async def test_safety_rule_1_deposed_coordinators_evacuation_batch_is_refused_wh
     assert after.active == before
     assert after.control.incidents == ()
     assert not [e for e in await _history(store, keys) if e["kind"] == "evacuation"]
+
+
+async def _seated(store: EtcdStore, keys: Keyspace, member: str
+                  ) -> tuple[Coordinator, KeptLease]:
+    """A coordinator that won the seat, and its lease."""
+    lease = await _lease(store, ttl=5)
+    term = await campaign(store, keys, member, lease)
+    assert term is not None
+    return _coordinator(store, keys, member, term, lease), lease
+
+
+async def _view(store: EtcdStore, keys: Keyspace):
+    return parse_view(keys, await store.snapshot(keys.prefix, ("history/",)))
 
 
 async def _history(store: EtcdStore, keys: Keyspace) -> list[dict]:
