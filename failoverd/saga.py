@@ -15,7 +15,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -35,12 +35,15 @@ from failoverd.routers import (
     make_router,
     route_timeout_s,
 )
-from failoverd.store import Compare, Get, Op, Put, Store, StoreError
+from failoverd.store import Compare, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.workflow import Step, Workflow
 
 log = structlog.get_logger("failoverd.saga")
 
 ACK_SLACK_S = 15.0
+# Compares, and operations, in one txn of workflow records (etcd's
+# --max-txn-ops is 128 by default).
+RECORD_TXN_OPS = 120
 # A verify that does not see the new region yet looks again this soon.
 VERIFY_RECHECK_S = 0.1
 # Steps members watch for: recorded as running before they execute.  Other
@@ -112,6 +115,99 @@ def fast_forward(wf: Workflow, group: GroupSettings, now: float) -> Workflow:
     return wf
 
 
+@dataclass
+class _Record:
+    compares: list[Compare]
+    ops: list[Op]
+    done: asyncio.Future[TxnResult]
+    alone: bool = False
+
+
+class RecordWriter:
+    """Workflow records of concurrent sagas, written together.
+
+    Each record is fenced by the term (added here, once per txn) and its own
+    workflow's ``mod_revision``.  Records that queue up while a txn is in
+    flight go out in the next one, within etcd's ``--max-txn-ops``: 1,000
+    sagas advancing together cost tens of txns, not thousands.  A shared txn
+    that fails under our term (some workflow changed under us) is retried
+    one record per txn, so one stale record never fails the others; under a
+    newer term every record gets the refusal.  Atomicity per record is
+    unchanged: a record applies entirely or not at all.
+    """
+
+    def __init__(self, store: Store, term_guard: Compare, seat: Get) -> None:
+        self._store = store
+        self._term_guard = term_guard
+        self._seat = seat
+        self._queue: list[_Record] = []
+        self._lock = asyncio.Lock()
+
+    async def write(self, compares: list[Compare], ops: list[Op]) -> TxnResult:
+        """The txn's result as if this record had been sent alone; raises
+        :class:`StoreError` when its outcome is unknown.
+
+        Writers take turns (FIFO): whoever holds the turn sends one txn with
+        every record queued by then, its own among them; a writer whose
+        record went out in someone else's txn just returns."""
+        record = _Record(compares, ops, asyncio.get_running_loop().create_future())
+        self._queue.append(record)
+        try:
+            await asyncio.sleep(0)  # let the records of this moment join
+            while not record.done.done():
+                async with self._lock:
+                    if not record.done.done():
+                        await self._send()
+        except asyncio.CancelledError:
+            if record in self._queue:
+                self._queue.remove(record)
+            raise
+        return record.done.result()
+
+    def _take(self) -> list[_Record]:
+        batch: list[_Record] = []
+        n_cmp = n_ops = 1
+        while self._queue:
+            nxt = self._queue[0]
+            if batch and (nxt.alone or batch[0].alone
+                          or n_cmp + len(nxt.compares) > RECORD_TXN_OPS
+                          or n_ops + len(nxt.ops) > RECORD_TXN_OPS):
+                break
+            batch.append(self._queue.pop(0))
+            n_cmp += len(nxt.compares)
+            n_ops += len(nxt.ops)
+        return batch
+
+    async def _send(self) -> None:
+        batch = self._take()
+        if not batch:
+            return
+        try:
+            result = await self._store.txn(
+                [self._term_guard, *(c for r in batch for c in r.compares)],
+                [op for r in batch for op in r.ops], [self._seat])
+        except StoreError as exc:
+            for r in batch:
+                if not r.done.done():
+                    r.done.set_exception(StoreError(f"record outcome unknown: {exc}"))
+            return
+        except asyncio.CancelledError:
+            for r in batch:
+                if not r.done.done():
+                    r.done.set_exception(StoreError("record outcome unknown: cancelled"))
+                    r.done.exception()  # retrieved: the cancelled writer never looks
+            raise
+        seat = result.gets[0] if result.gets else None
+        ours = seat is not None and seat.create_revision == self._term_guard.value
+        if result.succeeded or len(batch) == 1 or not ours:
+            for r in batch:
+                if not r.done.done():
+                    r.done.set_result(result)
+        else:
+            # Someone's workflow changed under us: find whose, one by one.
+            self._queue[:0] = [_Record(r.compares, r.ops, r.done, alone=True) for r in batch]
+
+
 class Saga:
     """Runs one step of a workflow at a time, recording each (fenced).
 
@@ -133,6 +229,8 @@ class Saga:
         self.due: dict[str, float] = {}
         # The etcd revision of our newest workflow write.
         self.revision = 0
+        self._writer = RecordWriter(store, Compare(keys.coordinator, "create", term),
+                                    Get(keys.coordinator))
 
     async def advance(self, wf: Workflow, group: GroupSettings, view: ClusterView
                       ) -> Workflow:
@@ -260,10 +358,8 @@ class Saga:
                 "alert", group=wf.group, epoch=wf.epoch,
                 reason=f"failover workflow failed at {failed.name}: {failed.error}",
                 term=self._term))
-        result = await self._store.txn(
-            [Compare(self._keys.coordinator, "create", self._term),
-             Compare(self._keys.workflow(wf.group), "mod", wf.mod_revision)],
-            ops, [Get(self._keys.coordinator)])
+        result = await self._writer.write(
+            [Compare(self._keys.workflow(wf.group), "mod", wf.mod_revision)], ops)
         if not result.succeeded:
             seat = result.gets[0] if result.gets else None
             if seat is None or seat.create_revision != self._term:
