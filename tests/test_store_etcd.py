@@ -17,7 +17,7 @@ from failoverd.etcd import EtcdStore
 from failoverd.history import History, read_history
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.model import Incident, Keyspace, parse_view
-from failoverd.store import Compare, LeaseNotFound, Put, StoreError
+from failoverd.store import Compare, Get, LeaseNotFound, Put, StoreError
 from tests.harness import EtcdCluster, free_port, wait_until
 
 
@@ -325,3 +325,37 @@ async def test_expired_auth_token_is_renewed(tmp_path: Path, cluster_name: str) 
     finally:
         await admin.close()
         etcd.stop()
+
+
+async def test_concurrent_saga_records_share_txns_and_a_stale_one_fails_alone(
+        store: EtcdStore, cluster_name: str) -> None:
+    """50 sagas recording at once cost a few txns, each record still fenced by
+    its own workflow's mod_revision: one stale record is refused, the 49
+    others apply."""
+    from failoverd.saga import RecordWriter  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    await _seated(store, keys, "c")
+    seat = await store.get(keys.coordinator)
+    assert seat is not None
+    revs = {}
+    for i in range(50):
+        revs[i] = await store.put(keys.workflow(f"g{i}"), "v0")
+    writer = RecordWriter(store, Compare(keys.coordinator, "create", seat.create_revision),
+                          Get(keys.coordinator))
+
+    async def record(i: int, value: str, stale: bool = False):
+        mod = revs[i] - 1 if stale else revs[i]
+        return await writer.write([Compare(keys.workflow(f"g{i}"), "mod", mod)],
+                                  [Put(keys.workflow(f"g{i}"), value)])
+    results = await asyncio.gather(*(record(i, "v1") for i in range(50)))
+    assert all(r.succeeded for r in results)
+    assert len({r.revision for r in results}) <= 3  # shared txns, not 50
+
+    for i in range(50):
+        revs[i] = (await store.get(keys.workflow(f"g{i}"))).mod_revision
+    results = await asyncio.gather(*(record(i, "v2", stale=i == 7) for i in range(50)))
+    assert [i for i, r in enumerate(results) if not r.succeeded] == [7]
+    values = {i: (await store.get(keys.workflow(f"g{i}"))).value for i in range(50)}
+    assert values.pop(7) == "v1" and set(values.values()) == {"v2"}
+    assert (await store.get(keys.workflow("g7"))).mod_revision == revs[7]  # untouched
