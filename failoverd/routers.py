@@ -115,9 +115,7 @@ class HaproxyRouter:
             finally:
                 writer.close()
 
-    async def states(self) -> dict[str, int]:
-        """server name -> admin state bits, from ``show servers state``."""
-        out = await self.command(f"show servers state {self.route.backend}")
+    def _parse_states(self, out: str) -> dict[str, int]:
         states: dict[str, int] = {}
         for line in out.splitlines():
             parts = line.split()
@@ -125,6 +123,11 @@ class HaproxyRouter:
             if len(parts) > 6 and parts[1] == self.route.backend and parts[0].isdigit():
                 states[parts[3]] = int(parts[6])
         return states
+
+    async def states(self) -> dict[str, int]:
+        """server name -> admin state bits, from ``show servers state``."""
+        return self._parse_states(
+            await self.command(f"show servers state {self.route.backend}"))
 
     async def apply(self, change: Change) -> str:
         servers = self.route.servers
@@ -140,11 +143,20 @@ class HaproxyRouter:
             # Ready first, then take the others out: never zero servers up.
             want = {new: "ready"} | {s: "maint" for r, s in servers.items()
                                      if r != change.to_region}
-        for server, state in want.items():
-            out = await self.command(f"set server {self.route.backend}/{server} state {state}")
-            if out.strip():
-                raise RouterError(f"haproxy: set {server} {state}: {out.strip()[:200]}")
-        got = await self.states()
+        # Every command and the read-back on one connection, in order (the
+        # runtime API runs ';'-separated commands one after the other).
+        line = "; ".join([*(f"set server {self.route.backend}/{server} state {state}"
+                            for server, state in want.items()),
+                          f"show servers state {self.route.backend}"])
+        out = await self.command(line)
+        header = out.find("# be_id")
+        # Before the state table: only the table's version line; anything
+        # else is a refused `set server` (HAProxy answers those with text).
+        refused = [ln for ln in out[:max(header, 0)].splitlines()
+                   if ln.strip() and not ln.strip().isdigit()]
+        if refused or header < 0:
+            raise RouterError(f"haproxy: {'; '.join(refused)[:200] or 'no state table'}")
+        got = self._parse_states(out[header:])
         for server, state in want.items():
             bits = got.get(server)
             ok = bits is not None and (

@@ -66,6 +66,21 @@ async def test_haproxy_moves_traffic_and_confirms(haproxy):
     assert await through(hp) == {"region west"}
 
 
+async def test_haproxy_refused_command_in_the_one_connection_batch_is_an_error(haproxy):
+    """Every set-server command and the read-back go on one runtime-API
+    connection; a command HAProxy refuses surfaces with its text, and the
+    servers before it in the line stay as set (ready first: never zero up)."""
+    hp, _ = haproxy
+    router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=hp.socket, backend="app",
+                                        servers={"east": "east", "west": "west",
+                                                 "south": "nosuch"}))
+    with pytest.raises(RouterError, match="No such server"):
+        await router.apply(Change("app", "east", "west", 2, "reroute"))
+    states = await router.states()
+    assert states["west"] & (ADMIN_MAINT | ADMIN_DRAIN) == 0
+    assert await through(hp) <= {"region west", "region east"}
+
+
 async def test_haproxy_unreachable_socket_is_a_router_error(tmp_path: Path):
     router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=str(tmp_path / "nope.sock"),
                                         backend="app", servers={"east": "e", "west": "w"}))
