@@ -160,3 +160,40 @@ async def test_flapping_service_does_not_fail_over(stack: Stack):
     assert flips == []
     rec = (await c.view()).active["app"]
     assert (rec.region, rec.epoch) == ("east", before.epoch)
+
+
+async def test_rule_6_flapping_health_is_held_by_the_per_group_cooldown(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """Health is the flapping kind: east goes down, the group moves to west
+    (a health evacuation); east recovers, then west goes down within the
+    group's cooldown: the group is held in west, and the decision says why.
+    (A dying region would not be held: rule 6, tested in test_evacuation.)"""
+    services = {r: await HttpService(r).start() for r in REGIONS}
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS, {"app": list(REGIONS)},
+                     probes={r: [http_probe(s.url)] for r, s in services.items()},
+                     policy={"cooldown_s": 600, "max_evacuations_per_hour": 100})
+    stack = Stack(c, services)
+    try:
+        stack.start_daemons()
+        before = await c.wait_active("app", "east", 10)
+        await stack.wait_verdict("west", "up")
+        services["east"].mode = "fail"
+        moved = await c.wait_active("app", "west", INTERVAL * FALL + 5)
+        assert moved.trigger == "health" and moved.epoch == before.epoch + 1
+        services["east"].mode = "ok"
+        await stack.wait_verdict("east", "up")
+        services["west"].mode = "fail"
+        await stack.wait_verdict("west", "down")
+
+        async def held() -> bool:
+            return any(e.get("event") == "decision" and "held by cooldown" in e.get("reason", "")
+                       for d in c.daemons.values() for e in d.log_events())
+        await wait_until(held, 10, "the coordinator to hold app in west for its cooldown")
+        rec = (await c.view()).active["app"]
+        assert (rec.region, rec.epoch) == ("west", moved.epoch)
+        incidents = (await c.view()).control.incidents
+        assert [(i.region, i.trigger) for i in incidents] == [("east", "health")]
+    finally:
+        await c.close()
+        for s in services.values():
+            await s.stop()
