@@ -38,6 +38,9 @@ class Step:
     retry_at: float = 0.0
 
 
+_STEP_DEFAULTS = asdict(Step(""))
+
+
 @dataclass(frozen=True)
 class Workflow:
     id: str
@@ -91,6 +94,10 @@ class Workflow:
     def to_value(self) -> str:
         d = asdict(self)
         d.pop("mod_revision")
+        # Steps without their default fields: every member parses every
+        # workflow change (1,000 groups evacuating), so size matters.
+        d["steps"] = [{k: v for k, v in step.items() if k == "name" or v != _STEP_DEFAULTS[k]}
+                      for step in d["steps"]]
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
     def summary(self) -> dict[str, Any]:
