@@ -175,6 +175,7 @@ class Coordinator:
             if parsed is None:
                 # Static stability: no store, no change.  The lease keeper ends
                 # our term if this lasts past the deadline.
+                self._inputs_changed |= inputs_changed  # still to be decided on
                 await self._sleep(min(self._tick_s(), 0.5))
                 continue
             now = self._clock()
