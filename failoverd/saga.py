@@ -421,6 +421,7 @@ class Saga:
             return True, f"no live member in {region} (fenced by routing)"
         deadline = group.hook_timeout_s * group.hook_attempts + ACK_SLACK_S
         if now - started < deadline:
+            self._due(wf.group, started + deadline)  # acks wake us sooner
             return False, f"waiting for {', '.join(missing) or 'members'}"
         if required:
             raise StepFailed(f"{region} did not become {role}: "
