@@ -84,10 +84,11 @@ class IsolationGuard:
             log.warning("etcd unreachable; other regions reachable, holding",
                         peers=len(answers), groups=sorted(active))
             self._holding = True
-        for name, reason in to_fence.items():
-            group = self._settings().group_by_name(name)
-            if group is not None:
-                await self._roles.fence(group, reason)
+        # Every group at once (hooks bounded by max_concurrent_hooks): a site
+        # active for 1,000 groups must not fence them one after the other.
+        fences = [self._roles.fence(group, reason) for name, reason in to_fence.items()
+                  if (group := self._settings().group_by_name(name)) is not None]
+        await asyncio.gather(*fences)
 
     async def _refresh_peers(self) -> None:
         try:
