@@ -1,11 +1,12 @@
 """Running the failover saga (the coordinator's imperative half).
 
-Each coordinator cycle advances every running workflow whose epoch is still
-the group's epoch: it records the step as running, executes it (idempotent,
-carrying the epoch), and records done / retry / failed — each record a txn
-fenced by the coordinator term and the workflow's own ``mod_revision``.  A
-successor coordinator finds the recorded step and runs it again.  Waiting
-steps (drain time, members' acks, verification) are polled each cycle.
+Every running workflow whose epoch is still the group's epoch has a task
+(:class:`SagaRunner`) that executes its steps (idempotent, carrying the
+epoch) and records done / retry / failed — each record fenced by the
+coordinator term and the workflow's own ``mod_revision``.  A successor
+coordinator finds the recorded step and runs it again.  Waiting steps (drain
+time, members' acks, verification) say when they are due, and are woken by
+the changes they wait for.
 """
 
 from __future__ import annotations
