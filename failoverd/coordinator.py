@@ -61,8 +61,8 @@ PARALLEL_BATCHES = 8
 MIRROR_LAG_S = 2.0
 # Key prefixes (under the cluster's) that decide() reads, besides active records.
 DECISION_INPUTS = ("members/", "observations/", "power/", "control/", "coordinator")
-# Decisions take at most 1 / (1 + PACE) of the loop when events pour in.
-PACE = 3.0
+# Cycles take at most 1 / (1 + PACE) of the loop when events pour in.
+PACE = 6.0
 MAX_PACE_S = 0.25
 
 
@@ -227,7 +227,7 @@ class Coordinator:
                 return
 
     async def _pace(self) -> None:
-        """Keep deciding to a share of the event loop: a cycle that cost c
+        """Keep cycles to a share of the event loop: a cycle that cost c
         seconds of work is followed by at least PACE x c of other work.  At
         rest a cycle costs well under a millisecond (no added latency);
         during an evacuation of 1,000 groups, when every ack wakes us, it

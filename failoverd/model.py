@@ -371,7 +371,16 @@ def parse_view(keys: Keyspace, snap: Snapshot, cache: _Cache | None = None) -> C
     for kv in snap.kvs:
         rel = kv.key[len(p):] if kv.key.startswith(p) else ""
         try:
-            if rel == "coordinator":
+            if rel.startswith("groups/"):
+                # Most keys (three or more per group): one split, not a chain.
+                group, _, rest = rel[len("groups/"):].partition("/")
+                if rest == "active":
+                    active[group] = parsed(kv, parse_active)
+                elif rest == "workflow":
+                    workflows[group] = parsed(kv, _parse_workflow)
+                elif rest.startswith("applied/"):
+                    acks[(group, rest[len("applied/"):])] = parsed(kv, parse_ack)
+            elif rel == "coordinator":
                 coordinator = CoordinatorRecord(
                     member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease
                 )
@@ -388,14 +397,6 @@ def parse_view(keys: Keyspace, snap: Snapshot, cache: _Cache | None = None) -> C
                     raise ValueError("power key without a relaying member")
                 relays.setdefault(member, []).append(parsed(
                     kv, partial(_parse_reading, region, sensor)))
-            elif rel.startswith("groups/") and rel.endswith("/workflow"):
-                workflows[rel[len("groups/"):-len("/workflow")]] = parsed(
-                    kv, _parse_workflow)
-            elif rel.startswith("groups/") and "/applied/" in rel:
-                group, _, member = rel[len("groups/"):].partition("/applied/")
-                acks[(group, member)] = parsed(kv, parse_ack)
-            elif rel.startswith("groups/") and rel.endswith("/active"):
-                active[rel[len("groups/"):-len("/active")]] = parsed(kv, parse_active)
             elif rel == "control/paused":
                 paused = bool(_obj(kv).get("paused", False))
             elif rel.startswith("control/requests/"):
