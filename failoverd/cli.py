@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -45,9 +46,37 @@ def _pidfd_child_watcher() -> None:
         pass  # pidfd not allowed here (old kernel, seccomp): keep the default
 
 
+def _shared_file_stand_ins(path: Path, overrides: Overrides) -> tuple[Overrides, str]:
+    """check-config on the file every member shares: it need not name a
+    member or region (each daemon gets them from flags or the environment);
+    check it with stand-ins, and say so."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return overrides, ""  # load_settings reports it properly
+    missing = []
+    if "member" not in raw and not overrides.member:
+        overrides = Overrides("check-config", overrides.region, overrides.api_listen)
+        missing.append("member")
+    regions = raw.get("regions")
+    first = regions[0].get("name") if isinstance(regions, list) and regions and isinstance(
+        regions[0], dict) else None
+    if "region" not in raw and not overrides.region and isinstance(first, str):
+        overrides = Overrides(overrides.member, first, overrides.api_listen)
+        missing.append("region")
+    if not missing:
+        return overrides, ""
+    return overrides, (f"; shared file: no {' or '.join(missing)} in it, each daemon gets "
+                       f"{'them' if len(missing) > 1 else 'it'} from --member/--region or "
+                       "FAILOVERD_MEMBER/FAILOVERD_REGION")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = Overrides(args.member, args.region, args.api_listen).over(Overrides.from_env())
+    shared = ""
+    if args.command == "check-config":
+        overrides, shared = _shared_file_stand_ins(args.config, overrides)
     try:
         settings = load_settings(args.config, overrides)
     except ConfigError as exc:
@@ -59,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
-              f"{len(settings.groups)} groups)")
+              f"{len(settings.groups)} groups{shared})")
         return 0
     from failoverd.daemon import Daemon  # noqa: PLC0415 - keeps check-config light
     from failoverd.logs import setup_logging  # noqa: PLC0415

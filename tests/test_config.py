@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,18 @@ def test_deprecated_cluster_limit_is_an_alias_with_a_warning(tmp_path: Path) -> 
     assert out.returncode == 0
     assert "max_auto_failovers_per_hour is deprecated" in out.stderr
     assert "max_evacuations_per_hour" in out.stderr
+
+
+def test_check_config_on_a_shared_file_without_member_or_region(tmp_path: Path) -> None:
+    """The one file every member shares need not name a member or region."""
+    cfg = tmp_path / "shared.toml"
+    cfg.write_text('cluster = "c"\n[[regions]]\nname = "east"\n[[regions]]\nname = "west"\n')
+    run = [sys.executable, "-m", "failoverd", "check-config", str(cfg)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAILOVERD_")}
+    out = subprocess.run(run, capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "shared file: no member or region" in out.stdout
+    # A real error in a shared file is still reported.
+    cfg.write_text('cluster = "c"\n[[regions]]\nname = "east"\n[etcd]\nlease_ttl_s = 1\n')
+    out = subprocess.run(run, capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 1 and "etcd.lease_ttl_s: must be >= 2" in out.stderr
