@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for warning in settings.policy.deprecations():
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
+    needed, later = settings.unreadable_files()
+    for problem in later:
+        print(f"{args.config}: warning: {problem} (needed when a group fails over)",
+              file=sys.stderr)
+    if needed:
+        # A clear error and exit 1, never a traceback (and, under systemd,
+        # ExecStartPre=check-config stops the restart loop before it starts).
+        print(f"{args.config}: {len(needed)} error(s)", file=sys.stderr)
+        for problem in needed:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
     if args.command == "check-config":
         print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
               f"{len(settings.groups)} groups{shared})")

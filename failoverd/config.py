@@ -312,6 +312,41 @@ class Settings(_Model):
             raise ValueError("; ".join(problems))
         return self
 
+    def unreadable_files(self) -> tuple[list[str], list[str]]:
+        """Files the config names that cannot be read, with their location:
+        (needed to start: etcd, MQTT, API credentials and certificates;
+        needed at failover time: routes' keys and secrets, probes' CAs)."""
+        start: list[tuple[str, Path | None]] = [
+            ("etcd.ca_file", self.etcd.ca_file), ("etcd.cert_file", self.etcd.cert_file),
+            ("etcd.key_file", self.etcd.key_file),
+            ("etcd.password_file", self.etcd.password_file),
+            ("api.tls_cert_file", self.api.tls_cert_file),
+            ("api.tls_key_file", self.api.tls_key_file)]
+        for i, m in enumerate(self.mqtt):
+            start += [(f"mqtt[{i}].password_file", m.password_file),
+                      (f"mqtt[{i}].ca_file", m.ca_file)]
+        later: list[tuple[str, Path | None]] = []
+        for i, g in enumerate(self.groups):
+            for j, route in enumerate(g.routes):
+                for attr in ("tsig_key_file", "secret_file"):
+                    later.append((f"groups[{i}].routes[{j}].{attr}", getattr(route, attr, None)))
+        for i, r in enumerate(self.regions):
+            for j, probe in enumerate(r.probes):
+                later.append((f"regions[{i}].probes[{j}].ca_file", probe.ca_file))
+
+        def unreadable(items: list[tuple[str, Path | None]]) -> list[str]:
+            out = []
+            for where, path in items:
+                if path is None:
+                    continue
+                try:
+                    with path.open("rb"):
+                        pass
+                except OSError as exc:
+                    out.append(f"{where}: cannot read {path}: {exc.strerror}")
+            return out
+        return unreadable(start), unreadable(later)
+
     def region_by_name(self, name: str) -> RegionSettings | None:
         return next((r for r in self.regions if r.name == name), None)
 

@@ -120,3 +120,22 @@ def test_check_config_on_a_shared_file_without_member_or_region(tmp_path: Path) 
     cfg.write_text('cluster = "c"\n[[regions]]\nname = "east"\n[etcd]\nlease_ttl_s = 1\n')
     out = subprocess.run(run, capture_output=True, text=True, check=False, env=env)
     assert out.returncode == 1 and "etcd.lease_ttl_s: must be >= 2" in out.stderr
+
+
+def test_unreadable_files_are_check_config_errors_with_their_location(tmp_path: Path) -> None:
+    """A missing etcd CA is an error with its location (exit 1, no traceback),
+    for check-config and for run alike; a missing route key is a warning."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('cluster = "c"\nmember = "m"\nregion = "east"\n'
+                   f'[etcd]\nca_file = "{tmp_path}/nope-ca.pem"\n'
+                   '[[regions]]\nname = "east"\n[[groups]]\nname = "g"\nregions = ["east"]\n'
+                   '[[groups.routes]]\nkind = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+                   f'secret_file = "{tmp_path}/nope.secret"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAILOVERD_")}
+    for argv in (["check-config", str(cfg)], ["run", "--config", str(cfg)]):
+        out = subprocess.run([sys.executable, "-m", "failoverd", *argv], capture_output=True,
+                             text=True, check=False, env=env, timeout=30)
+        assert out.returncode == 1, out
+        assert f"etcd.ca_file: cannot read {tmp_path}/nope-ca.pem" in out.stderr
+        assert "groups[0].routes[0].secret_file" in out.stderr and "warning" in out.stderr
+        assert "Traceback" not in out.stderr
