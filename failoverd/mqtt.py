@@ -33,7 +33,10 @@ log = structlog.get_logger("failoverd.mqtt")
 
 LOG_EVERY_S = 10.0
 STATUS_EVERY_S = 5.0
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
+# A power event published while we reconnect waits for us: reconnect within
+# about a second of the broker's return (x 0.5-1.5 jitter), whatever the
+# outage lasted.  A refused connection costs the broker next to nothing.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 1.0
 
 
 class PowerFeeds:
