@@ -25,8 +25,6 @@ from failoverd.engine import (
     SetActive,
     decide,
     handle_request,
-    power_of,
-    region_health,
 )
 from failoverd.faults import async_fault_point, fault_point
 from failoverd.history import History, read_history
@@ -42,7 +40,17 @@ from failoverd.model import (
     to_json,
 )
 from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward
-from failoverd.store import Compare, Delete, Get, Op, Put, Store, StoreError, TxnResult
+from failoverd.store import (
+    MAX_TXN_OPS,
+    Compare,
+    Delete,
+    Get,
+    Op,
+    Put,
+    Store,
+    StoreError,
+    TxnResult,
+)
 from failoverd.workflow import Workflow
 
 log = structlog.get_logger("failoverd.coordinator")
@@ -51,9 +59,6 @@ HOUR_S = 3600.0
 PRUNE_EVERY_S = 60.0
 # The newest events the failover duration is learned from.
 LEARN_FROM_EVENTS = 2000
-# etcd's --max-txn-ops default: the most compares, and the most operations in
-# one branch, of one txn.
-MAX_TXN_OPS = 128
 MAX_LOGGED_CHANGES = 10
 # Commit txns of one decision in flight at once (after the first).
 PARALLEL_BATCHES = 8
@@ -96,7 +101,6 @@ class Coordinator:
         self._work_s = 0.0
         self._parsed: ClusterView | None = None
         self._sagas_at = -1
-        self._cycle_cost_s = 0.0
         self._inputs_changed = True
         self._decided_at = 0.0
         self._cycle_ended = 0.0
@@ -197,7 +201,7 @@ class Coordinator:
                 started = time.perf_counter()
                 policy = self._policy()
                 decision = decide(view, policy, now)
-                _export(view, policy, now)
+                _export(decision)
                 self._log(decision, view)
                 self._decided_at = time.monotonic()
                 self._work_s += time.perf_counter() - started
@@ -207,7 +211,6 @@ class Coordinator:
                 self.sagas.update(view, tg)
                 self._sagas_at = view.revision
                 self._work_s += time.perf_counter() - started
-            self._cycle_cost_s = self._work_s
             self._cycle_ended = time.monotonic()
             await self._maybe_prune()
             await self._sleep(0 if decision.changes else self._tick_s())
@@ -233,7 +236,7 @@ class Coordinator:
         during an evacuation of 1,000 groups, when every ack wakes us, it
         keeps the loop free for the lease keep-alive, the sagas and the hooks.
         """
-        gap = min(PACE * self._cycle_cost_s, MAX_PACE_S) - (
+        gap = min(PACE * self._work_s, MAX_PACE_S) - (  # the last cycle's work
             time.monotonic() - self._cycle_ended)
         if gap > 0:
             await asyncio.sleep(gap)
@@ -572,13 +575,14 @@ def _older_than(value: str, cutoff: float) -> bool:
     return isinstance(at, int | float) and at < cutoff
 
 
-def _export(view: ClusterView, policy: Policy, now: float) -> None:
-    """The coordinator's judgement of every region, as metrics."""
-    for region, _ in policy.priorities:
+def _export(decision: Decision) -> None:
+    """The coordinator's judgement of every region, as metrics (judged once,
+    by the decision)."""
+    for r in decision.regions:
         metrics.set_one_of(metrics.REGION_VERDICT, "verdict", metrics.VERDICTS,
-                           region_health(view, policy, region).verdict, region=region)
+                           r.health.verdict, region=r.name)
         metrics.set_one_of(metrics.POWER_STATE, "state", metrics.POWER_STATES,
-                           power_of(view, policy, region, now).state, region=region)
+                           r.power.state, region=r.name)
 
 
 def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float | None:

@@ -148,6 +148,8 @@ class Decision:
     # Incidents this decision starts, for the cluster-wide storm guard:
     # (what, region or "", time).  The coordinator stores them with the moves.
     incidents: tuple[Incident, ...] = ()
+    # Every region as judged for this decision (metrics read these).
+    regions: tuple[RegionState, ...] = ()
 
     @property
     def changes(self) -> tuple[SetActive, ...]:
@@ -325,17 +327,6 @@ class Assessment:
         return found
 
 
-def candidates(view: ClusterView, policy: Policy, group: GroupPolicy,
-               exclude: str | None, now: float) -> list[str]:
-    """Regions of ``group`` that may take the load, best first.
-
-    A candidate has live members, is not drained, its power is not degraded,
-    and — when it has probes — it is up by quorum and ready.  Best = highest
-    priority, then name, so the choice is deterministic.
-    """
-    return Assessment(view, policy, now).candidates(group, exclude)
-
-
 def _region_stable_since(view: ClusterView, region: str) -> float | None:
     started = [m.started for m in view.members_in(region)]
     return min(started) if started else None
@@ -497,12 +488,11 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
             trigger, why, _ = region.condition
             _leave(plan, a, guards, group, rec, trigger, why, region_wide=True)
             continue
-        here = _status_line(a, rec)
         if region.hold:
             plan.reasons.append(f"{group.name}: {rec.region} active (epoch {rec.epoch}): "
                                 f"{region.hold}")
             continue
-        change, reason = _consider_failback(a, guards, group, rec, here)
+        change, reason = _consider_failback(a, guards, group, rec, _status_line(a, rec))
         if change is not None:
             failbacks.append(change)
             plan.intents.append(change)
@@ -524,7 +514,7 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
                                   f"{len(failbacks)} group(s) back to preferred regions",
                                   len(failbacks)))
     return Decision(tuple(plan.intents), "; ".join(plan.reasons) or "no groups configured",
-                    tuple(evacuations), tuple(incidents))
+                    tuple(evacuations), tuple(incidents), tuple(a.regions.values()))
 
 
 def _consider_failback(a: Assessment, guards: _Guards, group: GroupPolicy,

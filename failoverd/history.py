@@ -6,7 +6,7 @@ change), in which case it lands atomically with the change it records.
 
 While :meth:`History.run` runs (the daemon's ``history`` task), ``record``
 only queues: the writer sends what accumulated in one txn (up to
-``BATCH`` events), so 1,000 hooks finishing together cost a handful of etcd
+``MAX_TXN_OPS`` events), so 1,000 hooks finishing together cost a handful of etcd
 writes, and a member cut off from etcd never waits on its audit trail.
 Events wait (up to ``MAX_QUEUED``, oldest dropped and counted) while etcd is
 unreachable.
@@ -22,11 +22,10 @@ from collections.abc import Callable
 import structlog
 
 from failoverd.model import Keyspace, to_json
-from failoverd.store import Delete, Op, Put, Store, StoreError
+from failoverd.store import MAX_TXN_OPS, Delete, Op, Put, Store, StoreError
 
 log = structlog.get_logger("failoverd.history")
 
-BATCH = 120  # events per txn (etcd's --max-txn-ops is 128 by default)
 MAX_QUEUED = 10_000
 RETRY_S = 1.0
 
@@ -92,7 +91,7 @@ class History:
     async def flush(self) -> bool:
         """Write everything queued; False if etcd refused (kept for later)."""
         while self._queue:
-            batch: list[Op] = list(self._queue[:BATCH])
+            batch: list[Op] = list(self._queue[:MAX_TXN_OPS])
             try:
                 await self._store.txn([], batch)
             except StoreError as exc:

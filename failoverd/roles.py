@@ -27,15 +27,13 @@ from failoverd.history import History
 from failoverd.hooks import HookResult, run_hook
 from failoverd.mirror import KeyMirror
 from failoverd.model import ActiveRecord, Keyspace, parse_ack, parse_active, to_json
-from failoverd.store import KeyValue, Op, Put, Store, StoreError
+from failoverd.store import MAX_TXN_OPS, KeyValue, Op, Put, Store, StoreError
 from failoverd.workflow import Workflow, may_demote, may_promote, parse_workflow
 
 log = structlog.get_logger("failoverd.roles")
 
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 60.0
-# Acks per txn (etcd's --max-txn-ops is 128 by default).
-ACK_BATCH = 120
 
 T = TypeVar("T")
 
@@ -309,9 +307,9 @@ class RoleReconciler:
                 continue
             puts.append(Put(self._keys.ack(group, me), value, lease))
             values[group] = value
-        for i in range(0, len(puts), ACK_BATCH):
+        for i in range(0, len(puts), MAX_TXN_OPS):
             try:
-                await self._store.txn([], puts[i:i + ACK_BATCH])
+                await self._store.txn([], puts[i:i + MAX_TXN_OPS])
             except StoreError as exc:
                 log.warning("cannot acknowledge applied roles", groups=len(puts),
                             error=str(exc))

@@ -36,15 +36,12 @@ from failoverd.routers import (
     make_router,
     route_timeout_s,
 )
-from failoverd.store import Compare, Get, Op, Put, Store, StoreError, TxnResult
+from failoverd.store import MAX_TXN_OPS, Compare, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.workflow import Step, Workflow
 
 log = structlog.get_logger("failoverd.saga")
 
 ACK_SLACK_S = 15.0
-# Compares, and operations, in one txn of workflow records (etcd's
-# --max-txn-ops is 128 by default).
-RECORD_TXN_OPS = 120
 # A verify that does not see the new region yet looks again this soon.
 VERIFY_RECHECK_S = 0.1
 # Steps members watch for: recorded as running before they execute.  Other
@@ -129,7 +126,7 @@ class RecordWriter:
 
     Each record is fenced by the term (added here, once per txn) and its own
     workflow's ``mod_revision``.  Records that queue up while a txn is in
-    flight go out in the next one, within etcd's ``--max-txn-ops``: 1,000
+    flight go out in the next one, within ``MAX_TXN_OPS``: 1,000
     sagas advancing together cost tens of txns, not thousands.  A shared txn
     that fails under our term (some workflow changed under us) is retried
     one record per txn, so one stale record never fails the others; under a
@@ -171,8 +168,8 @@ class RecordWriter:
         while self._queue:
             nxt = self._queue[0]
             if batch and (nxt.alone or batch[0].alone
-                          or n_cmp + len(nxt.compares) > RECORD_TXN_OPS
-                          or n_ops + len(nxt.ops) > RECORD_TXN_OPS):
+                          or n_cmp + len(nxt.compares) > MAX_TXN_OPS
+                          or n_ops + len(nxt.ops) > MAX_TXN_OPS):
                 break
             batch.append(self._queue.pop(0))
             n_cmp += len(nxt.compares)
@@ -485,10 +482,6 @@ class SagaRunner:
         self._wakes: dict[str, asyncio.Event] = {}
         self._seen: dict[str, object] = {}
         self._slots = asyncio.Semaphore(settings().policy.max_concurrent_sagas)
-
-    @property
-    def running(self) -> int:
-        return sum(1 for t in self._tasks.values() if not t.done())
 
     def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
         self._view = view

@@ -11,6 +11,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+# etcd's --max-txn-ops default: the most compares, and the most operations in
+# one branch, of one txn.  Every batching writer stays within it.
+MAX_TXN_OPS = 128
+
 
 class StoreError(Exception):
     """The store could not be reached or answered with an error.
