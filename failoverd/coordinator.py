@@ -157,7 +157,7 @@ class Coordinator:
         if self._parsed is not None and self._parsed.revision == mirror.revision:
             return self._parsed  # nothing changed since the last cycle (a tick)
         started = time.perf_counter()
-        view = parse_view(self._keys, mirror.snapshot(), cache=mirror)
+        view = mirror.view()
         self._work_s += time.perf_counter() - started
         self._parsed = view
         return view

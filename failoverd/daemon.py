@@ -35,7 +35,7 @@ from failoverd.history import History
 from failoverd.isolation import IsolationGuard
 from failoverd.lease import KeptLease, LeaseLost
 from failoverd.mirror import KeyMirror
-from failoverd.model import Keyspace, MemberRecord
+from failoverd.model import Keyspace, MemberRecord, ViewIndex
 from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
 from failoverd.roles import RoleReconciler
@@ -61,7 +61,7 @@ class Watcher:
         self._keys = keys
         self._subs: list[tuple[str, asyncio.Event]] = []
         self._listeners: list[tuple[str, Callable[[list[str] | None], None]]] = []
-        self.mirror = KeyMirror(keys.prefix, exclude=("history/",))
+        self.mirror = KeyMirror(keys.prefix, exclude=("history/",), index=ViewIndex(keys))
 
     def subscribe(self, sub_prefix: str) -> asyncio.Event:
         event = asyncio.Event()

@@ -9,9 +9,10 @@ without the read.  Decisions made from it are still fenced in etcd by
 ``mod_revision`` (rule 1): a mirror that lags can delay a decision, never
 corrupt one.
 
-Parsed values are cached per key and ``mod_revision`` (:meth:`parsed`), so a
-cycle re-parses only what changed.  Pure bookkeeping plus asyncio waiting;
-the watch loop that feeds it lives in :mod:`failoverd.daemon`.
+Parsed values are cached per key and ``mod_revision`` (:meth:`parsed`), and
+the optional :class:`~failoverd.model.ViewIndex` is fed every change, so a
+coordinator cycle re-parses and re-assembles only what changed.  Pure
+bookkeeping plus asyncio waiting; the watch loop that feeds it lives in :mod:`failoverd.daemon`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from failoverd.model import ClusterView, ViewIndex
 from failoverd.store import KeyValue, Snapshot, WatchEvent
 
 T = TypeVar("T")
@@ -28,8 +30,10 @@ T = TypeVar("T")
 class KeyMirror:
     """Every key under the prefix (but the excluded ones) at one revision."""
 
-    def __init__(self, prefix: str, exclude: Iterable[str] = ()) -> None:
+    def __init__(self, prefix: str, exclude: Iterable[str] = (),
+                 index: ViewIndex | None = None) -> None:
         self.prefix = prefix
+        self.index = index
         self._exclude = tuple(prefix + e for e in exclude)
         self.kvs: dict[str, KeyValue] = {}
         self.revision = 0
@@ -42,6 +46,8 @@ class KeyMirror:
         self.kvs = {kv.key: kv for kv in snap.kvs if not kv.key.startswith(self._exclude)}
         self._cache = {k: v for k, v in self._cache.items() if k in self.kvs
                        and self.kvs[k].mod_revision == v[0]}
+        if self.index is not None:
+            self.index.load(self.kvs.values())
         self.revision = snap.revision
         self.ready.set()
         self._wake()
@@ -57,9 +63,13 @@ class KeyMirror:
             if ev.deleted:
                 self.kvs.pop(ev.key, None)
                 self._cache.pop(ev.key, None)
+                if self.index is not None:
+                    self.index.delete(ev.key, ev.mod_revision)
             else:
-                self.kvs[ev.key] = KeyValue(ev.key, ev.value, ev.create_revision,
-                                            ev.mod_revision, ev.lease)
+                kv = KeyValue(ev.key, ev.value, ev.create_revision, ev.mod_revision, ev.lease)
+                self.kvs[ev.key] = kv
+                if self.index is not None:
+                    self.index.put(kv)
             changed.append(ev.key)
         if top > self.revision:
             self.revision = top
@@ -68,6 +78,12 @@ class KeyMirror:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.revision, tuple(self.kvs.values()))
+
+    def view(self) -> ClusterView:
+        """The mirrored keys as a view at :attr:`revision` (needs an index)."""
+        if self.index is None:
+            raise RuntimeError("this mirror keeps no view index")
+        return self.index.view(self.revision)
 
     def parsed(self, kv: KeyValue, parse: Callable[[KeyValue], T]) -> T:
         """``parse(kv)``, cached until the key changes."""

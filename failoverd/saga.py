@@ -485,9 +485,6 @@ class SagaRunner:
 
     def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
         self._view = view
-        acks: dict[str, list[tuple[str, tuple[int, str]]]] = {}
-        for (group, member), ack in view.acks.items():
-            acks.setdefault(group, []).append((member, ack))
         members = tuple(sorted(view.members))
         for group, wf in view.workflows.items():
             rec = view.active.get(group)
@@ -496,8 +493,8 @@ class SagaRunner:
                 if wake is not None:
                     wake.set()  # superseded or ended: let its task see it
                 continue
-            seen = (wf.mod_revision, rec.mod_revision, members,
-                    tuple(sorted(acks.get(group, ()))))
+            # Its workflow, its record and its acks all move the group's revision.
+            seen = (view.group_revisions.get(group, 0), wf.mod_revision, members)
             task = self._tasks.get(group)
             if task is None or task.done():
                 self._wakes[group] = asyncio.Event()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from failoverd.mirror import KeyMirror
+from failoverd.model import Keyspace, ViewIndex, parse_view
 from failoverd.store import KeyValue, Snapshot, WatchEvent
 
 P = "/failoverd/c/"
@@ -58,3 +64,60 @@ async def test_wait_revision_wakes_on_apply_and_times_out() -> None:
     await asyncio.sleep(0)
     m.apply([ev("a", "1", 5)])
     assert await waiter
+
+
+# Values of every kind the view reads, a malformed one among them.
+def _j(**fields: object) -> str:
+    return json.dumps(fields)
+
+
+def _active(region: str, epoch: int) -> str:
+    return _j(region=region, epoch=epoch, since=1, reason="r", term=1, trigger="power")
+
+
+def _member(name: str) -> str:
+    return _j(member=name, region="east", version="1", api_url="http://x", started=1)
+
+
+_KEYS: dict[str, Callable[[int], str]] = {
+    "coordinator": lambda i: _j(member=f"m{i % 2}"),
+    "members/m0": lambda i: _member("m0"),
+    "members/m1": lambda i: _member("m1"),
+    "groups/g1/active": lambda i: _active("east" if i % 2 else "west", i + 1),
+    "groups/g2/active": lambda i: "not json" if i % 3 == 0 else _active("east", i + 1),
+    "groups/g1/applied/m0": lambda i: _j(epoch=i + 1, role="active"),
+    "groups/g1/applied/m9": lambda i: _j(epoch=i + 1, role="standby"),
+    "observations/m1/east": lambda i: _j(verdict="up" if i % 2 else "down", ready=True,
+                                         since=1, checked_at=2),
+    "power/east/ups/m0": lambda i: _j(state="on_battery", ts=i, received=i, since=1,
+                                      runtime_s=60),
+    "power/east/ups/m9": lambda i: _j(state="utility_ok", ts=i, received=i, since=1),
+    "control/paused": lambda i: _j(paused=i % 2 == 1),
+    "control/drained/west": lambda i: "{}",
+    "control/requests/r1": lambda i: _j(action="pause", by="t", at=i),
+    "control/storm": lambda i: _j(incidents=[{"kind": "evacuation", "region": "east",
+                                              "trigger": "power", "at": i, "groups": 2,
+                                              "held": 0}]),
+}
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(_KEYS)), st.booleans(),
+                          st.integers(0, 5)), max_size=40))
+def test_the_incremental_view_equals_a_full_parse_after_any_changes(
+        steps: list[tuple[str, bool, int]]) -> None:
+    """The coordinator's view folded from the watch, one key at a time, is
+    the view a full read at the same revision gives (problems included)."""
+    keys = Keyspace("c")
+    index = ViewIndex(keys)
+    mirror = KeyMirror(P, index=index)
+    mirror.load(Snapshot(1, tuple(kv(k, f(0), 1) for k, f in _KEYS.items())))
+    for rev, (key, deleted, variant) in enumerate(steps, start=2):
+        mirror.apply([ev(key, "" if deleted else _KEYS[key](variant), rev, deleted=deleted)])
+        if rev % 3 == 0:
+            mirror.view()  # views taken along the way must not change the end result
+    full = parse_view(keys, mirror.snapshot())
+    incremental = mirror.view()
+    assert incremental == full
+    assert sorted(incremental.problems) == sorted(full.problems)
+    for group, rev in full.group_revisions.items():
+        assert incremental.group_revisions[group] >= rev
