@@ -366,9 +366,9 @@ class RoleReconciler:
             return False
         action = "promote" if role == "active" else "demote"
         bound = log.bind(group=group.name, epoch=epoch, role=role)
+        # No history event here: ``_done``/``_failed`` carry the duration,
+        # and 1,000 hooks must not cost 2,000 audit writes.
         bound.info(f"{action} starting", command=argv)
-        await self._history.record(f"{action}_started", group=group.name, region=s.region,
-                                   epoch=epoch)
         task = asyncio.create_task(
             self._bounded(run_hook(argv, group=group.name, region=s.region, epoch=epoch,
                                    role=role, timeout_s=group.hook_timeout_s,

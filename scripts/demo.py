@@ -302,7 +302,8 @@ def _describe(e: dict[str, Any]) -> str:
         err = f" error: {e['error']}" if e.get("error") else ""
         return f"saga step {e['step']} {e['state']} in {e['duration_s']}s{extra}{err}"
     if kind == "workflow_done":
-        return f"saga done: {e['mode']} {e['previous_region']} -> {e['region']}"
+        steps = ", ".join(f"{st['step']} {st['duration_s']}s" for st in e.get("steps", []))
+        return f"saga done: {e['mode']} {e['previous_region']} -> {e['region']} ({steps})"
     if kind in {"promote_done", "demote_done"}:
         return f"{kind.replace('_', ' ')} on {e['member']} ({e['region']}), hook " \
                f"{e['duration_s']}s"
