@@ -121,6 +121,8 @@ class Daemon:
                  overrides: Overrides | None = None, store: Store | None = None,
                  notifier: Notifier | None = None) -> None:
         self.settings = settings
+        self._policy_for: Settings | None = None
+        self._policy_cached = Policy.from_settings(settings)
         self._config_path = config_path
         self._overrides = overrides or Overrides()
         self.keys = Keyspace(settings.cluster)
@@ -398,5 +400,10 @@ class Daemon:
         return lease.id if lease is not None and lease.valid() else None
 
     def _policy(self) -> Policy:
-        return Policy.from_settings(self.settings)
+        # Rebuilt only when the settings object changes (a reload): every
+        # decision cycle asks for it.
+        settings = self.settings
+        if self._policy_for is not settings:
+            self._policy_cached, self._policy_for = Policy.from_settings(settings), settings
+        return self._policy_cached
 

@@ -356,6 +356,7 @@ class ViewIndex:
         self._active: dict[str, ActiveRecord] = {}
         self._workflows: dict[str, Workflow] = {}
         self._acks: dict[tuple[str, str], tuple[int, str]] = {}
+        self._ack_count: dict[str, int] = {}
         self._observations: dict[tuple[str, str], Observation] = {}
         self._relays: dict[str, Reading] = {}  # by key
         self._relay_member: dict[str, str] = {}
@@ -415,9 +416,14 @@ class ViewIndex:
             power=_live_power(self._relays, self._relay_member, members),
             requests=tuple(sorted(self._requests.values(), key=lambda r: r.id)),
             workflows=dict(self._workflows),
-            acks={k: v for k, v in self._acks.items() if k[1] in members},
+            acks=(dict(self._acks) if self._ack_members() <= members.keys()
+                  else {k: v for k, v in self._acks.items() if k[1] in members}),
             group_revisions=dict(self.group_revision),
         )
+
+    def _ack_members(self) -> set[str]:
+        """Members with acks (counted as they come and go: no scan)."""
+        return {m for m, n in self._ack_count.items() if n}
 
     def _forget(self, key: str) -> None:
         """Drop what ``key`` contributed (it changed or went away)."""
@@ -430,7 +436,9 @@ class ViewIndex:
             elif rest == "workflow":
                 self._workflows.pop(group, None)
             elif rest.startswith("applied/"):
-                self._acks.pop((group, rest[len("applied/"):]), None)
+                member = rest[len("applied/"):]
+                if self._acks.pop((group, member), None) is not None:
+                    self._ack_count[member] -= 1
         elif rel == "coordinator":
             self._coordinator = None
         elif rel.startswith("members/"):
@@ -461,7 +469,9 @@ class ViewIndex:
             elif rest == "workflow":
                 self._workflows[group] = parse_workflow(kv.value, kv.mod_revision)
             elif rest.startswith("applied/"):
-                self._acks[(group, rest[len("applied/"):])] = parse_ack(kv)
+                member = rest[len("applied/"):]
+                self._acks[(group, member)] = parse_ack(kv)
+                self._ack_count[member] = self._ack_count.get(member, 0) + 1
         elif rel == "coordinator":
             self._coordinator = CoordinatorRecord(
                 member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease)

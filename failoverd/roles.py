@@ -173,10 +173,9 @@ class RoleReconciler:
             if not self._mirror.ready.is_set():
                 return None
             kvs = self._mirror.kvs
-            if not self._look_at_all:
-                dirty = self._dirty
-                groups = [g for g in groups if g.name in dirty] if len(dirty) < len(
-                    groups) else groups
+            if not self._look_at_all and len(self._dirty) < len(groups):
+                groups = [g for name in sorted(self._dirty)
+                          if (g := settings.group_by_name(name)) is not None]
             self._look_at_all = False
         else:
             try:
@@ -212,10 +211,10 @@ class RoleReconciler:
         s = self._settings()
         pending_acks: list[str] = []
         seen: dict[str, tuple[int, str] | None] = {}
-        for group in s.groups:
-            if group.name not in found:
+        for name, (active_kv, wf_kv, ack_kv) in found.items():
+            group = s.group_by_name(name)
+            if group is None:
                 continue
-            active_kv, wf_kv, ack_kv = found[group.name]
             mark = tuple(kv.mod_revision if kv else 0 for kv in (active_kv, wf_kv, ack_kv))
             if self._marks.get(group.name) == mark and group.name not in self._dirty:
                 continue
