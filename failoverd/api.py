@@ -192,7 +192,9 @@ class Api:
     async def healthz(self, request: web.Request) -> web.Response:
         # The epochs this member last read: peers cut off from etcd use them
         # to tell "still current" from "replaced" (safety rule 4).
+        s = self._settings()
         return web.json_response({"status": "ok", "version": __version__,
+                                  "member": s.member, "region": s.region,
                                   "epochs": self._epochs()})
 
     async def readyz(self, request: web.Request) -> web.Response:

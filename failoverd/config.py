@@ -246,9 +246,12 @@ class PolicySettings(_Model):
     # Audit events kept (oldest pruned): an evacuation of 1,000 groups writes
     # several per group (epoch change, saga steps, hooks).
     history_limit: Annotated[int, Field(ge=10)] = 20_000
-    # Safety rule 4: after this long without etcd, a member of the active
-    # region asks the other regions' members; if none answers, it demotes.
-    isolation_grace_s: PositiveFloat = 10.0
+    # Safety rule 4: after this long without a lease, a member of the active
+    # region asks the other regions' members; if none answers (or one names
+    # a newer epoch), it demotes.  Unplanned moves out of a region whose
+    # members vanished wait for this plus two seconds (the self-fence
+    # deadline) before promoting: keep it short.
+    isolation_grace_s: PositiveFloat = 3.0
     # Observer regions (other than the target) that must agree for a region
     # to be judged down or up; 0 = a majority of the live observer regions.
     health_quorum: Annotated[int, Field(ge=0)] = 0

@@ -28,18 +28,20 @@ from failoverd.engine import (
 )
 from failoverd.faults import async_fault_point, fault_point
 from failoverd.history import History, read_history
+from failoverd.isolation import ask_healthz
 from failoverd.lease import KeptLease
 from failoverd.mirror import KeyMirror
 from failoverd.model import (
     ActiveRecord,
     ClusterView,
     Keyspace,
+    MemberRecord,
     OperatorRequest,
     incidents_value,
     parse_view,
     to_json,
 )
-from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward
+from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward, fence_wait_until
 from failoverd.store import (
     MAX_TXN_OPS,
     Compare,
@@ -64,6 +66,8 @@ MAX_LOGGED_CHANGES = 10
 PARALLEL_BATCHES = 8
 # How long the watch may take to show our own write before we re-read etcd.
 MIRROR_LAG_S = 2.0
+# How often the members of a memberless region are asked whether they live.
+ASK_ABSENT_EVERY_S = 1.0
 # Key prefixes (under the cluster's) that decide() reads, besides active records.
 DECISION_INPUTS = ("members/", "observations/", "power/", "control/", "coordinator")
 # Cycles take at most 1 / (1 + PACE) of the loop when events pour in.
@@ -97,6 +101,11 @@ class Coordinator:
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
+        # Every member seen this term (its API is asked when it vanishes),
+        # and per memberless region: when its members were last asked and
+        # which of them answered.
+        self._known: dict[str, MemberRecord] = {}
+        self._asked: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._settings = settings
         self._work_s = 0.0
         self._parsed: ClusterView | None = None
@@ -132,7 +141,11 @@ class Coordinator:
         stop with it."""
         try:
             async with asyncio.TaskGroup() as tg:
-                await self._loop(tg)
+                asker = tg.create_task(self._ask_absent(), name="coordinator-ask-absent")
+                try:
+                    await self._loop(tg)
+                finally:
+                    asker.cancel()
         except* SagaFenced as eg:
             raise NotCoordinator(str(eg.exceptions[0])) from None
         except* NotCoordinator as eg:
@@ -243,13 +256,56 @@ class Coordinator:
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()
+        self._known.update(view.members)
         for region in list(self._absent_since):
             if region in present:
                 del self._absent_since[region]
+                self._asked.pop(region, None)
         for region in {r.region for r in view.active.values()} - present:
             self._absent_since.setdefault(region, now)
         return replace(view, absent_since=dict(self._absent_since),
+                       absent_answering=self._absent_answering(),
                        learned_failover_s=self.learned_failover_s)
+
+    def _absent_answering(self) -> dict[str, str]:
+        """Memberless regions not confirmed unreachable (see
+        :meth:`_ask_absent`): their members answer, or were not asked yet."""
+        out = {}
+        for region, since in self._absent_since.items():
+            if not any(m.region == region and m.api_url for m in self._known.values()):
+                continue  # never seen this term: nothing to ask
+            asked = self._asked.get(region)
+            if asked is None or asked[0] < since:
+                out[region] = f"not yet asked whether {region}'s members answer"
+            elif asked[1]:
+                out[region] = (f"{', '.join(asked[1])} still answer(s) their API "
+                               "(alive, cut off from etcd)")
+        return out
+
+    async def _ask_absent(self) -> None:
+        """Observers confirm a region unreachable before member loss moves
+        it (DESIGN's trigger): every second, ask the APIs of the members of
+        each memberless region.  One that answers is alive but cut off from
+        etcd, and rule 4 has it hold its groups: so do we."""
+        while True:
+            for region in list(self._absent_since):
+                known = [m for m in self._known.values() if m.region == region and m.api_url]
+                if not known:
+                    continue
+                started = self._clock()
+                answers = await ask_healthz([m.api_url for m in known])
+                alive = tuple(m.member for m, a in zip(known, answers, strict=True)
+                              if a is not None and a.get("member", m.member) == m.member)
+                before = self._asked.get(region)
+                self._asked[region] = (started, alive)
+                if before is None or before[1] != alive or before[0] < self._absent_since.get(
+                        region, started):
+                    if alive:
+                        log.warning("memberless region still answers; holding its groups",
+                                    region=region, members=list(alive))
+                    self._inputs_changed = True
+                    self._wake.set()
+            await asyncio.sleep(ASK_ABSENT_EVERY_S)
 
     async def _sleep(self, seconds: float) -> None:
         # Wake early on a watch event, but never sleep past the lease deadline.
@@ -329,7 +385,8 @@ class Coordinator:
                           intent.region, mode, now)
         group = self._settings().group_by_name(intent.group)
         if group is not None:
-            wf = fast_forward(wf, group, now)
+            wf = fast_forward(wf, group, now, fence_wait_until(
+                wf, view, self._settings().policy.isolation_grace_s))
             done = [st.name for st in wf.steps if st.state == "done"]
             event["steps_done"] = done
             self._fast_forwarded[(intent.group, intent.epoch)] = (mode, done)

@@ -280,6 +280,10 @@ def _judge_region(view: ClusterView, policy: Policy, region: str, alive: frozens
     elif not members and health.verdict == "up":
         # Only the failoverd daemons are gone; the region itself answers.
         hold = f"no members, but {health.describe()}; holding"
+    elif not members and region in view.absent_answering:
+        # Gone from etcd is not gone: observers must confirm it (DESIGN's
+        # member-loss trigger; rule 4 has a cut-off member hold).
+        hold = f"no members in etcd, but {view.absent_answering[region]}; holding"
     elif not members:
         gone_for = now - view.absent_since.get(region, now)
         if gone_for >= policy.member_loss_grace_s:

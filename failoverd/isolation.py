@@ -28,6 +28,36 @@ PEER_REFRESH_S = 5.0
 PEER_TIMEOUT_S = 1.0
 
 
+def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float) -> float:
+    """The latest time a member of a region that vanished from etcd at
+    ``absent_since`` has begun fencing a group whose new epoch was committed
+    at ``decided_at`` (pure; wall-clock seconds).
+
+    It noticed its lease was gone at most one check after etcd dropped it,
+    asks its peers once ``grace_s`` has passed and then every check, and
+    fences at the first answer that names the newer epoch (or when no peer
+    answers).  A new region is promoted only after this (see the saga's
+    ``fence_old``): an isolated old region never overlaps with the new one.
+    """
+    return max(absent_since + CHECK_EVERY_S + grace_s, decided_at) + CHECK_EVERY_S + \
+        PEER_TIMEOUT_S
+
+
+async def ask_healthz(urls: Sequence[str], timeout_s: float = PEER_TIMEOUT_S
+                      ) -> list[dict[str, object] | None]:
+    """Each member API's ``/healthz`` answer (None: no answer in time)."""
+    async def ask(url: str) -> dict[str, object] | None:
+        try:
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
+                    s.get(f"{url}/healthz", ssl=False) as r:
+                data = await r.json()
+            return data if isinstance(data, dict) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+            return None
+    return list(await asyncio.gather(*(ask(u) for u in urls)))
+
+
 def isolation_decision(active: Mapping[str, int], answers: Sequence[Mapping[str, int]]
                        ) -> dict[str, str]:
     """Which of our active groups to fence, and why (pure).
@@ -109,15 +139,14 @@ class IsolationGuard:
         self.peers = peers
 
     async def _ask_peers(self) -> list[dict[str, int]]:
-        async def ask(url: str) -> dict[str, int] | None:
+        out = []
+        for data in await ask_healthz(list(self.peers.values())):
+            if data is None:
+                continue
+            epochs = data.get("epochs", {})
             try:
-                async with aiohttp.ClientSession(
-                        timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)) as s, \
-                        s.get(f"{url}/healthz", ssl=False) as r:
-                    data = await r.json()
-                epochs = data.get("epochs", {}) if isinstance(data, dict) else {}
-                return {str(k): int(v) for k, v in epochs.items()}
-            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
-                return None
-        answers = await asyncio.gather(*(ask(u) for u in self.peers.values()))
-        return [a for a in answers if a is not None]
+                out.append({str(k): int(v) for k, v in epochs.items()}
+                           if isinstance(epochs, dict) else {})
+            except (ValueError, TypeError):
+                continue
+        return out

@@ -227,6 +227,10 @@ class ClusterView:
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
+    # Memberless regions not (yet) confirmed unreachable, with why: their
+    # members' APIs still answer (alive, cut off from etcd: rule 4 says
+    # hold), or nobody has asked them yet.  Member loss waits for these.
+    absent_answering: Mapping[str, str] = field(default_factory=dict)
     # group -> the newest revision that changed one of its keys (active,
     # workflow, acks; deletions too when folded from the watch): a change
     # marker, so not part of equality.

@@ -26,6 +26,7 @@ from failoverd import metrics
 from failoverd.config import DnsRoute, GroupSettings, HaproxyRoute, Settings
 from failoverd.faults import fault_point
 from failoverd.history import History
+from failoverd.isolation import self_fence_deadline
 from failoverd.model import ClusterView, Keyspace
 from failoverd.routers import (
     Change,
@@ -83,7 +84,20 @@ def precheck(wf: Workflow, group: GroupSettings) -> str:
     return f"{len(group.routes)} route(s) ready for {wf.to_region}"
 
 
-def fast_forward(wf: Workflow, group: GroupSettings, now: float) -> Workflow:
+def fence_wait_until(wf: Workflow, view: ClusterView, grace_s: float) -> float | None:
+    """When the old region of an unplanned move has no member in etcd, the
+    time its members have at the latest fenced themselves (they cannot see
+    the new epoch in etcd; they learn it from their peers, or fence when no
+    peer answers): promoting before it could make two regions active.
+    None when its members are in etcd (they demote on the watch)."""
+    old = wf.from_region
+    if wf.mode != "forced" or old is None or old in view.regions_with_members():
+        return None
+    return self_fence_deadline(view.absent_since.get(old, wf.created), wf.created, grace_s)
+
+
+def fast_forward(wf: Workflow, group: GroupSettings, now: float,
+                 fence_until: float | None = None) -> Workflow:
     """A new workflow with the steps that need no I/O already done, and the
     first gate already running, so that it is written in the very txn of the
     epoch change: members start promoting on the record's watch event, with
@@ -101,6 +115,8 @@ def fast_forward(wf: Workflow, group: GroupSettings, now: float) -> Workflow:
                 return wf  # the saga records the failure
         elif step.name == "drain_old" and (group.drain_s == 0 or not wf.from_region):
             detail = "no drain period (drain_s = 0)"
+        elif step.name == "fence_old" and (fence_until is not None and fence_until > now):
+            return wf  # waits for the old region's self-fence (the saga's step)
         elif step.name == "fence_old" and not any(isinstance(r, HaproxyRoute)
                                                   for r in group.routes):
             detail = "no route that fences"
@@ -271,7 +287,9 @@ class Saga:
                 return recorded
             if not done:
                 if was_pending and step.name not in GATES:
-                    unrecorded.append(step)  # keep its start time (drain, deadlines)
+                    # Keep its start time (drain, deadlines) and say what it
+                    # waits for (status shows it).
+                    unrecorded.append(replace(step, detail=detail))
                 break  # waiting: looked at again when due or the view changes
             step = replace(step, state="done", finished=self._clock(), detail=detail,
                            error="", attempts=step.attempts + 1)
@@ -388,7 +406,14 @@ class Saga:
                 return False, "draining"
             return True, f"drained for {group.drain_s:.0f}s"
         if step.name == "fence_old":
+            until = fence_wait_until(wf, view, self._settings().policy.isolation_grace_s)
+            if until is not None and now < until:
+                self._due(wf.group, until)
+                return False, (f"waiting {until - now:.1f}s more for {wf.from_region}'s "
+                               "self-fence deadline (its members are not in etcd)")
             await self._each_router(group, replace(change, step="fence"))
+            if until is not None:
+                return True, f"{wf.from_region} past its self-fence deadline; fenced"
             return True, f"{wf.from_region} fenced"
         if step.name == "promote_new":
             return self._acked(wf, group, view, wf.to_region, "active", started, now,

@@ -416,6 +416,73 @@ class LocalCluster:
         await self.store.close()
 
 
+class TcpProxy:
+    """A loopback TCP relay that the test can partition: ``cut()`` blackholes
+    it (connections stay open, bytes are dropped both ways, new connections
+    hang — a partition, not a reset, so clients see timeouts), ``heal()``
+    closes what hung and relays again.  One member's own path to a server
+    (its etcd endpoints, say) can be cut while every other member keeps
+    theirs."""
+
+    def __init__(self, target: str | int) -> None:
+        host, _, port = str(target).rpartition(":")
+        self._target = (host or "127.0.0.1", int(port))
+        self.port = free_port()
+        self.cut_off = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            if self.cut_off:
+                await reader.read()  # hold it open until the client gives up or heal
+                return
+            up_r, up_w = await asyncio.open_connection(*self._target)
+            self._writers.add(up_w)
+            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        except OSError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                if not self.cut_off:
+                    dst.write(data)
+                    await dst.drain()
+        except OSError:
+            pass
+        finally:
+            self._writers.discard(dst)
+            dst.close()
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    def heal(self) -> None:
+        self.cut_off = False
+        for w in list(self._writers):
+            w.close()
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        self.heal()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 class HttpService:
     """A region's application, served from the test process on loopback.
 
@@ -467,53 +534,6 @@ class HttpService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:port to a target; ``cut()`` makes it drop everything
-    (one observer's view of a region, severed)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.cut_off = False
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        return self
-
-    def cut(self) -> None:
-        self.cut_off = True
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.cut_off:
-            writer.close()
-            return
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    if self.cut_off:
-                        break
-                    w.write(data)
-                    await w.drain()
-            except OSError:
-                pass
-            finally:
-                w.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 def http_probe(url: str, **kw: Any) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def policy(**kw: object) -> Policy:
 def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]] | None = None,
          *, paused: bool = False, drained: frozenset[str] = frozenset(),
          incidents: tuple[float, ...] = (), started: float = NOW - 3600,
-         absent_since: dict[str, float] | None = None) -> ClusterView:
+         absent_since: dict[str, float] | None = None,
+         absent_answering: dict[str, str] | None = None) -> ClusterView:
     return ClusterView(
         revision=1, coordinator=None,
         members={m: MemberRecord(m, r, "0", "", started) for m, r in members.items()},
@@ -44,6 +45,7 @@ def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]]
         control=ControlState(paused=paused, drained=drained, incidents=tuple(
             Incident("evacuation", "elsewhere", "health", t) for t in incidents)),
         absent_since=absent_since or {},
+        absent_answering=absent_answering or {},
     )
 
 
@@ -86,6 +88,12 @@ CASES: list[tuple[str, ClusterView, Policy, list[tuple[str, str, int, str]], lis
     ("member loss past its grace fails over",
      view(NO_EAST, EAST_ACTIVE, absent_since={"east": NOW - 6}),
      policy(member_loss_grace_s=5), [("app", "central", 5, "member_loss")], []),
+    ("a memberless region whose members still answer their API holds (rule 4)",
+     view(NO_EAST, EAST_ACTIVE, absent_since={"east": NOW - 60},
+          absent_answering={"east": "e1 still answers"}),
+     policy(member_loss_grace_s=5), [], []),
+    ("a memberless region not yet asked holds until it is",
+     view(NO_EAST, EAST_ACTIVE, absent_answering={"east": "not yet asked"}), policy(), [], []),
     ("member loss while paused holds",
      view(NO_EAST, EAST_ACTIVE, paused=True), policy(), [], []),
     ("member loss in cooldown still moves: never held in a dead region (rule 6)",
