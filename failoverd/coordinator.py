@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
+from dns.exception import DNSException
 
 from failoverd import metrics
-from failoverd.config import Settings
+from failoverd.config import DnsRoute, Settings
 from failoverd.engine import (
     Alert,
     Decision,
@@ -41,6 +42,7 @@ from failoverd.model import (
     parse_view,
     to_json,
 )
+from failoverd.routers import DnsRouter, RouterError
 from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward, fence_wait_until
 from failoverd.store import (
     MAX_TXN_OPS,
@@ -105,6 +107,11 @@ class Coordinator:
         # and per memberless region: when its members were last asked and
         # which of them answered.
         self._known: dict[str, MemberRecord] = {}
+        # DNS epoch fences read back before groups' first epochs (rule 11).
+        self._fences: dict[str, int] = {}
+        self._fence_errors: set[str] = set()
+        self._fences_reading: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._asked: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._settings = settings
         self._work_s = 0.0
@@ -146,6 +153,8 @@ class Coordinator:
                     await self._loop(tg)
                 finally:
                     asker.cancel()
+                    for task in self._background:
+                        task.cancel()
         except* SagaFenced as eg:
             raise NotCoordinator(str(eg.exceptions[0])) from None
         except* NotCoordinator as eg:
@@ -196,7 +205,7 @@ class Coordinator:
                 await self._sleep(min(self._tick_s(), 0.5))
                 continue
             now = self._clock()
-            view = self._track_absence(parsed, now)
+            view = await self._with_fences(self._track_absence(parsed, now))
             self._ensure_leading(view)
             if view.requests:
                 # Operator requests first; then decide on what they changed.
@@ -266,6 +275,58 @@ class Coordinator:
         return replace(view, absent_since=dict(self._absent_since),
                        absent_answering=self._absent_answering(),
                        learned_failover_s=self.learned_failover_s)
+
+    async def _with_fences(self, view: ClusterView) -> ClusterView:
+        """Before a group's first epoch, read back its DNS epoch records
+        (fences that outlive etcd, rule 11), once per term: a rebuilt etcd
+        must not start below them.  A fence that cannot be read holds the
+        group's bootstrap (``fences_unread``) and is tried again next cycle."""
+        todo, later = [], []
+        for group in self._settings().groups:
+            if group.name in self._fences or group.name in self._fences_reading:
+                continue
+            dns = [r for r in group.routes if isinstance(r, DnsRoute)]
+            if not dns:
+                self._fences[group.name] = 0
+            elif group.name in view.active:
+                later.append((group.name, dns))
+            else:
+                todo.append((group.name, dns))
+        if later:
+            # Recorded groups too, once per term, but without holding the
+            # decision (a restored etcd): a record found behind is lifted.
+            self._fences_reading.update(n for n, _ in later)
+            task = asyncio.create_task(self._read_fences(later), name="coordinator-fences")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        if todo:
+            await self._read_fences(todo)
+        unread = frozenset(n for n, _ in todo if n not in self._fences)
+        floors = {g: e for g, e in self._fences.items() if e}
+        if not unread and not floors:
+            return view
+        return replace(view, fence_epochs=floors, fences_unread=unread)
+
+    async def _read_fences(self, todo: list[tuple[str, list[DnsRoute]]]) -> None:
+        if todo:
+            slots = asyncio.Semaphore(32)
+
+            async def read(name: str, routes: list[DnsRoute]) -> None:
+                try:
+                    async with slots:
+                        epochs = [await DnsRouter(r).fence_epoch() for r in routes]
+                    self._fences[name] = max((e or 0 for e in epochs), default=0)
+                except (RouterError, DNSException, OSError, TimeoutError, ValueError) as exc:
+                    if name not in self._fence_errors:
+                        log.warning("cannot read the DNS epoch fence; not bootstrapping "
+                                    "below it", group=name, error=str(exc))
+                    self._fence_errors.add(name)
+            await asyncio.gather(*(read(n, r) for n, r in todo))
+            for name, _ in todo:
+                self._fences_reading.discard(name)
+            if any(self._fences.get(n) for n, _ in todo):
+                self._inputs_changed = True
+                self._wake.set()
 
     def _absent_answering(self) -> dict[str, str]:
         """Memberless regions not confirmed unreachable (see
@@ -360,7 +421,11 @@ class Coordinator:
         """The guard and writes of one active-record change (rule 1); the
         caller adds the term guard once per txn."""
         key = self._keys.active(intent.group)
-        mode = "planned" if intent.planned else "bootstrap" if intent.prev is None else "forced"
+        # A group's first epoch, or the same region re-asserted above a fence
+        # (rule 11), has no old region to fence or demote.
+        mode = ("planned" if intent.planned
+                else "bootstrap" if intent.prev is None or intent.prev.region == intent.region
+                else "forced")
         prev = intent.prev
         # The per-group limit's memory travels with the record; an operator
         # move carries the group's automatic moves forward.

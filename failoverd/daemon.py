@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -38,7 +38,7 @@ from failoverd.mirror import KeyMirror
 from failoverd.model import Keyspace, MemberRecord, ViewIndex
 from failoverd.mqtt import PowerFeeds
 from failoverd.probes import Prober
-from failoverd.roles import RoleReconciler
+from failoverd.roles import Applied, RoleReconciler
 from failoverd.saga import worst_step_s
 from failoverd.sdnotify import Notifier, run_watchdog
 from failoverd.store import Store, StoreError
@@ -129,6 +129,7 @@ class Daemon:
         self.store: Store = store or EtcdStore(settings.etcd)
         self.history = History(self.store, self.keys, settings.member, settings.region)
         self.watcher = Watcher(self.store, self.keys)
+        self.roles: RoleReconciler | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.lease: KeptLease | None = None
@@ -157,9 +158,9 @@ class Daemon:
             member=self.settings.member, region=self.settings.region
         )
         self._install_signals()
-        roles = RoleReconciler(self.store, self.keys, lambda: self.settings, self.history,
-                               self.watcher.subscribe("groups/"), self._live_lease,
-                               mirror=self.watcher.mirror)
+        roles = self.roles = RoleReconciler(
+            self.store, self.keys, lambda: self.settings, self.history,
+            self.watcher.subscribe("groups/"), self._live_lease, mirror=self.watcher.mirror)
         self.watcher.listen("groups/", roles.keys_changed)
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
@@ -332,9 +333,13 @@ class Daemon:
                     member=s.member, region=s.region, version=__version__,
                     api_url=f"{'https' if s.api.tls_cert_file else 'http'}://{s.api.listen}",
                     started=time.time(),
+                    epochs={g: a.epoch for g, a in self._applied().items()},
                 )
                 await self.store.put(self.keys.member(s.member), member.to_value(), lease_id)
         return KeptLease(self.store, lease_id, ttl, sent, s.etcd.lease_margin_s)
+
+    def _applied(self) -> Mapping[str, Applied]:
+        return self.roles.state.groups if self.roles is not None else {}
 
     async def _session(self) -> None:
         self.lease = await self._grant()

@@ -7,7 +7,7 @@ only place that decides *whether* and *where* a group moves; the coordinator
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from failoverd.config import Settings
 from failoverd.model import (
@@ -366,8 +366,23 @@ class _Guards:
         return (*(t for t in rec.auto_moves if self.now - t < HOUR_S), self.now)
 
 
+def epoch_floor(view: ClusterView, group: str) -> tuple[int, str]:
+    """The highest epoch any fence that outlives etcd has seen for
+    ``group``, and which: the members' applied epochs (published with their
+    registration and in their acks) and the DNS epoch records (rule 11)."""
+    best, by = view.fence_epochs.get(group, 0), "the DNS epoch record"
+    for m in view.members.values():
+        applied = m.epochs.get(group, 0)
+        if applied > best:
+            best, by = applied, f"{m.member}'s applied epoch"
+        ack = view.acks.get((group, m.member))
+        if ack is not None and ack[0] > best:
+            best, by = ack[0], f"{m.member}'s applied epoch"
+    return best, by
+
+
 def _bootstrap(view: ClusterView, policy: Policy, a: Assessment, group: GroupPolicy,
-               now: float) -> tuple[Intent | None, str]:
+               now: float, epoch: int) -> tuple[Intent | None, str]:
     if view.control.paused:
         return None, "no active region; paused, not bootstrapping"
     # At a cold start daemons come up, and probes settle, in any order:
@@ -382,8 +397,10 @@ def _bootstrap(view: ClusterView, policy: Policy, a: Assessment, group: GroupPol
     best = a.candidates(group, None)
     if not best:
         return Alert(group.name, "no region can be made active"), "no candidate to bootstrap"
-    return (SetActive(group.name, best[0], 1, "bootstrap",
-                      f"bootstrap: {best[0]} is the best region with live members", None),
+    above = f" (above an earlier epoch {epoch - 1})" if epoch > 1 else ""
+    return (SetActive(group.name, best[0], epoch, "bootstrap",
+                      f"bootstrap: {best[0]} is the best region with live members{above}",
+                      None),
             f"bootstrap -> {best[0]}")
 
 
@@ -477,12 +494,32 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
     failbacks: list[SetActive] = []
     for group in policy.groups:
         rec = view.active.get(group.name)
+        floor, fenced_by = epoch_floor(view, group.name)
         if rec is None:
-            intent, reason = _bootstrap(view, policy, a, group, now)
+            if group.name in view.fences_unread:
+                plan.reasons.append(f"{group.name}: reading its epoch fences before its "
+                                    "first epoch (rule 11)")
+                continue
+            intent, reason = _bootstrap(view, policy, a, group, now, floor + 1)
             if intent is not None:
                 plan.intents.append(intent)
             plan.reasons.append(f"{group.name}: {reason}")
             continue
+        if floor > rec.epoch:
+            # etcd was restored or rebuilt: its record is behind what a
+            # resource has seen.  Every new epoch continues above the fence
+            # (the record's mod_revision still guards the write); a region
+            # that stays is re-asserted there.  Members hold rather than
+            # apply a lower epoch meanwhile.
+            behind, rec = rec.epoch, replace(rec, epoch=floor)
+            if (not view.control.paused and rec.region in group.regions
+                    and a.region(rec.region).condition is None):
+                plan.intents.append(SetActive(
+                    group.name, rec.region, floor + 1, "restore",
+                    f"restore: epoch {behind} is behind {fenced_by} (epoch {floor}); "
+                    f"re-asserting {rec.region} at epoch {floor + 1}", rec))
+                plan.reasons.append(f"{group.name}: epoch behind a fence -> {floor + 1}")
+                continue
         if rec.region not in group.regions:
             _leave(plan, a, guards, group, rec, "config",
                    f"{rec.region} is no longer in the group", region_wide=False)

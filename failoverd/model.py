@@ -17,7 +17,8 @@ from failoverd.store import KeyValue, Snapshot
 from failoverd.workflow import Workflow, parse_workflow
 
 Trigger = Literal[
-    "bootstrap", "member_loss", "health", "power", "operator", "config", "failback"
+    "bootstrap", "member_loss", "health", "power", "operator", "config", "failback",
+    "restore",
 ]
 AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
     {"member_loss", "health", "power", "config", "failback"}
@@ -103,10 +104,15 @@ class MemberRecord:
     api_url: str
     started: float
     lease: int = 0
+    # The epoch this member last applied per group (its state file, which
+    # outlives etcd): floors for the epochs of a rebuilt or restored etcd
+    # (rule 11).
+    epochs: Mapping[str, int] = field(default_factory=dict)
 
     def to_value(self) -> str:
         d = asdict(self)
         d.pop("lease")
+        d["epochs"] = dict(self.epochs)
         return to_json(d)
 
 
@@ -227,6 +233,11 @@ class ClusterView:
     # When each memberless region was first seen without members, as tracked
     # by the coordinator across cycles (a member restart is not a loss).
     absent_since: Mapping[str, float] = field(default_factory=dict)
+    # group -> the highest epoch a fence outside etcd holds (DNS epoch TXT
+    # records, read by the coordinator before a group's first epoch), and
+    # the groups whose fences could not be read yet (rule 11).
+    fence_epochs: Mapping[str, int] = field(default_factory=dict)
+    fences_unread: frozenset[str] = frozenset()
     # Memberless regions not (yet) confirmed unreachable, with why: their
     # members' APIs still answer (alive, cut off from etcd: rule 4 says
     # hold), or nobody has asked them yet.  Member loss waits for these.
@@ -276,7 +287,19 @@ def parse_member(kv: KeyValue) -> MemberRecord:
     return MemberRecord(
         member=_str(d, "member"), region=_str(d, "region"), version=_str(d, "version"),
         api_url=_str(d, "api_url"), started=_num(d, "started"), lease=kv.lease,
+        epochs=_epochs(d.get("epochs", {})),
     )
+
+
+def _epochs(v: object) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise ValueError("epochs is not an object")
+    out = {}
+    for group, epoch in v.items():
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epochs[{group}] is not a non-negative integer")
+        out[str(group)] = epoch
+    return out
 
 
 def parse_active(kv: KeyValue) -> ActiveRecord:

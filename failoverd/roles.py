@@ -131,6 +131,7 @@ class RoleReconciler:
         self.epochs: dict[str, int] = {}
         self.active_regions: dict[str, str] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._behind: dict[str, int] = {}  # groups whose record is behind us (logged)
         self._slots = asyncio.Semaphore(s.policy.max_concurrent_hooks)
         self._tg: asyncio.TaskGroup | None = None
         # What we last published as our ack, per group (to skip rewrites).
@@ -320,6 +321,15 @@ class RoleReconciler:
         """The hook this group needs now, if any.  The workflow is parsed
         only when it gates something (most changes need nothing of us)."""
         applied = self.state.groups.get(group.name)
+        if applied is not None and applied.epoch > rec.epoch:
+            # The record is behind what we applied: etcd was restored or
+            # rebuilt.  Never apply a lower epoch (rule 11); our ack shows
+            # the coordinator our epoch, and it re-asserts above it.
+            if self._behind.get(group.name) != rec.epoch:
+                self._behind[group.name] = rec.epoch
+                log.warning("active record behind our applied epoch; holding",
+                            group=group.name, record_epoch=rec.epoch, applied=applied.epoch)
+            return None
 
         def wf() -> Workflow | None:
             return self._parse(wf_kv, _parse_workflow) if wf_kv is not None else None

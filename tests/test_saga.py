@@ -229,3 +229,76 @@ async def test_operator_retries_a_failed_saga_once_the_cause_is_fixed(saga_stack
     assert status == 409 and "is done, not failed" in body["message"], body
     events = [e for e in await s.c.history() if e["kind"] == "operator_request"]
     assert [e["result"] for e in events] == ["refused", "accepted", "accepted"]  # newest first
+
+
+async def test_safety_rule_11_a_rebuilt_etcd_continues_above_every_fence(saga_stack):
+    """etcd loses every key (rebuilt from scratch) after two switchovers:
+    the new first epoch is above the DNS epoch record and every member's
+    applied epoch, the reroute is accepted (not refused as stale), no member
+    ever applies a lower epoch after a higher one, and traffic flows."""
+    s = await saga_stack()
+    for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
+        s.c.add(m, r)
+    await s.wait_done(1)
+    for epoch, region in ((2, "west"), (3, "central")):
+        status, data = await call(s.c.daemons["e1"].api, "POST", "/v1/groups/app/switchover",
+                                  OPERATOR_TOKEN, {"to": region})
+        assert status == 200, data
+        await s.wait_done(epoch, timeout=30)
+    assert (await s.dns())[1] == {'"epoch=3"'}
+    for d in s.c.daemons.values():
+        d.stop()
+    assert await s.c.store.delete(s.c.keys.prefix, prefix=True) > 0  # etcd rebuilt: empty
+    for d in s.c.daemons.values():
+        d.start()
+    wf = await s.wait_done(4, timeout=40)
+    assert (wf.mode, wf.to_region) == ("bootstrap", "east")
+    record = (await s.c.view()).active["app"]
+    assert (record.epoch, record.trigger) == (4, "bootstrap")
+    assert (await s.dns())[1] == {'"epoch=4"'}
+    assert await s.traffic() == {"region east"}
+    for member in s.c.daemons:
+        epochs = [h["epoch"] for h in s.c.hooks() if h["member"] == member]
+        assert epochs == sorted(epochs), (member, epochs)
+
+
+async def test_safety_rule_11_a_restored_etcd_is_lifted_above_the_applied_epochs(saga_stack):
+    """etcd restored from an older snapshot: the record says epoch 1 (east)
+    again while the members applied epoch 2 and the DNS fence holds 2.
+    Whichever member comes back first and whatever it decides, the next
+    epoch is above 2, no member applies a lower epoch after a higher one,
+    the DNS fence and the record agree and traffic flows where the record
+    says."""
+    s = await saga_stack()
+    for m, r in (("e1", "east"), ("w1", "west"), ("c1", "central")):
+        s.c.add(m, r)
+    await s.wait_done(1)
+    old = await s.c.store.get(s.c.keys.active("app"))
+    old_wf = await s.c.store.get(s.c.keys.workflow("app"))
+    assert old is not None and old_wf is not None
+    status, data = await call(s.c.daemons["e1"].api, "POST", "/v1/groups/app/switchover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200, data
+    await s.wait_done(2, timeout=30)
+    for d in s.c.daemons.values():
+        d.stop()
+    # The snapshot's view of the group: epoch 1 in east, its saga done.
+    await s.c.store.delete(s.c.keys.groups, prefix=True)
+    await s.c.store.put(old.key, old.value)
+    await s.c.store.put(old_wf.key, old_wf.value)
+    for d in s.c.daemons.values():
+        d.start()
+
+    async def settled() -> Any:
+        v = await s.c.view()
+        rec, wf = v.active.get("app"), v.workflows.get("app")
+        if rec is None or rec.epoch <= 2 or wf is None or wf.epoch != rec.epoch:
+            return None
+        return rec if wf.state == "done" else None
+    record = await wait_until(settled, 40, "a record above every fence, its saga done")
+    assert record.trigger in {"restore", "member_loss"}
+    assert (await s.dns())[1] == {f'"epoch={record.epoch}"'}
+    assert await s.traffic() == {f"region {record.region}"}
+    for member in s.c.daemons:
+        epochs = [h["epoch"] for h in s.c.hooks() if h["member"] == member]
+        assert epochs == sorted(epochs), (member, epochs)
