@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -205,7 +206,8 @@ async def test_api_over_tls(tmp_path: Path) -> None:
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     port = free_port()
-    api = Api(None, None, None, asyncio.Event())  # type: ignore[arg-type]
+    me = SimpleNamespace(member="m1", region="east")
+    api = Api(None, None, lambda: me, asyncio.Event())  # type: ignore[arg-type]
     task = asyncio.create_task(serve_api(api, ApiSettings(
         listen=f"127.0.0.1:{port}", tls_cert_file=cert, tls_key_file=key)))
     try:
@@ -213,7 +215,9 @@ async def test_api_over_tls(tmp_path: Path) -> None:
         ctx = ssl.create_default_context(cafile=str(cert))
         async with aiohttp.ClientSession() as s, s.get(
                 f"https://127.0.0.1:{port}/healthz", ssl=ctx) as r:
-            assert r.status == 200 and (await r.json())["status"] == "ok"
+            body = await r.json()
+            assert r.status == 200 and body["status"] == "ok"
+            assert (body["member"], body["region"]) == ("m1", "east")
         with pytest.raises(aiohttp.ClientError):
             async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz"):
                 pass
