@@ -390,6 +390,12 @@ class Daemon:
             self.coordinator = None
             log.warning("stepping down", reason=str(exc))
             await self.history.record("coordinator_stepped_down", term=term, reason=str(exc))
+            # Python 3.11's TaskGroup drops a cancellation that arrives while
+            # it unwinds an error (here: the lease task ended the session
+            # as our term ended): honour it, or the session never ends.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
         finally:
             metrics.IS_COORDINATOR.set(0)
             metrics.COORDINATOR_TERM.set(0)

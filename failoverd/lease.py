@@ -19,6 +19,15 @@ from failoverd.store import LeaseNotFound, Store, StoreError
 log = structlog.get_logger("failoverd.lease")
 
 
+# Bounds of one keep-alive attempt (see KeptLease.run).
+ATTEMPT_MIN_S = 0.2
+ATTEMPT_MAX_S = 0.5
+# etcd's default election: 1 s timeout, randomised up to 2 s, plus the vote.
+ELECTION_ALLOWANCE_S = 2.1
+RENEW_MIN_S = 0.25
+RETRY_S = 0.05
+
+
 class LeaseLost(Exception):
     """The lease is gone or its local deadline passed."""
 
@@ -44,9 +53,18 @@ class KeptLease:
     def remaining(self) -> float:
         return self.deadline - self._clock()
 
+    def renew_every(self, ttl: float) -> float:
+        """How long after a renewal the next one is sent: at most ttl/3, and
+        early enough that an etcd leader election (ELECTION_ALLOWANCE_S)
+        starting right after a renewal still ends before our deadline — a
+        leader kill must not cost a lease (etcd itself extends leases
+        across an election; only our local deadline can run out)."""
+        return max(min(ttl / 3.0, ttl - self._margin - ELECTION_ALLOWANCE_S), RENEW_MIN_S)
+
     async def run(self) -> None:
-        """Refresh every ttl/3 s (faster after a failure) until the lease is lost."""
-        interval = max(self.ttl / 3.0, 0.2)
+        """Renew (see :meth:`renew_every`; faster after a failure) until the
+        lease is lost."""
+        interval = self.renew_every(self.ttl)
         while True:
             # Sleep to the next renewal, but never past the deadline: we must
             # notice expiry on time even when nothing else wakes us.
@@ -55,17 +73,23 @@ class KeptLease:
                 raise LeaseLost(f"lease {self.id:x} passed its local deadline")
             sent = self._clock()
             try:
-                async with asyncio.timeout(max(self.remaining(), 0.01)):
+                # One attempt may not use up the whole deadline: a keep-alive
+                # stuck on a dead or leaderless etcd member is abandoned
+                # after half of what is left (at most ATTEMPT_MAX_S), and
+                # the next one goes to another endpoint (round robin).
+                attempt = min(max(self.remaining() / 4, ATTEMPT_MIN_S), ATTEMPT_MAX_S,
+                              max(self.remaining(), 0.01))
+                async with asyncio.timeout(attempt):
                     ttl = await self._store.keepalive(self.id)
             except LeaseNotFound as exc:
                 raise LeaseLost(str(exc)) from exc
             except (StoreError, TimeoutError) as exc:
                 log.warning("lease keepalive failed", lease=f"{self.id:x}",
                             error=str(exc), remaining_s=round(self.remaining(), 3))
-                interval = max(self.ttl / 10.0, 0.1)
+                interval = RETRY_S  # at once, to another endpoint
                 continue
             self.deadline = sent + ttl - self._margin
             self.renewals += 1
             log.debug("lease renewed", lease=f"{self.id:x}", ttl=ttl,
                       remaining_s=round(self.remaining(), 3))
-            interval = max(ttl / 3.0, 0.2)
+            interval = self.renew_every(ttl)

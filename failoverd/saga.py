@@ -493,7 +493,7 @@ class Saga:
 def _step_summary(step: Step, now: float) -> dict[str, object]:
     """One done step as ``workflow_done`` lists it."""
     out: dict[str, object] = {
-        "step": step.name,
+        "step": step.name, "finished": round(step.finished or now, 6),
         "duration_s": round((step.finished or now) - (step.started or now), 3)}
     if step.attempts > 1:
         out["attempts"] = step.attempts

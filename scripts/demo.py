@@ -302,8 +302,7 @@ def _describe(e: dict[str, Any]) -> str:
         err = f" error: {e['error']}" if e.get("error") else ""
         return f"saga step {e['step']} {e['state']} in {e['duration_s']}s{extra}{err}"
     if kind == "workflow_done":
-        steps = ", ".join(f"{st['step']} {st['duration_s']}s" for st in e.get("steps", []))
-        return f"saga done: {e['mode']} {e['previous_region']} -> {e['region']} ({steps})"
+        return f"saga done: {e['mode']} {e['previous_region']} -> {e['region']}"
     if kind in {"promote_done", "demote_done"}:
         return f"{kind.replace('_', ' ')} on {e['member']} ({e['region']}), hook " \
                f"{e['duration_s']}s"
@@ -320,6 +319,12 @@ async def timeline(stack: Stack, since: float, t0: float) -> list[tuple[float, s
     for e in await stack.c.history():
         if e["ts"] >= since and e["kind"] in STORY_EVENTS:
             lines.append((e["ts"], _describe(e)))
+        if e["ts"] >= since and e["kind"] == "workflow_done":
+            # One event lists every step with its end: one line each.
+            for st in e.get("steps", []):
+                extra = f" ({st['detail']})" if st.get("detail") else ""
+                lines.append((st["finished"], f"saga step {st['step']} done in "
+                              f"{st['duration_s']}s{extra}"))
     for d in stack.c.daemons.values():
         for e in d.log_events():
             if e.get("event") == "decision" and e.get("level") == "info":

@@ -145,6 +145,32 @@ class EtcdCluster:
                     raise RuntimeError(f"etcd {m.name} not healthy after {timeout}s")
                 time.sleep(0.05)
 
+    def leader(self, timeout: float = 10.0) -> EtcdMember:
+        """The member that leads now (asked through etcd's JSON gateway)."""
+        import urllib.request  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = {}
+            leader = None
+            for m in self.members:
+                if m.proc is None:
+                    continue
+                try:
+                    req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status",
+                                                 data=b"{}", method="POST")
+                    with urllib.request.urlopen(req, timeout=1) as r:
+                        st = json.loads(r.read())
+                except OSError:
+                    continue
+                ids[st["header"]["member_id"]] = m
+                leader = st.get("leader") or leader
+            if leader in ids:
+                return ids[leader]
+            if time.monotonic() > deadline:
+                raise RuntimeError("no etcd leader")
+            time.sleep(0.05)
+
     def kill(self, m: EtcdMember) -> None:
         if m.proc is not None:
             m.proc.kill()

@@ -79,7 +79,8 @@ async def test_member_loss_fails_over_once_and_restart_does_not_repromote(
 
     async def both_promoted() -> bool:
         return len(promotes()) == 2
-    await wait_until(both_promoted, 5, "west promote hooks")
+    # After the self-fence deadline of east (isolation_grace_s + 2 s).
+    await wait_until(both_promoted, 15, "west promote hooks")
     assert promotes() == [("w1", after.epoch, "app", "west"), ("w2", after.epoch, "app", "west")]
 
     # Restart the killed daemons and one of west's: nobody promotes again for
@@ -304,3 +305,38 @@ async def test_safety_rule_6_never_held_in_a_dead_region_even_in_cooldown(
                                                               ("west", "member_loss")]
     finally:
         await c.close()
+
+
+async def test_etcd_leader_kill_costs_no_lease(tmp_path: Path, cluster_name: str):
+    """The etcd leader killed three times (upgrades, reboots) with etcd's
+    default election timing and lease_ttl_s = 3: every daemon keeps its
+    lease through the election (keep-alives move to a live endpoint), the
+    coordinator keeps its term, and nothing moves."""
+    etcd = EtcdCluster(tmp_path / "etcd", size=3,
+                       extra_args=["--heartbeat-interval", "100", "--election-timeout", "1000"])
+    etcd.start()
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints,
+                     regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]}, ttl=3)
+    try:
+        for m, r in (("e1", "east"), ("w1", "west"), ("w2", "west")):
+            c.add(m, r)
+        before = await c.wait_active("app", "east", 15)
+        await wait_until(lambda: _members(c, 3), 10, "three members")
+        seat = await c.wait_coordinator(10)
+        for _ in range(3):
+            victim = etcd.leader()
+            etcd.kill(victim)
+            marks = {m: _renewals(c, m) for m in c.daemons}
+            await wait_until(lambda m=marks: _all_renewed(c, m), 10,
+                             "every daemon renewing through the new leader")
+            etcd.start_member(victim, state="existing")
+            etcd.wait_healthy(members=[victim])
+        for member in c.daemons:
+            assert not await _logged(c, member, "lease lost"), member
+        after = await c.view()
+        assert after.coordinator is not None and after.coordinator.term == seat.term
+        assert after.active["app"].epoch == before.epoch
+        assert set(after.members) == {"e1", "w1", "w2"}
+    finally:
+        await c.close()
+        etcd.stop()
