@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import evacuate, footprint, health, power, routers, takeover
+from bench import chaos, evacuate, footprint, health, power, routers, takeover
 
 
 async def main() -> int:
@@ -18,7 +18,10 @@ async def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
     ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint",
-                                       "evacuate"), action="append")
+                                       "evacuate", "chaos"), action="append",
+                    help="chaos runs only when named (it takes ~45 s per schedule)")
+    ap.add_argument("--schedules", type=int, default=200, help="chaos: how many schedules")
+    ap.add_argument("--first-seed", type=int, default=1000, help="chaos: the first seed")
     ap.add_argument("--groups", type=int, action="append",
                     help="evacuate: group counts to measure (default 10, 100, 1000)")
     ap.add_argument("--footprint-s", type=float, default=60.0,
@@ -34,6 +37,8 @@ async def main() -> int:
         rows += await footprint.run(args.trials, args.ttl, args.footprint_s)
     if not args.only or "evacuate" in args.only:
         rows += await evacuate.run(args.ttl, args.groups or [10, 100, 1000])
+    if args.only and "chaos" in args.only:
+        rows += await chaos.run(args.schedules, args.first_seed)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -110,8 +110,7 @@ class Coordinator:
         # DNS epoch fences read back before groups' first epochs (rule 11).
         self._fences: dict[str, int] = {}
         self._fence_errors: set[str] = set()
-        self._fences_reading: set[str] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._fence_errors_recorded: set[str] = set()
         self._asked: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._settings = settings
         self._work_s = 0.0
@@ -153,8 +152,6 @@ class Coordinator:
                     await self._loop(tg)
                 finally:
                     asker.cancel()
-                    for task in self._background:
-                        task.cancel()
         except* SagaFenced as eg:
             raise NotCoordinator(str(eg.exceptions[0])) from None
         except* NotCoordinator as eg:
@@ -277,31 +274,27 @@ class Coordinator:
                        learned_failover_s=self.learned_failover_s)
 
     async def _with_fences(self, view: ClusterView) -> ClusterView:
-        """Before a group's first epoch, read back its DNS epoch records
-        (fences that outlive etcd, rule 11), once per term: a rebuilt etcd
-        must not start below them.  A fence that cannot be read holds the
-        group's bootstrap (``fences_unread``) and is tried again next cycle."""
-        todo, later = [], []
+        """Read back each group's DNS epoch records (fences that outlive
+        etcd, rule 11) once per term, before the term's first new epoch for
+        the group: a rebuilt or restored etcd must not reuse an epoch a
+        resource has seen.  The reads run concurrently (a round trip for
+        the lot).  A group with no record waits until its fence is read
+        (``fences_unread``, tried again each cycle); a recorded group whose
+        fence cannot be read goes on (its reroute is fenced by DNS anyway)."""
+        todo = []
         for group in self._settings().groups:
-            if group.name in self._fences or group.name in self._fences_reading:
+            if group.name in self._fences or group.name in self._fence_errors_recorded:
                 continue
             dns = [r for r in group.routes if isinstance(r, DnsRoute)]
             if not dns:
                 self._fences[group.name] = 0
-            elif group.name in view.active:
-                later.append((group.name, dns))
-            else:
-                todo.append((group.name, dns))
-        if later:
-            # Recorded groups too, once per term, but without holding the
-            # decision (a restored etcd): a record found behind is lifted.
-            self._fences_reading.update(n for n, _ in later)
-            task = asyncio.create_task(self._read_fences(later), name="coordinator-fences")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        if todo:
-            await self._read_fences(todo)
-        unread = frozenset(n for n, _ in todo if n not in self._fences)
+                continue
+            todo.append((group.name, dns))
+        await self._read_fences(todo)
+        for name, _ in todo:
+            if name not in self._fences and name in view.active:
+                self._fence_errors_recorded.add(name)
+        unread = frozenset(n for n, _ in todo if n not in self._fences and n not in view.active)
         floors = {g: e for g, e in self._fences.items() if e}
         if not unread and not floors:
             return view
@@ -322,11 +315,6 @@ class Coordinator:
                                     "below it", group=name, error=str(exc))
                     self._fence_errors.add(name)
             await asyncio.gather(*(read(n, r) for n, r in todo))
-            for name, _ in todo:
-                self._fences_reading.discard(name)
-            if any(self._fences.get(n) for n, _ in todo):
-                self._inputs_changed = True
-                self._wake.set()
 
     def _absent_answering(self) -> dict[str, str]:
         """Memberless regions not confirmed unreachable (see

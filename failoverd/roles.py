@@ -14,7 +14,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,7 +92,13 @@ class AppliedState:
 
     async def commit(self, group: str, applied: Applied) -> None:
         """Record and return once a write that includes it is on disk."""
-        self.groups[group] = applied
+        await self.commit_many({group: applied})
+
+    async def commit_many(self, applied: Mapping[str, Applied]) -> None:
+        """Likewise for many groups at once (one write)."""
+        if not applied:
+            return
+        self.groups.update(applied)
         self._changes += 1
         mine = self._changes
         async with self._lock:
@@ -211,6 +217,7 @@ class RoleReconciler:
             return
         s = self._settings()
         pending_acks: list[str] = []
+        standby_at: dict[str, Applied] = {}
         seen: dict[str, tuple[int, str] | None] = {}
         for name, (active_kv, wf_kv, ack_kv) in found.items():
             group = s.group_by_name(name)
@@ -250,7 +257,16 @@ class RoleReconciler:
             if work is not None:
                 self._start(s, group, *work)
             else:
+                applied = self.state.groups.get(group.name)
+                if (rec.region != s.region and applied is not None
+                        and applied.role == "standby" and applied.epoch < rec.epoch
+                        and self._moved_from_us(s, rec, wf_kv)):
+                    # Standby already (a demote ran, or we fenced ourselves):
+                    # nothing to run, but the saga moving the group away
+                    # from our region waits for our demote: say so now.
+                    standby_at[group.name] = Applied(rec.epoch, "standby")
                 pending_acks.append(group.name)
+        await self.state.commit_many(standby_at)
         await self._ack_all(pending_acks, seen)
 
     def _start(self, s: Settings, group: GroupSettings, epoch: int, role: str,
@@ -345,6 +361,16 @@ class RoleReconciler:
         if not may_demote(wf(), rec.epoch):
             return None  # planned switchover: keep serving while traffic drains
         return rec.epoch, "standby", group.demote
+
+    def _moved_from_us(self, s: Settings, rec: ActiveRecord, wf_kv: KeyValue | None) -> bool:
+        """Does the saga of ``rec``'s epoch move the group out of our region?"""
+        if wf_kv is None:
+            return False
+        try:
+            wf = self._parse(wf_kv, _parse_workflow)
+        except (ValueError, KeyError, TypeError):
+            return False
+        return wf.epoch == rec.epoch and wf.from_region == s.region
 
     async def fence(self, group: GroupSettings, reason: str) -> None:
         """Self-fence (safety rule 4): demote now, without etcd, keeping the

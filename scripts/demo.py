@@ -295,14 +295,15 @@ STORY_EVENTS = {"epoch_changed", "workflow_step", "workflow_done", "promote_done
 def _describe(e: dict[str, Any]) -> str:
     kind = e["kind"]
     if kind == "epoch_changed":
-        return (f"decision committed: app {e.get('previous_region')} -> {e['region']}, "
+        return (f"decision committed: {e['group']} {e.get('previous_region')} -> {e['region']}, "
                 f"epoch {e['epoch']} ({e.get('mode')}): {e.get('reason')}")
     if kind == "workflow_step":
         extra = f" ({e['detail']})" if e.get("detail") else ""
         err = f" error: {e['error']}" if e.get("error") else ""
-        return f"saga step {e['step']} {e['state']} in {e['duration_s']}s{extra}{err}"
+        return (f"[{e['group']}] saga step {e['step']} {e['state']} in {e['duration_s']}s"
+                f"{extra}{err}")
     if kind == "workflow_done":
-        return f"saga done: {e['mode']} {e['previous_region']} -> {e['region']}"
+        return f"[{e['group']}] saga done: {e['mode']} {e['previous_region']} -> {e['region']}"
     if kind in {"promote_done", "demote_done"}:
         return f"{kind.replace('_', ' ')} on {e['member']} ({e['region']}), hook " \
                f"{e['duration_s']}s"
@@ -323,7 +324,7 @@ async def timeline(stack: Stack, since: float, t0: float) -> list[tuple[float, s
             # One event lists every step with its end: one line each.
             for st in e.get("steps", []):
                 extra = f" ({st['detail']})" if st.get("detail") else ""
-                lines.append((st["finished"], f"saga step {st['step']} done in "
+                lines.append((st["finished"], f"[{e['group']}] saga step {st['step']} done in "
                               f"{st['duration_s']}s{extra}"))
     for d in stack.c.daemons.values():
         for e in d.log_events():
@@ -344,15 +345,17 @@ def first(lines: list[tuple[float, str]], text: str, after: float) -> float | No
 
 def summary(name: str, lines: list[tuple[float, str]], t0: float, frm: str, to: str,
             epochs: tuple[int, int]) -> None:
-    marks = [("decision committed", "decision committed"),
-             ("old region drained (planned only)", "saga step drain_old done"),
-             ("old region fenced (forced only)", "saga step fence_old done"),
-             ("promoted", "saga step promote_new done"),
-             ("rerouted (HAProxy + DNS)", "saga step reroute done"),
-             ("verified", "saga step verify done"),
+    # The figures follow group "app" (HAProxy and DNS); the others are in
+    # the timeline with their names.
+    marks = [("decision committed", "decision committed: app "),
+             ("old region drained (planned only)", "[app] saga step drain_old done"),
+             ("old region fenced (forced only)", "[app] saga step fence_old done"),
+             ("promoted", "[app] saga step promote_new done"),
+             ("rerouted (HAProxy + DNS)", "[app] saga step reroute done"),
+             ("verified", "[app] saga step verify done"),
              ("HAProxy traffic on the new region", "traffic: HAProxy"),
              ("DNS traffic on the new region", f"traffic: {NAME}"),
-             ("old region demoted, saga done", "saga done")]
+             ("old region demoted, saga done", "[app] saga done")]
     say(f"\n==> {name}: app moved {frm} -> {to}, epoch {epochs[0]} -> {epochs[1]}")
     figures = {}
     for label, text in marks:
