@@ -129,16 +129,37 @@ class HaproxyRouter:
         return self._parse_states(
             await self.command(f"show servers state {self.route.backend}"))
 
+    async def _drain_skipped(self, change: Change) -> str:
+        """Why the old server is not drained, or "" to drain it.  A drain
+        never raises a server (one in maintenance stays there) and never
+        leaves the backend with no server for new sessions (rule 8): until
+        the reroute makes the new region ready, the old one keeps serving."""
+        old = self.route.servers.get(change.from_region or "")
+        if old is None:
+            return "no server for the old region"
+        states = await self.states()
+        bits = states.get(old)
+        if bits is None or bits & ADMIN_MAINT:
+            return f"{old} already out of service"
+        if not any(b & (ADMIN_MAINT | ADMIN_DRAIN) == 0 for s, b in states.items() if s != old):
+            return f"{old} kept serving: no other server takes new sessions before the reroute"
+        return ""
+
     async def apply(self, change: Change) -> str:
         servers = self.route.servers
         new = servers.get(change.to_region)
         if new is None:
             raise RouterError(f"no HAProxy server for {change.to_region}")
         want: dict[str, str] = {}
-        if change.step in {"drain", "fence"}:
-            # drain: no new sessions to the old region; fence: none at all.
+        if change.step == "drain":
+            skip = await self._drain_skipped(change)
+            if skip:
+                return skip
+            want[servers[change.from_region or ""]] = "drain"
+        elif change.step == "fence":
+            # fence: no sessions at all to the old region.
             if change.from_region in servers:
-                want[servers[change.from_region]] = "drain" if change.step == "drain" else "maint"
+                want[servers[change.from_region]] = "maint"
         else:
             # Ready first, then take the others out: never zero servers up.
             want = {new: "ready"} | {s: "maint" for r, s in servers.items()

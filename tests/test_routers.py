@@ -54,8 +54,12 @@ async def test_haproxy_moves_traffic_and_confirms(haproxy):
     router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=hp.socket, backend="app",
                                         servers={"east": "east", "west": "west"}))
     assert await through(hp) == {"region east"}
-    await router.apply(Change("app", "east", "west", 2, "drain"))
-    assert (await router.states())["east"] & ADMIN_DRAIN
+    # Draining the only server would leave new sessions nowhere (rule 8):
+    # east keeps serving until the reroute.
+    kept = await router.apply(Change("app", "east", "west", 2, "drain"))
+    assert "kept serving" in kept
+    assert (await router.states())["east"] & (ADMIN_MAINT | ADMIN_DRAIN) == 0
+    assert await through(hp) == {"region east"}
     done = await router.apply(Change("app", "east", "west", 2, "reroute"))
     assert "west=ready" in done and "east=maint" in done
     states = await router.states()
@@ -64,6 +68,22 @@ async def test_haproxy_moves_traffic_and_confirms(haproxy):
     # Idempotent: the same change again is fine and changes nothing.
     await router.apply(Change("app", "east", "west", 2, "reroute"))
     assert await through(hp) == {"region west"}
+
+
+async def test_haproxy_drain_never_raises_a_fenced_server_and_drains_when_another_serves(
+        haproxy):
+    hp, _ = haproxy
+    router = HaproxyRouter(HaproxyRoute(kind="haproxy", socket=hp.socket, backend="app",
+                                        servers={"east": "east", "west": "west"}))
+    await router.command("set server app/west state ready")
+    await router.apply(Change("app", "east", "west", 2, "drain"))
+    assert (await router.states())["east"] & ADMIN_DRAIN
+    assert await through(hp) == {"region west"}
+    # east fenced (maintenance): a later drain of east leaves it there.
+    await router.apply(Change("app", "east", "west", 2, "fence"))
+    skipped = await router.apply(Change("app", "east", "west", 3, "drain"))
+    assert "already out of service" in skipped
+    assert (await router.states())["east"] & ADMIN_MAINT
 
 
 async def test_haproxy_refused_command_in_the_one_connection_batch_is_an_error(haproxy):

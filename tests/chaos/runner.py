@@ -28,7 +28,7 @@ import dns.exception
 import dns.message
 
 from failoverd.config import HaproxyRoute
-from failoverd.routers import HaproxyRouter, RouterError
+from failoverd.routers import ADMIN_DRAIN, ADMIN_MAINT, HaproxyRouter, RouterError
 from tests.chaos.checker import Record, healed, violations
 from tests.chaos.schedule import REGIONS, Fault, Operation, Schedule
 from tests.harness import (
@@ -52,11 +52,12 @@ TTL = 2
 
 
 def _maint_or_drain(bits: int) -> str:
-    # HAProxy srv_admin bits: maintenance (forced, inherited, config,
-    # resolution, health) and drain (forced, inherited).
-    if bits & 0x67:
+    # As the product reads HAProxy's admin state (routers.ADMIN_*): forced
+    # maintenance, forced drain.  Every server is set explicitly by the
+    # bootstrap's reroute before sampling starts.
+    if bits & ADMIN_MAINT:
         return "maint"
-    return "drain" if bits & 0x18 else "ready"
+    return "drain" if bits & ADMIN_DRAIN else "ready"
 
 
 @dataclass
