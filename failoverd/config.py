@@ -87,6 +87,10 @@ class MqttSettings(_Model):
     username: str | None = None
     password_file: Path | None = None
     ca_file: Path | None = None
+    # A client certificate, for brokers that require one
+    # (mosquitto's require_certificate); mqtts:// only.
+    cert_file: Path | None = None
+    key_file: Path | None = None
     # Where this member publishes its own status (retained, with a Last
     # Will); default failoverd/status/<cluster>/<member>.
     status_topic: str | None = None
@@ -96,6 +100,10 @@ class MqttSettings(_Model):
     def _check(self) -> Self:
         if (self.username is None) != (self.password_file is None):
             raise ValueError("username and password_file go together")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and not self.url.startswith("mqtts://"):
+            raise ValueError("a client certificate needs an mqtts:// url")
         return self
 
     @property
@@ -327,7 +335,8 @@ class Settings(_Model):
             ("api.tls_key_file", self.api.tls_key_file)]
         for i, m in enumerate(self.mqtt):
             start += [(f"mqtt[{i}].password_file", m.password_file),
-                      (f"mqtt[{i}].ca_file", m.ca_file)]
+                      (f"mqtt[{i}].ca_file", m.ca_file), (f"mqtt[{i}].cert_file", m.cert_file),
+                      (f"mqtt[{i}].key_file", m.key_file)]
         later: list[tuple[str, Path | None]] = []
         for i, g in enumerate(self.groups):
             for j, route in enumerate(g.routes):

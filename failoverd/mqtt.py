@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import ssl
 import time
@@ -37,6 +38,65 @@ STATUS_EVERY_S = 5.0
 # about a second of the broker's return (x 0.5-1.5 jitter), whatever the
 # outage lasted.  A refused connection costs the broker next to nothing.
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 1.0
+
+
+class _WireErrors(logging.Handler):
+    """Keeps the MQTT client library's last socket error for one broker: a
+    TLS alert (client certificate required or refused) reaches us only as
+    "Operation timed out", while the library logs the real cause."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+def _wire_logger(url: str) -> tuple[logging.Logger, _WireErrors]:
+    logger = logging.getLogger(f"failoverd.mqtt.wire.{url}")
+    logger.propagate = False  # said once, by our own reconnect line
+    handler = next((h for h in logger.handlers if isinstance(h, _WireErrors)), None)
+    if handler is None:
+        handler = _WireErrors()
+        logger.addHandler(handler)
+    return logger, handler
+
+
+def mqtt_failure(exc: BaseException | None, wire: str = "") -> str:
+    """What went wrong with a broker, in words an operator can act on (the
+    client library wraps the cause: the whole chain is read, and ``wire``,
+    the library's own last socket error)."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for link in chain:
+        if isinstance(link, ssl.SSLError):
+            exc = link
+            break
+    else:
+        exc = chain[0] if chain else None
+    if exc is None:
+        return "disconnected"
+    text = " ".join([*(str(e) for e in chain), wire]).lower()
+    if "certificate required" in text or "alert unknown ca" in text or \
+            "alert bad certificate" in text:
+        return "client certificate refused (cert_file/key_file)"
+    if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
+        return "TLS verify failed (the broker's certificate is not trusted by ca_file)"
+    if isinstance(exc, ssl.SSLError):
+        if "certificate required" in text or "unknown ca" in text or "bad certificate" in text:
+            return "client certificate refused (cert_file/key_file)"
+        return f"TLS failed ({exc.__class__.__name__})"
+    if "not authorized" in text or "bad user name or password" in text or "code:5" in text \
+            or "code:4" in text or "code:135" in text or "code:134" in text:
+        return "authentication failed (username/password_file)"
+    if isinstance(exc, ConnectionRefusedError) or "refused" in text:
+        return "unreachable (connection refused)"
+    if isinstance(exc, TimeoutError) or "timed out" in text:
+        return "unreachable (timed out)"
+    return "disconnected"
 
 
 class PowerFeeds:
@@ -90,8 +150,11 @@ class PowerFeeds:
                 backoff = BACKOFF_MIN_S  # we were connected: start the backoff over
             self.connected[broker.url] = False
             wait = backoff * random.uniform(0.5, 1.5)
-            log.warning("mqtt disconnected; reconnecting", broker=broker.url, error=str(error),
-                        retry_in_s=round(wait, 2))
+            wire = _wire_logger(broker.url)[1]
+            log.warning("mqtt disconnected; reconnecting", broker=broker.url,
+                        reason=mqtt_failure(error, wire.last), error=str(error),
+                        detail=wire.last[:200] or None, retry_in_s=round(wait, 2))
+            wire.last = ""
             await asyncio.sleep(wait)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -102,11 +165,13 @@ class PowerFeeds:
         password = broker.password_file.read_text().strip() if broker.password_file else None
         context = (ssl.create_default_context(
             cafile=str(broker.ca_file) if broker.ca_file else None) if tls else None)
+        if context is not None and broker.cert_file is not None and broker.key_file is not None:
+            context.load_cert_chain(str(broker.cert_file), str(broker.key_file))
         async with aiomqtt.Client(
             host, port, username=broker.username, password=password,
             identifier=f"failoverd-{s.cluster}-{s.member}-{port}",
             will=aiomqtt.Will(topic, self.status("offline"), qos=1, retain=True),
-            tls_context=context, keepalive=10, timeout=5,
+            tls_context=context, keepalive=10, timeout=5, logger=_wire_logger(broker.url)[0],
         ) as client:
             for t in broker.topics:
                 await client.subscribe(t, qos=1)
