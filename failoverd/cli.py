@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", "-c", type=Path, required=True)
         else:
             sp.add_argument("config", type=Path)
+            sp.add_argument("--connect", action="store_true",
+                            help="also try etcd, every broker and every route with the "
+                                 "configured credentials (read-only), a line per endpoint")
         sp.add_argument("--member", help="member id (env FAILOVERD_MEMBER)")
         sp.add_argument("--region", help="this member's region (env FAILOVERD_REGION)")
         sp.add_argument("--api-listen", help="API host:port (env FAILOVERD_API_LISTEN)")
@@ -100,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
               f"{len(settings.groups)} groups{shared})")
+        if args.connect:
+            from failoverd.connectcheck import connect_check  # noqa: PLC0415
+            results = asyncio.run(connect_check(settings))
+            for r in results:
+                print(r.line())
+            failed = sum(not r.ok for r in results)
+            print(f"{len(results)} endpoint(s), {failed} failed")
+            return 1 if failed else 0
         return 0
     from failoverd.daemon import Daemon  # noqa: PLC0415 - keeps check-config light
     from failoverd.logs import setup_logging  # noqa: PLC0415

@@ -99,6 +99,36 @@ def mqtt_failure(exc: BaseException | None, wire: str = "") -> str:
     return "disconnected"
 
 
+def broker_credentials(broker: MqttSettings) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and TLS context (CA, client certificate) for ``broker``."""
+    password = broker.password_file.read_text().strip() if broker.password_file else None
+    context = (ssl.create_default_context(
+        cafile=str(broker.ca_file) if broker.ca_file else None)
+        if broker.host_port[2] else None)
+    if context is not None and broker.cert_file is not None and broker.key_file is not None:
+        context.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+    return password, context
+
+
+async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5.0) -> str:
+    """Connect to ``broker`` as the daemon would, then leave: "" when it
+    worked, else why not (``failoverd check-config --connect``)."""
+    host, port, _ = broker.host_port
+    logger, wire = _wire_logger(broker.url)
+    wire.last = ""
+    try:
+        password, context = broker_credentials(broker)
+        async with asyncio.timeout(timeout_s + 1), aiomqtt.Client(
+                host, port, username=broker.username, password=password,
+                identifier=identifier, tls_context=context, timeout=timeout_s,
+                logger=logger) as client:
+            for topic in broker.topics:
+                await client.subscribe(topic, qos=1)
+    except (aiomqtt.MqttError, OSError, ValueError, TimeoutError) as exc:
+        return mqtt_failure(exc, wire.last)
+    return ""
+
+
 class PowerFeeds:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  lease_id: Callable[[], int | None],
@@ -159,14 +189,10 @@ class PowerFeeds:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _connection(self, broker: MqttSettings) -> None:
-        host, port, tls = broker.host_port
+        host, port, _ = broker.host_port
         s = self._settings()
         topic = self._status_topic(broker)
-        password = broker.password_file.read_text().strip() if broker.password_file else None
-        context = (ssl.create_default_context(
-            cafile=str(broker.ca_file) if broker.ca_file else None) if tls else None)
-        if context is not None and broker.cert_file is not None and broker.key_file is not None:
-            context.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+        password, context = broker_credentials(broker)
         async with aiomqtt.Client(
             host, port, username=broker.username, password=password,
             identifier=f"failoverd-{s.cluster}-{s.member}-{port}",
