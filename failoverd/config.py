@@ -26,6 +26,11 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+# Bounds of rule 4's peer check timeout (Settings.peer_timeout_s).
+PEER_TIMEOUT_MIN_S = 1.0
+PEER_TIMEOUT_MAX_S = 10.0
+
+
 class _Model(BaseModel):
     # Unknown keys are errors: a typo in a safety setting must not be ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -148,6 +153,11 @@ class RegionSettings(_Model):
     # Distinct sensors that must say "critical" before the region is
     # evacuated for power (one lying sensor cannot empty a site with three).
     power_quorum: Annotated[int, Field(ge=1)] = 1
+    # Round-trip time from the other regions' members to this region's
+    # (ms), for rule 4's peer check across a WAN: the check waits 4 x the
+    # largest configured RTT (at least 1 s, at most 10 s).  Members measure
+    # the RTT too and warn when it outgrows the timeout.
+    rtt_ms: Annotated[float, Field(gt=0, le=5000)] | None = None
     probes: list[ProbeSettings] = Field(default_factory=list)
 
 
@@ -361,6 +371,16 @@ class Settings(_Model):
 
     def region_by_name(self, name: str) -> RegionSettings | None:
         return next((r for r in self.regions if r.name == name), None)
+
+    @property
+    def peer_timeout_s(self) -> float:
+        """How long rule 4's peer check (and the coordinator's check of a
+        memberless region) waits for a member's /healthz: 4 x the largest
+        configured inter-region RTT, 1 s to 10 s (Patroni's fixed 2 s
+        breaks its failsafe across regions)."""
+        rtts = [r.rtt_ms for r in self.regions if r.rtt_ms is not None]
+        return min(max(4 * max(rtts) / 1000, PEER_TIMEOUT_MIN_S), PEER_TIMEOUT_MAX_S) \
+            if rtts else PEER_TIMEOUT_MIN_S
 
     def group_by_name(self, name: str) -> GroupSettings | None:
         # O(1): sagas ask per step.  Indexed by the groups list itself (kept

@@ -342,7 +342,8 @@ class Coordinator:
                 if not known:
                     continue
                 started = self._clock()
-                answers = await ask_healthz([m.api_url for m in known])
+                answers = await ask_healthz([m.api_url for m in known],
+                                            self._settings().peer_timeout_s)
                 alive = tuple(m.member for m, a in zip(known, answers, strict=True)
                               if a is not None and a.get("member", m.member) == m.member)
                 before = self._asked.get(region)
@@ -438,8 +439,9 @@ class Coordinator:
                           intent.region, mode, now)
         group = self._settings().group_by_name(intent.group)
         if group is not None:
+            s = self._settings()
             wf = fast_forward(wf, group, now, fence_wait_until(
-                wf, view, self._settings().policy.isolation_grace_s))
+                wf, view, s.policy.isolation_grace_s, s.peer_timeout_s))
             done = [st.name for st in wf.steps if st.state == "done"]
             event["steps_done"] = done
             self._fast_forwarded[(intent.group, intent.epoch)] = (mode, done)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import aiohttp
 import structlog
 
+from failoverd import metrics
 from failoverd.config import Settings
 from failoverd.model import Keyspace, parse_member
 from failoverd.roles import RoleReconciler
@@ -28,7 +29,8 @@ PEER_REFRESH_S = 5.0
 PEER_TIMEOUT_S = 1.0
 
 
-def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float) -> float:
+def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
+                        peer_timeout_s: float = PEER_TIMEOUT_S) -> float:
     """The latest time a member of a region that vanished from etcd at
     ``absent_since`` has begun fencing a group whose new epoch was committed
     at ``decided_at`` (pure; wall-clock seconds).
@@ -40,7 +42,7 @@ def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float) 
     ``fence_old``): an isolated old region never overlaps with the new one.
     """
     return max(absent_since + CHECK_EVERY_S + grace_s, decided_at) + CHECK_EVERY_S + \
-        PEER_TIMEOUT_S
+        peer_timeout_s
 
 
 async def ask_healthz(urls: Sequence[str], timeout_s: float = PEER_TIMEOUT_S
@@ -86,6 +88,8 @@ class IsolationGuard:
         self._lease_alive = lease_alive
         self._clock = clock
         self.peers: dict[str, str] = {}  # member -> API base URL, other regions only
+        self.rtt: dict[str, float] = {}  # member -> last measured /healthz round trip
+        self._rtt_warned: dict[str, float] = {}
         self._lost_at: float | None = None
         self._next_refresh = 0.0
         self._holding = False
@@ -137,10 +141,33 @@ class IsolationGuard:
         if peers != self.peers:
             log.info("isolation peers", peers=sorted(peers))
         self.peers = peers
+        await self._measure_rtt()
+
+    async def _measure_rtt(self) -> None:
+        """While etcd is up, time one /healthz round to each peer: the peer
+        check's timeout (4 x the configured RTT) must outlast it, or rule 4
+        would take a slow WAN for a dead one."""
+        timeout = self._settings().peer_timeout_s
+
+        async def one(member: str, url: str) -> None:
+            started = time.monotonic()
+            answer = await ask_healthz([url], timeout)
+            if answer[0] is None:
+                return
+            rtt = time.monotonic() - started
+            self.rtt[member] = rtt
+            metrics.PEER_RTT.labels(member).set(rtt)
+            if rtt * 4 > timeout and self._rtt_warned.get(member, 0.0) < rtt:
+                self._rtt_warned[member] = rtt * 1.5
+                log.warning("peer round trip too slow for the peer check timeout; set "
+                            "[[regions]] rtt_ms", peer=member, rtt_s=round(rtt, 3),
+                            timeout_s=timeout)
+        await asyncio.gather(*(one(m, u) for m, u in self.peers.items()))
 
     async def _ask_peers(self) -> list[dict[str, int]]:
         out = []
-        for data in await ask_healthz(list(self.peers.values())):
+        for data in await ask_healthz(list(self.peers.values()),
+                                      self._settings().peer_timeout_s):
             if data is None:
                 continue
             epochs = data.get("epochs", {})

@@ -51,3 +51,5 @@ def set_one_of(gauge: Gauge, label: str, values: tuple[str, ...], current: str,
     """A state gauge: 1 for ``current`` in ``label``, 0 for every other value."""
     for v in values:
         gauge.labels(**labels, **{label: v}).set(1 if v == current else 0)
+PEER_RTT = Gauge("failoverd_peer_rtt_seconds", "Last measured /healthz round trip to a member "
+                 "of another region (rule 4's peer check)", ["peer"])

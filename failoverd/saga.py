@@ -84,7 +84,8 @@ def precheck(wf: Workflow, group: GroupSettings) -> str:
     return f"{len(group.routes)} route(s) ready for {wf.to_region}"
 
 
-def fence_wait_until(wf: Workflow, view: ClusterView, grace_s: float) -> float | None:
+def fence_wait_until(wf: Workflow, view: ClusterView, grace_s: float,
+                     peer_timeout_s: float) -> float | None:
     """When the old region of an unplanned move has no member in etcd, the
     time its members have at the latest fenced themselves (they cannot see
     the new epoch in etcd; they learn it from their peers, or fence when no
@@ -93,7 +94,8 @@ def fence_wait_until(wf: Workflow, view: ClusterView, grace_s: float) -> float |
     old = wf.from_region
     if wf.mode != "forced" or old is None or old in view.regions_with_members():
         return None
-    return self_fence_deadline(view.absent_since.get(old, wf.created), wf.created, grace_s)
+    return self_fence_deadline(view.absent_since.get(old, wf.created), wf.created, grace_s,
+                               peer_timeout_s)
 
 
 def fast_forward(wf: Workflow, group: GroupSettings, now: float,
@@ -406,7 +408,8 @@ class Saga:
                 return False, "draining"
             return True, f"drained for {group.drain_s:.0f}s"
         if step.name == "fence_old":
-            until = fence_wait_until(wf, view, self._settings().policy.isolation_grace_s)
+            s = self._settings()
+            until = fence_wait_until(wf, view, s.policy.isolation_grace_s, s.peer_timeout_s)
             if until is not None and now < until:
                 self._due(wf.group, until)
                 return False, (f"waiting {until - now:.1f}s more for {wf.from_region}'s "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.harness import EtcdCluster, LocalCluster, TcpProxy, wait_until
 
 
@@ -105,3 +107,25 @@ async def test_partition_unplanned_move_promotes_only_after_the_self_fence_deadl
         assert promotes and min(h["t"] for h in promotes) >= fence.finished
     finally:
         await c.close()
+
+
+def test_wan_peer_timeout_follows_the_configured_rtt_and_bounds_the_fence_deadline(
+        tmp_path: Path) -> None:
+    """Rule 4 across a WAN: the peer check waits 4 x the largest configured
+    inter-region RTT (1 s to 10 s), and the self-fence deadline the saga
+    waits for includes that wait."""
+    from failoverd.config import Overrides, load_settings  # noqa: PLC0415
+    from failoverd.isolation import self_fence_deadline  # noqa: PLC0415
+    from tests.harness import write_config  # noqa: PLC0415
+
+    def timeout(settings: dict[str, dict[str, float]]) -> float:
+        cfg = write_config(tmp_path / "c.toml", cluster="x", endpoints=["127.0.0.1:1"],
+                           regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]},
+                           state_dir=tmp_path, region_settings=settings)
+        return load_settings(cfg, Overrides(member="m", region="east")).peer_timeout_s
+    assert timeout({}) == 1.0  # LAN default
+    assert timeout({"west": {"rtt_ms": 120}}) == 1.0  # 4 x 0.12 s is under the floor
+    assert timeout({"east": {"rtt_ms": 40}, "west": {"rtt_ms": 600}}) == 2.4
+    assert timeout({"west": {"rtt_ms": 4000}}) == 10.0  # capped
+    assert self_fence_deadline(100.0, 100.0, 3.0, 2.4) - self_fence_deadline(
+        100.0, 100.0, 3.0, 1.0) == pytest.approx(1.4)
