@@ -22,8 +22,9 @@ log = structlog.get_logger("failoverd.lease")
 # Bounds of one keep-alive attempt (see KeptLease.run).
 ATTEMPT_MIN_S = 0.2
 ATTEMPT_MAX_S = 0.5
-# etcd's default election: 1 s timeout, randomised up to 2 s, plus the vote.
-ELECTION_ALLOWANCE_S = 2.1
+# etcd's default election: 1 s timeout, randomised up to 2 s, plus the vote
+# and a restarted member catching up.
+ELECTION_ALLOWANCE_S = 2.4
 RENEW_MIN_S = 0.25
 RETRY_S = 0.05
 
