@@ -24,7 +24,7 @@ import dns.message
 import dns.rdatatype
 
 from failoverd.config import DnsRoute, ExecRoute, HaproxyRoute, Settings, WebhookRoute
-from failoverd.etcd import EtcdStore
+from failoverd.etcd import EtcdStore, etcd_failure
 from failoverd.model import Keyspace
 from failoverd.mqtt import try_broker
 from failoverd.routers import DnsRouter, HaproxyRouter, RouterError
@@ -41,26 +41,6 @@ class Result:
 
     def line(self) -> str:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
-
-
-def etcd_failure(text: str) -> str:
-    """An etcd client error in words an operator can act on."""
-    low = text.lower()
-    if "certificate verify failed" in low or ("ssl_error_ssl" in low and "verify" in low):
-        return "TLS verify failed (the server's certificate is not trusted by ca_file)"
-    if "certificate required" in low or "bad certificate" in low or "unknown ca" in low \
-            or "handshake" in low:
-        return f"TLS handshake failed (client certificate refused?): {text[:160]}"
-    if "authentication failed" in low or "invalid auth token" in low or \
-            "unauthenticated" in low or "user name is empty" in low:
-        return "authentication failed (username/password_file)"
-    if "permission denied" in low:
-        return "permission denied (the user's role does not cover the cluster's prefix)"
-    if "connection refused" in low or "failed to connect" in low or "unavailable" in low:
-        return f"unreachable: {text[:160]}"
-    if "timeout" in low or "deadline" in low:
-        return "unreachable (timed out)"
-    return text[:200]
 
 
 async def _etcd(settings: Settings, endpoint: str) -> Result:

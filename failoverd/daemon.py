@@ -29,7 +29,7 @@ from failoverd.config import ConfigError, Overrides, Settings, load_settings
 from failoverd.coordinator import Coordinator, NotCoordinator
 from failoverd.election import campaign, resign
 from failoverd.engine import Policy
-from failoverd.etcd import EtcdStore
+from failoverd.etcd import EtcdStore, etcd_failure
 from failoverd.faults import fault_point
 from failoverd.history import History
 from failoverd.isolation import IsolationGuard
@@ -323,8 +323,9 @@ class Daemon:
             wait=wait_random_exponential(multiplier=0.2, max=5),
             retry=retry_if_exception_type(StoreError),
             before_sleep=lambda rs: log.warning(
-                "etcd unreachable; retrying", error=str(rs.outcome.exception()) if rs.outcome
-                else ""),
+                "etcd unreachable; retrying",
+                reason=etcd_failure(str(rs.outcome.exception())) if rs.outcome else "",
+                error=str(rs.outcome.exception()) if rs.outcome else ""),
         ):
             with attempt:
                 sent = time.monotonic()

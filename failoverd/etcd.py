@@ -64,6 +64,26 @@ _WATCH_BACKOFF_MIN_S = 0.05
 _WATCH_BACKOFF_MAX_S = 5.0
 
 
+def etcd_failure(text: str) -> str:
+    """An etcd client error in words an operator can act on."""
+    low = text.lower()
+    if "certificate verify failed" in low or ("ssl_error_ssl" in low and "verify" in low):
+        return "TLS verify failed (the server's certificate is not trusted by ca_file)"
+    if "certificate required" in low or "bad certificate" in low or "unknown ca" in low \
+            or "handshake" in low:
+        return f"TLS handshake failed (client certificate refused?): {text[:160]}"
+    if "authentication failed" in low or "invalid auth token" in low or \
+            "unauthenticated" in low or "user name is empty" in low:
+        return "authentication failed (username/password_file)"
+    if "permission denied" in low:
+        return "permission denied (the user's role does not cover the cluster's prefix)"
+    if "connection refused" in low or "failed to connect" in low or "unavailable" in low:
+        return f"unreachable: {text[:160]}"
+    if "timeout" in low or "deadline" in low:
+        return "unreachable (timed out)"
+    return text[:200]
+
+
 def _kv(pb: Any) -> KeyValue:
     return KeyValue(
         key=pb.key.decode(),

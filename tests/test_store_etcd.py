@@ -359,3 +359,18 @@ async def test_concurrent_saga_records_share_txns_and_a_stale_one_fails_alone(
     values = {i: (await store.get(keys.workflow(f"g{i}"))).value for i in range(50)}
     assert values.pop(7) == "v1" and set(values.values()) == {"v2"}
     assert (await store.get(keys.workflow("g7"))).mod_revision == revs[7]  # untouched
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("etcd lease grant: UNAVAILABLE (failed to connect to all addresses; Connection refused)",
+     "unreachable"),
+    ("etcd get: etcdserver: authentication failed, invalid user ID or password",
+     "authentication failed"),
+    ("etcd get: etcdserver: permission denied", "permission denied"),
+    ("etcd get: SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+     "CERTIFICATE_VERIFY_FAILED: certificate verify failed", "TLS verify failed"),
+    ("etcd get: TimeoutError", "unreachable (timed out)"),
+])
+def test_etcd_errors_are_named_for_the_operator(text: str, reason: str) -> None:
+    from failoverd.etcd import etcd_failure  # noqa: PLC0415
+    assert etcd_failure(text).startswith(reason)
