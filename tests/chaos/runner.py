@@ -40,6 +40,7 @@ from tests.harness import (
     LocalCluster,
     Mosquitto,
     TcpProxy,
+    http_probe,
 )
 
 PRIORITY = {"east": 100, "west": 50, "central": 25}
@@ -114,6 +115,7 @@ class ChaosStack:
             self.work, f"chaos{self.seed}", self.etcd.endpoints, PRIORITY,
             {g: list(REGIONS) for g in GROUPS}, ttl=TTL, mqtt=[self.broker.url],
             group_tomls=tomls, log_level="info",
+            probes={r: [http_probe(f"{self.apps[r].url}/health")] for r in REGIONS},
             policy={"member_loss_grace_s": 1, "isolation_grace_s": 1, "cooldown_s": 0,
                     "max_evacuations_per_hour": 10000,
                     "max_auto_failovers_per_group_per_hour": 10000,
@@ -208,6 +210,11 @@ class ChaosStack:
         if op.kind in {"power_outage", "power_restored"}:
             state = "generator_failed" if op.kind == "power_outage" else "utility_ok"
             await self.power(op.region, state)
+        elif op.kind == "health_flap":
+            app = self.apps[op.region]
+            app.mode = "fail"
+            await asyncio.sleep(rnd.uniform(1.0, 4.0))
+            app.mode = "ok"
         elif op.kind == "switchover":
             assert self.c is not None
             api = self.c.daemons[MEMBER[rnd.choice(REGIONS)]].api
@@ -307,8 +314,9 @@ async def run_schedule(schedule: Schedule, work: Path) -> Outcome:
         tasks += [asyncio.create_task(at(o.at, stack.operate(o, rnd)))
                   for o in schedule.operations]
         await asyncio.gather(*tasks)
-        for region in REGIONS:  # the clients' last word: power is back everywhere
+        for region in REGIONS:  # the clients' last word: power and health are back
             await stack.power(region, "utility_ok")
+            stack.apps[region].mode = "ok"
         deadline = time.monotonic() + SETTLE_S
         while True:
             record = await _safe(stack.record)

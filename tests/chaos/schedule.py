@@ -1,5 +1,9 @@
 """A seed -> a schedule of faults and client operations (pure).
 
+Operations: a region's generator fails or its power returns (MQTT), an
+operator switchover (REST), a region's application fails its health checks
+for a few seconds (``health_flap``).
+
 Nemeses follow Jepsen's and etcd's robustness tests: kill and pause
 processes (a daemon past its lease TTL, an etcd member, the etcd leader),
 lose etcd quorum, restart the broker, cut one member off from etcd.  Each
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 NEMESES = ("kill_daemon", "pause_daemon", "kill_etcd_member", "kill_etcd_leader",
            "pause_etcd_member", "etcd_quorum_loss", "restart_broker", "partition_from_etcd")
-OPERATIONS = ("power_outage", "power_restored", "switchover")
+OPERATIONS = ("power_outage", "power_restored", "switchover", "health_flap")
 REGIONS = ("east", "west", "central")
 
 
