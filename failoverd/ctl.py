@@ -91,6 +91,10 @@ def print_status(st: dict[str, Any]) -> None:
         else:
             print(f"{name:<12}{a['region']:<10}{a['epoch']:<7}{_ago(a['since']):<12}"
                   f"{flow:<22}{a['reason']}")
+        current = next((s for s in wf["steps"] if s["state"] != "done"), None) if wf else None
+        if wf and wf["state"] == "running" and current and current.get("detail"):
+            # What the saga waits for (a drain, the old region's self-fence).
+            print(f"{'':<12}└ {current['name']}: {current['detail']}")
 
 
 def print_history(events: list[dict[str, Any]]) -> None:

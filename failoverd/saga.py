@@ -412,8 +412,10 @@ class Saga:
             until = fence_wait_until(wf, view, s.policy.isolation_grace_s, s.peer_timeout_s)
             if until is not None and now < until:
                 self._due(wf.group, until)
-                return False, (f"waiting {until - now:.1f}s more for {wf.from_region}'s "
-                               "self-fence deadline (its members are not in etcd)")
+                at = time.strftime("%H:%M:%SZ", time.gmtime(until))
+                return False, (f"waiting until {at} ({until - now:.1f}s) for "
+                               f"{wf.from_region}'s self-fence deadline (its members are "
+                               "not in etcd)")
             await self._each_router(group, replace(change, step="fence"))
             if until is not None:
                 return True, f"{wf.from_region} past its self-fence deadline; fenced"

@@ -100,7 +100,8 @@ function render(st, events) {
     cell(row, a ? a.region : "—"); cell(row, a ? String(a.epoch) : "—");
     cell(row, a ? ago(a.since) : "—");
     const wf = g.workflow, cur = wf && wf.steps.find((s) => s.state !== "done");
-    cell(row, wf ? wf.state + (cur ? " at " + cur.name : "") : "—",
+    cell(row, wf ? wf.state + (cur ? " at " + cur.name : "")
+                   + (wf.state === "running" && cur && cur.detail ? ": " + cur.detail : "") : "—",
          wf && wf.state === "failed" ? "critical" : "");
     cell(row, a ? a.reason : "not bootstrapped");
   }

@@ -91,6 +91,14 @@ async def test_partition_unplanned_move_promotes_only_after_the_self_fence_deadl
         moved = await c.wait_active("app", "west", c.ttl * 4 + 5)
         assert moved.trigger == "member_loss"
 
+        async def waiting() -> object:
+            wf = (await c.view()).workflows.get("app")
+            step = next((s for s in wf.steps if s.name == "fence_old"), None) if wf else None
+            return step if step is not None and step.state == "running" else None
+        # While it waits, the saga says for what (status and the page show it).
+        step = await wait_until(waiting, 10, "the saga waiting for the deadline", interval=0.05)
+        assert "waiting until" in step.detail and "self-fence deadline" in step.detail
+
         async def done() -> object:
             wf = (await c.view()).workflows.get("app")
             return wf if wf is not None and wf.epoch == moved.epoch and wf.state == "done" \
