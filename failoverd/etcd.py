@@ -70,8 +70,10 @@ def etcd_failure(text: str) -> str:
     if "certificate verify failed" in low or ("ssl_error_ssl" in low and "verify" in low):
         return "TLS verify failed (the server's certificate is not trusted by ca_file)"
     if "certificate required" in low or "bad certificate" in low or "unknown ca" in low \
-            or "handshake" in low:
-        return f"TLS handshake failed (client certificate refused?): {text[:160]}"
+            or "handshake" in low or "tsi_" in low or "ssl_error_ssl" in low:
+        # gRPC's words for a TLS alert from the server ("Unwrap failed
+        # (TSI_DATA_CORRUPTED, SSL_ERROR_SSL ...)"): a refused client cert.
+        return f"TLS failed (client certificate refused?): {text[-160:]}"
     if "authentication failed" in low or "invalid auth token" in low or \
             "unauthenticated" in low or "user name is empty" in low:
         return "authentication failed (username/password_file)"

@@ -562,6 +562,30 @@ class HttpService:
             self._runner = None
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (certificate, key), made by openssl."""
+    key, crt = d / f"{name}.key", d / f"{name}.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+             f"/CN={name}", "-keyout", str(key), "-out", str(crt))
+    return crt, key
+
+
+def make_cert(d: Path, name: str, ca: tuple[Path, Path], san: str = "") -> tuple[Path, Path]:
+    """A certificate signed by ``ca`` (server: give ``san``, e.g. IP:127.0.0.1)."""
+    key, csr, crt = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key),
+             "-out", str(csr))
+    ext = d / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt))
+    return crt, key
+
+
 def http_probe(url: str, **kw: Any) -> dict[str, Any]:
     """A fast probe: 0.2 s interval, fall 3, rise 2 (detection window 0.6 s)."""
     return {"kind": "http", "target": url, "interval_s": 0.2, "timeout_s": 0.15, "fall": 3,

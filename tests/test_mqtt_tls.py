@@ -15,40 +15,18 @@ import pytest
 from failoverd.config import Overrides, load_settings
 from failoverd.model import Keyspace
 from failoverd.mqtt import PowerFeeds, mqtt_failure
-from tests.harness import free_port, write_config
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, crt = d / f"{name}.key", d / f"{name}.crt"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-             f"/CN={name}", "-keyout", str(key), "-out", str(crt))
-    return crt, key
-
-
-def _signed(d: Path, name: str, ca: tuple[Path, Path], san: str = "") -> tuple[Path, Path]:
-    key, csr, crt = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key),
-             "-out", str(csr))
-    ext = d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-             "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt))
-    return crt, key
+from tests.harness import free_port, make_ca, make_cert, write_config
 
 
 @pytest.fixture
 def tls_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     d = tmp_path / "pki"
     d.mkdir()
-    ca = _ca(d, "ca")
-    server = _signed(d, "server", ca, san="IP:127.0.0.1")
-    client = _signed(d, "client", ca)
-    rogue_ca = _ca(d, "rogue-ca")
-    rogue = _signed(d, "rogue", rogue_ca)
+    ca = make_ca(d, "ca")
+    server = make_cert(d, "server", ca, san="IP:127.0.0.1")
+    client = make_cert(d, "client", ca)
+    rogue_ca = make_ca(d, "rogue-ca")
+    rogue = make_cert(d, "rogue", rogue_ca)
     passwd = d / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "failoverd", "s3cret"],
                    check=True, capture_output=True)
