@@ -10,7 +10,7 @@ import tomllib
 import warnings
 from pathlib import Path
 
-from failoverd.config import ConfigError, Overrides, load_settings
+from failoverd.config import ConfigError, Overrides, Settings, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +74,22 @@ def _shared_file_stand_ins(path: Path, overrides: Overrides) -> tuple[Overrides,
                        "FAILOVERD_MEMBER/FAILOVERD_REGION")
 
 
+def _site_loss_timing(s: Settings) -> str:
+    """How long a group waits to leave a region whose members vanished:
+    detection (lease TTL + member-loss grace), then the old members'
+    self-fence deadline (rule 4), whichever is later."""
+    from failoverd.isolation import CHECK_EVERY_S  # noqa: PLC0415
+
+    ttl, p = s.etcd.lease_ttl_s, s.policy
+    detect = ttl + p.member_loss_grace_s
+    fence = ttl + CHECK_EVERY_S + p.isolation_grace_s + CHECK_EVERY_S + s.peer_timeout_s
+    return (f"site loss: member loss after ~{detect:g}s (lease_ttl_s {ttl} + "
+            f"member_loss_grace_s {p.member_loss_grace_s:g}); promotion elsewhere after "
+            f"~{max(detect, fence):g}s (the old members' self-fence deadline: lease + "
+            f"isolation_grace_s {p.isolation_grace_s:g} + checks + peer timeout "
+            f"{s.peer_timeout_s:g}s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = Overrides(args.member, args.region, args.api_listen).over(Overrides.from_env())
@@ -103,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok (cluster {settings.cluster}, {len(settings.regions)} regions, "
               f"{len(settings.groups)} groups{shared})")
+        print(_site_loss_timing(settings))
         if args.connect:
             from failoverd.connectcheck import connect_check  # noqa: PLC0415
             results = asyncio.run(connect_check(settings))

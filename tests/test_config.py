@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,9 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "failoverd", "check-config"]
     ok = subprocess.run([*run, str(GOOD)], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and "ok" in ok.stdout
+    # The timing an operator should know: how long a dead site's groups wait.
+    assert re.search(r"site loss: member loss after ~\d+s .*promotion elsewhere after ~\d+s",
+                     ok.stdout), ok.stdout
     err = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
     assert err.returncode == 1
     assert "etcd.lease_ttl_s: must be >= 2" in err.stderr
