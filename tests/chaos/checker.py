@@ -40,6 +40,11 @@ class Record:
     crashed: Mapping[str, int | None] = field(default_factory=dict)
     # member -> {group: epoch} of its applied-epoch file at the end.
     state_files: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # Daemons a nemesis took out: (member, "kill"|"pause", from, to).
+    unavailable: Sequence[tuple[str, str, float, float]] = ()
+    # After SIGCONT a daemon needs this long to learn what changed (its
+    # lease is gone; it re-registers and reads the records).
+    wake_s: float = 4.0
 
 
 def one_region_per_epoch(r: Record) -> list[str]:
@@ -141,8 +146,64 @@ def healed(r: Record) -> list[str]:
     return out
 
 
-CHECKS = (one_region_per_epoch, no_lower_epoch_applied, epochs_never_go_backwards,
-          never_routed_to_nowhere, healed)
+def _active_intervals(r: Record) -> dict[tuple[str, str], list[tuple[float, float, str]]]:
+    """(group, member) -> the times its region ran as active (promote hook
+    to the next demote), cut where a nemesis killed the daemon and, for a
+    pause, resumed only once it had time to learn the news."""
+    out: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    open_at: dict[tuple[str, str], tuple[float, str]] = {}
+    end = max((float(h["t"]) for h in r.hooks), default=0.0) + 3600
+    for h in sorted(r.hooks, key=lambda h: float(h["t"])):
+        key = (str(h["group"]), str(h["member"]))
+        if h["role"] == "active" and key not in open_at:
+            open_at[key] = (float(h["t"]), str(h["region"]))
+        elif h["role"] != "active" and key in open_at:
+            start, region = open_at.pop(key)
+            out.setdefault(key, []).append((start, float(h["t"]), region))
+    for key, (start, region) in open_at.items():
+        out.setdefault(key, []).append((start, end, region))
+    for member, kind, a, b in r.unavailable:
+        for key, spans in out.items():
+            if key[1] != member:
+                continue
+            cut = []
+            for s, e, region in spans:
+                if e <= a or s >= b:
+                    cut.append((s, e, region))
+                    continue
+                if s < a:
+                    cut.append((s, a, region))
+                if kind == "pause" and e > b + r.wake_s:
+                    cut.append((max(s, b + r.wake_s), e, region))
+                # kill: the process is gone; a restart re-runs its hooks
+            out[key] = cut
+    return out
+
+
+def no_two_regions_active(r: Record, tolerance_s: float = 1.0) -> list[str]:
+    """After an unplanned (forced) move, the new region's promote never runs
+    while a member of another region still runs as active (beyond the
+    moment both see the same watch event): the partition of issue 12 had
+    two regions active for 6-10 s."""
+    forced = {(str(e["group"]), int(e["epoch"])) for e in r.epoch_changes
+              if e.get("mode") == "forced"}
+    spans = _active_intervals(r)
+    out = []
+    for h in r.hooks:
+        g, epoch = str(h["group"]), int(h["epoch"])
+        if h["role"] != "active" or (g, epoch) not in forced:
+            continue
+        t = float(h["t"]) + tolerance_s
+        for (group, member), intervals in spans.items():
+            for s, e, region in intervals:
+                if group == g and region != h["region"] and s <= t < e:
+                    out.append(f"{g} epoch {epoch}: {h['region']} promoted at {h['t']:.3f} "
+                               f"while {member} ({region}) ran as active until {e:.3f}")
+    return out
+
+
+CHECKS = (one_region_per_epoch, no_two_regions_active, no_lower_epoch_applied,
+          epochs_never_go_backwards, never_routed_to_nowhere, healed)
 
 
 def violations(r: Record) -> list[str]:

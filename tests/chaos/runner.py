@@ -84,6 +84,7 @@ class ChaosStack:
         self.c: LocalCluster | None = None
         self.hp_route: HaproxyRoute | None = None
         self.expected_down: set[str] = set()  # daemons a nemesis stopped
+        self.unavailable: list[tuple[str, str, float, float]] = []
         self.paused_etcd: set[int] = set()
         self.samples_dns: list[tuple[float, str, int | None, frozenset[str]]] = []
         self.samples_hp: list[tuple[float, dict[str, str]]] = []
@@ -160,14 +161,18 @@ class ChaosStack:
         etcd_member = self.etcd.members[REGIONS.index(f.target)]
         if f.nemesis == "kill_daemon":
             self.expected_down.add(member)
+            down = time.time()
             d.kill9()
             await asyncio.sleep(f.lasts)
             d.start()
+            self.unavailable.append((member, "kill", down, time.time()))
             self.expected_down.discard(member)
         elif f.nemesis == "pause_daemon":
+            down = time.time()
             d.signal(signal.SIGSTOP)
             await asyncio.sleep(f.lasts)
             d.signal(signal.SIGCONT)
+            self.unavailable.append((member, "pause", down, time.time()))
         elif f.nemesis in {"kill_etcd_member", "kill_etcd_leader"}:
             victim = (await asyncio.to_thread(self.etcd.leader)
                       if f.nemesis == "kill_etcd_leader" else etcd_member)
@@ -259,7 +264,8 @@ class ChaosStack:
             dns=list(self.samples_dns), haproxy=list(self.samples_hp),
             final_active={g: (r.region, r.epoch) for g, r in view.active.items()},
             live_regions=view.regions_with_members(), final_sagas=sagas,
-            alerted=frozenset(alerted), groups=GROUPS, crashed=crashed, state_files=states)
+            alerted=frozenset(alerted), groups=GROUPS, crashed=crashed, state_files=states,
+            unavailable=list(self.unavailable), wake_s=TTL + 2.0)
 
     async def stop(self) -> None:
         if self.c is not None:
