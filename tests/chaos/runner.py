@@ -327,11 +327,16 @@ async def run_schedule(schedule: Schedule, work: Path) -> Outcome:
         while True:
             record = await _safe(stack.record)
             if record is not None and not healed(record):
-                break
+                # Settled: a last second of samples, then judge a record
+                # taken after it (a late client operation may have started
+                # a saga meanwhile: then settle again).
+                await asyncio.sleep(1.0)
+                record = await _safe(stack.record)
+                if record is not None and not healed(record):
+                    break
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(1.0)
-        await asyncio.sleep(1.0)  # a last second of samples after settling
         sampler.cancel()
         record = await stack.record()
         return Outcome(schedule.seed, schedule.nemeses(), violations(record),
