@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,15 @@ def tls_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
         f.chmod(0o644)
     proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
                             stdout=open(d / "log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + 10
+    while True:  # listening before the first client tries
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                (d / "log").read_text()[-500:]
+            time.sleep(0.05)
     yield {"port": port, "ca": ca[0], "client": client, "rogue": rogue, "rogue_ca": rogue_ca[0],
            "dir": d, "proc": proc}
     proc.kill()
@@ -92,7 +103,7 @@ async def test_mqtt_client_certificate_connects_and_failures_are_named(
     broker = ok._settings().mqtt[0]
     task = asyncio.create_task(ok._connection(broker))
     try:
-        for _ in range(100):
+        for _ in range(300):
             if ok.connected.get(broker.url):
                 break
             await asyncio.sleep(0.05)
