@@ -78,14 +78,16 @@ def _site_loss_timing(s: Settings) -> str:
     """How long a group waits to leave a region whose members vanished:
     detection (lease TTL + member-loss grace), then the old members'
     self-fence deadline (rule 4), whichever is later."""
-    from failoverd.isolation import CHECK_EVERY_S  # noqa: PLC0415
+    from failoverd.isolation import self_fence_deadline  # noqa: PLC0415
 
     ttl, p = s.etcd.lease_ttl_s, s.policy
     detect = ttl + p.member_loss_grace_s
-    fence = ttl + CHECK_EVERY_S + p.isolation_grace_s + CHECK_EVERY_S + s.peer_timeout_s
+    # Seconds from the loss: members vanish after the TTL, the move is
+    # decided at detection; the saga's own formula gives the promotion.
+    fence = self_fence_deadline(ttl, detect, p.isolation_grace_s, s.peer_timeout_s)
     return (f"site loss: member loss after ~{detect:g}s (lease_ttl_s {ttl} + "
             f"member_loss_grace_s {p.member_loss_grace_s:g}); promotion elsewhere after "
-            f"~{max(detect, fence):g}s (the old members' self-fence deadline: lease + "
+            f"~{fence:g}s (the old members' self-fence deadline: lease + "
             f"isolation_grace_s {p.isolation_grace_s:g} + checks + peer timeout "
             f"{s.peer_timeout_s:g}s)")
 

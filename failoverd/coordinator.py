@@ -111,6 +111,9 @@ class Coordinator:
         self._fences: dict[str, int] = {}
         self._fence_errors: set[str] = set()
         self._fence_errors_recorded: set[str] = set()
+        self._floors: dict[str, int] = {}
+        self._unread: frozenset[str] = frozenset()
+        self._fences_settled: Settings | None = None  # every group read for these settings
         self._asked: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._settings = settings
         self._work_s = 0.0
@@ -281,24 +284,29 @@ class Coordinator:
         the lot).  A group with no record waits until its fence is read
         (``fences_unread``, tried again each cycle); a recorded group whose
         fence cannot be read goes on (its reroute is fenced by DNS anyway)."""
-        todo = []
-        for group in self._settings().groups:
-            if group.name in self._fences or group.name in self._fence_errors_recorded:
-                continue
-            dns = [r for r in group.routes if isinstance(r, DnsRoute)]
-            if not dns:
-                self._fences[group.name] = 0
-                continue
-            todo.append((group.name, dns))
-        await self._read_fences(todo)
-        for name, _ in todo:
-            if name not in self._fences and name in view.active:
-                self._fence_errors_recorded.add(name)
-        unread = frozenset(n for n, _ in todo if n not in self._fences and n not in view.active)
-        floors = {g: e for g, e in self._fences.items() if e}
-        if not unread and not floors:
+        settings = self._settings()
+        if self._fences_settled is not settings:  # not every group read yet
+            todo = []
+            for group in settings.groups:
+                if group.name in self._fences or group.name in self._fence_errors_recorded:
+                    continue
+                dns = [r for r in group.routes if isinstance(r, DnsRoute)]
+                if not dns:
+                    self._fences[group.name] = 0
+                    continue
+                todo.append((group.name, dns))
+            await self._read_fences(todo)
+            for name, _ in todo:
+                if name not in self._fences and name in view.active:
+                    self._fence_errors_recorded.add(name)
+            self._unread = frozenset(n for n, _ in todo
+                                     if n not in self._fences and n not in view.active)
+            self._floors = {g: e for g, e in self._fences.items() if e}
+            if not self._unread:
+                self._fences_settled = settings  # a cycle costs nothing more
+        if not self._unread and not self._floors:
             return view
-        return replace(view, fence_epochs=floors, fences_unread=unread)
+        return replace(view, fence_epochs=self._floors, fences_unread=self._unread)
 
     async def _read_fences(self, todo: list[tuple[str, list[DnsRoute]]]) -> None:
         if todo:
@@ -437,9 +445,9 @@ class Coordinator:
         # what needs no I/O is done in this txn (members promote at once).
         wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
                           intent.region, mode, now)
-        group = self._settings().group_by_name(intent.group)
+        s = self._settings()
+        group = s.group_by_name(intent.group)
         if group is not None:
-            s = self._settings()
             wf = fast_forward(wf, group, now, fence_wait_until(
                 wf, view, s.policy.isolation_grace_s, s.peer_timeout_s))
             done = [st.name for st in wf.steps if st.state == "done"]

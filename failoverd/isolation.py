@@ -26,11 +26,10 @@ log = structlog.get_logger("failoverd.isolation")
 
 CHECK_EVERY_S = 1.0
 PEER_REFRESH_S = 5.0
-PEER_TIMEOUT_S = 1.0
 
 
 def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
-                        peer_timeout_s: float = PEER_TIMEOUT_S) -> float:
+                        peer_timeout_s: float) -> float:
     """The latest time a member of a region that vanished from etcd at
     ``absent_since`` has begun fencing a group whose new epoch was committed
     at ``decided_at`` (pure; wall-clock seconds).
@@ -45,9 +44,10 @@ def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
         peer_timeout_s
 
 
-async def ask_healthz(urls: Sequence[str], timeout_s: float = PEER_TIMEOUT_S
+async def ask_healthz(urls: Sequence[str], timeout_s: float
                       ) -> list[dict[str, object] | None]:
-    """Each member API's ``/healthz`` answer (None: no answer in time)."""
+    """Each member API's ``/healthz`` answer (None: no answer in time;
+    ``timeout_s`` is ``Settings.peer_timeout_s``)."""
     async def ask(url: str) -> dict[str, object] | None:
         try:
             async with aiohttp.ClientSession(
@@ -88,7 +88,6 @@ class IsolationGuard:
         self._lease_alive = lease_alive
         self._clock = clock
         self.peers: dict[str, str] = {}  # member -> API base URL, other regions only
-        self.rtt: dict[str, float] = {}  # member -> last measured /healthz round trip
         self._rtt_warned: dict[str, float] = {}
         self._lost_at: float | None = None
         self._next_refresh = 0.0
@@ -155,7 +154,6 @@ class IsolationGuard:
             if answer[0] is None:
                 return
             rtt = time.monotonic() - started
-            self.rtt[member] = rtt
             metrics.PEER_RTT.labels(member).set(rtt)
             if rtt * 4 > timeout and self._rtt_warned.get(member, 0.0) < rtt:
                 self._rtt_warned[member] = rtt * 1.5

@@ -76,7 +76,7 @@ class KeptLease:
             try:
                 # One attempt may not use up the whole deadline: a keep-alive
                 # stuck on a dead or leaderless etcd member is abandoned
-                # after half of what is left (at most ATTEMPT_MAX_S), and
+                # after a quarter of what is left (0.2-0.5 s), and
                 # the next one goes to another endpoint (round robin).
                 attempt = min(max(self.remaining() / 4, ATTEMPT_MIN_S), ATTEMPT_MAX_S,
                               max(self.remaining(), 0.01))

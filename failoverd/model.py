@@ -528,8 +528,7 @@ class ViewIndex:
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
     """The raw keys of one snapshot as a :class:`ClusterView`."""
     index = ViewIndex(keys)
-    for kv in snap.kvs:
-        index.put(kv)
+    index.load(snap.kvs)
     return index.view(snap.revision)
 
 
