@@ -176,6 +176,7 @@ async def one(groups: int, ttl: int) -> dict[str, Any]:
         await wait_until(lambda: track.sagas_done(2, groups), 300, "every saga done",
                          interval=0.1)
         out["saga"] = max(t for (_, e), t in track.done.items() if e == 2) - t0
+        out["steps"] = _step_times(await c.history(5 * groups + 100), t0)
         cpu1 = _cpu_all(c, etcd)
         for k in cpu1:
             out[f"cpu:{k}"] = (cpu1[k] - cpu0.get(k, 0)) / TICK
@@ -188,6 +189,21 @@ async def one(groups: int, ttl: int) -> dict[str, Any]:
         etcd.stop()
     out["decide"] = decide_cpu_s(groups)
     return out
+
+
+def _step_times(events: list[dict[str, Any]], t0: float) -> dict[str, tuple[float, float]]:
+    """Where the evacuation's time went: per saga step, the median and the
+    last finish after the publish, from the sagas' ``workflow_done`` events
+    ("created" is when the coordinator started the saga)."""
+    by_step: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("kind") != "workflow_done" or e.get("epoch") != 2:
+            continue
+        done = float(e["ts"])
+        by_step.setdefault("created", []).append(done - float(e["duration_s"]) - t0)
+        for st in e.get("steps", []):
+            by_step.setdefault(str(st["step"]), []).append(float(st["finished"]) - t0)
+    return {k: (sorted(v)[len(v) // 2], max(v)) for k, v in by_step.items()}
 
 
 def _cpu_all(c: LocalCluster, etcd: EtcdCluster) -> dict[str, int]:
@@ -236,6 +252,12 @@ async def run(ttl: int, sizes: list[int]) -> list[dict[str, Any]]:
                          "p50": round(shown, 2), "p99": round(shown, 2),
                          "min": round(shown, 2), "max": round(shown, 2), "stdev": 0.0,
                          "floor": f"x{ratio:.1f} of G={min(sizes)}; {goal}"})
+    for g in sizes:
+        for step, (p50, last) in results[g]["steps"].items():
+            rows.append({"benchmark": f"evacuation: publish -> step {step} finished (G={g})",
+                         "unit": "ms", "samples": g, "p50": round(p50 * 1000, 1),
+                         "p99": round(last * 1000, 1), "min": 0, "max": round(last * 1000, 1),
+                         "stdev": 0.0, "floor": "where the time goes (p99 column: the last)"})
     for g in sizes:
         cpu = ", ".join(f"{k.removeprefix('cpu:')} {float(v):.1f} s"
                         for k, v in results[g].items() if k.startswith("cpu:"))

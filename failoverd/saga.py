@@ -530,6 +530,10 @@ class SagaRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wakes: dict[str, asyncio.Event] = {}
         self._seen: dict[str, object] = {}
+        # Per group, the mod_revision of the newest record our sagas wrote: a
+        # view older than that (a lagging watch) must not restart a saga
+        # that already ended — it would run its routers again.
+        self._written: dict[str, int] = {}
         self._slots = asyncio.Semaphore(settings().policy.max_concurrent_sagas)
 
     def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
@@ -546,6 +550,8 @@ class SagaRunner:
             seen = (view.group_revisions.get(group, 0), wf.mod_revision, members)
             task = self._tasks.get(group)
             if task is None or task.done():
+                if wf.mod_revision < self._written.get(group, 0):
+                    continue  # we wrote past this already; the watch lags
                 self._wakes[group] = asyncio.Event()
                 self._tasks[group] = tg.create_task(self._drive(group), name=f"saga-{group}")
             elif self._seen.get(group) != seen:
@@ -582,6 +588,9 @@ class SagaRunner:
             async with self._slots:
                 try:
                     local = await self._saga.advance(wf, g, self._view)
+                    self._written[group] = max(self._written.get(group, 0), local.mod_revision)
+                    if local.state != "running":
+                        return  # ended (done or failed): nothing to wait for
                 except StoreError as exc:
                     log.warning("saga paused: store error", group=group, error=str(exc))
                     local = None

@@ -374,3 +374,52 @@ async def test_concurrent_saga_records_share_txns_and_a_stale_one_fails_alone(
 def test_etcd_errors_are_named_for_the_operator(text: str, reason: str) -> None:
     from failoverd.etcd import etcd_failure  # noqa: PLC0415
     assert etcd_failure(text).startswith(reason)
+
+
+async def test_a_lagging_view_never_restarts_a_saga_that_ended(
+        store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
+    """The coordinator's mirror can lag its own writes: a view that still
+    shows an ended saga as running must not start it again (it would run the
+    routes a second time and then fail on the fence)."""
+    from failoverd.model import ActiveRecord, MemberRecord  # noqa: PLC0415
+    from failoverd.saga import Saga, SagaRunner  # noqa: PLC0415
+    from failoverd.workflow import Workflow  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    coord, lease = await _seated(store, keys, "c")
+    runs = tmp_path / "route-runs"
+    route = tmp_path / "route.sh"
+    route.write_text(f"#!/bin/sh\necho $FAILOVERD_EPOCH >> {runs}\n")
+    route.chmod(0o755)
+    settings = Settings.model_validate({
+        "cluster": keys.cluster, "member": "c", "region": "east",
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": "app", "regions": ["east", "west"],
+                    "routes": [{"kind": "exec", "command": [str(route)]}]}]})
+    now = time.time()
+    await store.put(keys.member("east-1"), MemberRecord("east-1", "east", "0", "", now).to_value(),
+                    lease=lease.id)
+    await store.put(keys.active("app"),
+                    ActiveRecord("east", 1, now, "bootstrap", coord.term, "bootstrap").to_value())
+    await store.put(keys.workflow("app"),
+                    Workflow.new("app", 1, None, "east", "bootstrap", now).to_value())
+    await store.put(keys.ack("app", "east-1"), '{"epoch": 1, "role": "active"}')
+    stale = await _view(store, keys)
+    assert stale.workflows["app"].state == "running"
+
+    saga = Saga(store, keys, coord.term, History(store, keys, "c", "x"), lambda: settings)
+    runner = SagaRunner(saga, lambda: settings)
+    async with asyncio.TaskGroup() as tg:
+        runner.update(stale, tg)
+        first = runner._tasks["app"]
+
+        async def ended() -> bool:
+            kv = await store.get(keys.workflow("app"))
+            return kv is not None and '"state":"done"' in kv.value and first.done()
+        await wait_until(ended, 20, "the saga done")
+        runner.update(stale, tg)  # the watch has not caught up yet
+        assert runner._tasks["app"] is first, "an ended saga was started again"
+        runner.update(await _view(store, keys), tg)  # caught up: ended, nothing to run
+        assert runner._tasks["app"] is first
+    assert runs.read_text().split() == ["1"]
+    await store.revoke(lease.id)
