@@ -270,6 +270,10 @@ class PolicySettings(_Model):
     # members vanished wait for this plus two seconds (the self-fence
     # deadline) before promoting: keep it short.
     isolation_grace_s: PositiveFloat = 3.0
+    # An unplanned move out of a region whose members are still in etcd waits
+    # up to this long for them to report standby (their demote ran) before
+    # promoting the new region; then it goes on, fenced by routing.
+    fence_ack_wait_s: Annotated[float, Field(ge=0, le=300)] = 5.0
     # Observer regions (other than the target) that must agree for a region
     # to be judged down or up; 0 = a majority of the live observer regions.
     health_quorum: Annotated[int, Field(ge=0)] = 0

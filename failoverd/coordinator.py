@@ -43,7 +43,14 @@ from failoverd.model import (
     to_json,
 )
 from failoverd.routers import DnsRouter, RouterError
-from failoverd.saga import Saga, SagaFenced, SagaRunner, fast_forward, fence_wait_until
+from failoverd.saga import (
+    Saga,
+    SagaFenced,
+    SagaRunner,
+    fast_forward,
+    fence_wait_until,
+    old_acks_wanted,
+)
 from failoverd.store import (
     MAX_TXN_OPS,
     Compare,
@@ -449,7 +456,8 @@ class Coordinator:
         group = s.group_by_name(intent.group)
         if group is not None:
             wf = fast_forward(wf, group, now, fence_wait_until(
-                wf, view, s.policy.isolation_grace_s, s.peer_timeout_s))
+                wf, view, s.policy.isolation_grace_s, s.peer_timeout_s),
+                old_acks_wanted(wf, view, s.policy.fence_ack_wait_s))
             done = [st.name for st in wf.steps if st.state == "done"]
             event["steps_done"] = done
             self._fast_forwarded[(intent.group, intent.epoch)] = (mode, done)

@@ -98,8 +98,19 @@ def fence_wait_until(wf: Workflow, view: ClusterView, grace_s: float,
                                peer_timeout_s)
 
 
+def old_acks_wanted(wf: Workflow, view: ClusterView, wait_s: float) -> bool:
+    """Does fence_old wait for the old region's members to report standby?
+    Yes in an unplanned move out of a region with members in etcd: they
+    demote when their watch shows the new epoch, and a member whose watch
+    lags (a paused etcd member under its stream) must not still be active
+    when the new region promotes."""
+    return (wf.mode == "forced" and wait_s > 0 and wf.from_region is not None
+            and wf.from_region in view.regions_with_members())
+
+
 def fast_forward(wf: Workflow, group: GroupSettings, now: float,
-                 fence_until: float | None = None) -> Workflow:
+                 fence_until: float | None = None, old_acks_wanted: bool = False
+                 ) -> Workflow:
     """A new workflow with the steps that need no I/O already done, and the
     first gate already running, so that it is written in the very txn of the
     epoch change: members start promoting on the record's watch event, with
@@ -107,7 +118,8 @@ def fast_forward(wf: Workflow, group: GroupSettings, now: float,
 
     No I/O: precheck (config); drain_old when ``drain_s`` is 0 (no drain
     period: reroute moves the traffic); fence_old when no route can fence
-    (only HAProxy does).  The first step that needs I/O stops it.
+    (only HAProxy does) and no old member's demote is awaited
+    (``old_acks_wanted``).  The first step that needs I/O stops it.
     """
     for step in wf.steps:
         if step.name == "precheck":
@@ -119,8 +131,10 @@ def fast_forward(wf: Workflow, group: GroupSettings, now: float,
             detail = "no drain period (drain_s = 0)"
         elif step.name == "fence_old" and (fence_until is not None and fence_until > now):
             return wf  # waits for the old region's self-fence (the saga's step)
-        elif step.name == "fence_old" and not any(isinstance(r, HaproxyRoute)
-                                                  for r in group.routes):
+        elif step.name == "fence_old" and (old_acks_wanted or any(
+                isinstance(r, HaproxyRoute) for r in group.routes)):
+            return wf  # the saga fences, or waits for the old members' demote
+        elif step.name == "fence_old":
             detail = "no route that fences"
         elif step.name in GATES:
             return wf.with_step(replace(step, state="running", started=now), now)
@@ -419,6 +433,10 @@ class Saga:
             await self._each_router(group, replace(change, step="fence"))
             if until is not None:
                 return True, f"{wf.from_region} past its self-fence deadline; fenced"
+            if old_acks_wanted(wf, view, s.policy.fence_ack_wait_s):
+                assert wf.from_region is not None
+                return self._acked(wf, group, view, wf.from_region, "standby", started, now,
+                                   required=False, within_s=s.policy.fence_ack_wait_s)
             return True, f"{wf.from_region} fenced"
         if step.name == "promote_new":
             return self._acked(wf, group, view, wf.to_region, "active", started, now,
@@ -447,14 +465,18 @@ class Saga:
         return "; ".join(done) or "no routes"
 
     def _acked(self, wf: Workflow, group: GroupSettings, view: ClusterView, region: str,
-               role: str, started: float, now: float, *, required: bool) -> tuple[bool, str]:
+               role: str, started: float, now: float, *, required: bool,
+               within_s: float | None = None) -> tuple[bool, str]:
+        """Have ``region``'s members reported ``role`` at the saga's epoch?
+        Waits up to ``within_s`` (default: the hooks' own bound)."""
         members = [m.member for m in view.members_in(region)]
         missing = [m for m in members if view.acks.get((wf.group, m)) != (wf.epoch, role)]
         if members and not missing:
             return True, f"{role} on {', '.join(members)}"
         if not members and not required:
             return True, f"no live member in {region} (fenced by routing)"
-        deadline = group.hook_timeout_s * group.hook_attempts + ACK_SLACK_S
+        deadline = (within_s if within_s is not None
+                    else group.hook_timeout_s * group.hook_attempts + ACK_SLACK_S)
         if now - started < deadline:
             self._due(wf.group, started + deadline)  # acks wake us sooner
             return False, f"waiting for {', '.join(missing) or 'members'}"

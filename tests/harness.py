@@ -281,6 +281,10 @@ def write_hook(path: Path, log: Path) -> Path:
     hooks in a benchmark measure failoverd, not forks of the fixture."""
     path.write_text(
         "#!/bin/bash\n"
+        # A member started with HOOK_DEMOTE_DELAY demotes that slowly (the
+        # line is written when the demote ends).
+        '[ "$FAILOVERD_ROLE" = standby ] && [ -n "$HOOK_DEMOTE_DELAY" ] '
+        '&& sleep "$HOOK_DEMOTE_DELAY"\n'
         f"printf '{{\"t\": %s, \"role\": \"%s\", \"group\": \"%s\", \"region\": \"%s\", "
         f"\"epoch\": %s, \"member\": \"%s\"}}\\n' \"$EPOCHREALTIME\" \"$FAILOVERD_ROLE\" "
         f"\"$FAILOVERD_GROUP\" \"$FAILOVERD_REGION\" \"$FAILOVERD_EPOCH\" "

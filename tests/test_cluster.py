@@ -340,3 +340,34 @@ async def test_etcd_leader_kill_costs_no_lease(tmp_path: Path, cluster_name: str
     finally:
         await c.close()
         etcd.stop()
+
+
+async def test_forced_move_out_of_a_live_region_promotes_after_its_demote(
+        two_regions: LocalCluster):
+    """An unplanned move whose old region still has members in etcd fences
+    first: the new region's promote waits (bounded by fence_ack_wait_s) for
+    the old members to report standby, so a member that learns the new
+    epoch late (a lagging watch, a slow demote) is never active alongside
+    the new region."""
+    from tests.harness import OPERATOR_TOKEN, call  # noqa: PLC0415
+
+    c = two_regions
+    c.add("east-1", "east", env={"HOOK_DEMOTE_DELAY": "1.5"})
+    c.add("west-1", "west")
+    await c.wait_active("app", "east", 15)
+    await wait_until(lambda: len([h for h in c.hooks() if h["epoch"] == 1]) >= 2, 15,
+                     "bootstrap hooks on both members")
+    status, body = await call(c.daemons["west-1"].api, "POST", "/v1/groups/app/failover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200 and body["status"] == "accepted", body
+
+    def hooks_of_epoch_2() -> dict[str, float] | None:
+        hooks = {h["role"]: h["t"] for h in c.hooks() if h["epoch"] == 2}
+        return hooks if len(hooks) == 2 else None
+    hooks = await wait_until(hooks_of_epoch_2, 20, "east's demote and west's promote")
+    assert hooks["active"] >= hooks["standby"], (
+        f"west promoted {hooks['standby'] - hooks['active']:.2f}s before east had demoted")
+    wf = (await c.view()).workflows["app"]
+    assert wf.mode == "forced"
+    fence = next(st for st in wf.steps if st.name == "fence_old")
+    assert fence.detail == "standby on east-1"
