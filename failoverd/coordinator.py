@@ -107,6 +107,7 @@ class Coordinator:
         self._wake = wake
         self._clock = clock
         self._last_reason = ""
+        self._problems_logged: frozenset[str] = frozenset()
         self._alerts: dict[str, str] = {}
         self._next_prune = 0.0
         self._absent_since: dict[str, float] = {}
@@ -382,8 +383,13 @@ class Coordinator:
             pass
 
     def _log(self, decision: Decision, view: ClusterView) -> None:
-        for problem in view.problems:
+        # Each malformed key is logged once (again if it goes and comes back),
+        # not at every cycle; the gauge says how many there are now.
+        problems = frozenset(view.problems)
+        for problem in sorted(problems - self._problems_logged):
             log.warning("ignoring malformed key", problem=problem)
+        self._problems_logged = problems
+        metrics.MALFORMED_KEYS.set(len(problems))
         if decision.reason != self._last_reason:
             log.info("decision", reason=decision.reason, revision=view.revision)
             self._last_reason = decision.reason

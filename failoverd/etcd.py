@@ -86,10 +86,17 @@ def etcd_failure(text: str) -> str:
     return text[:200]
 
 
+def _text(raw: bytes) -> str:
+    """etcd holds bytes; ours are UTF-8 JSON.  Anything else (a hand edit,
+    another tool) decodes with replacement characters and is then refused
+    as malformed by the parser that reads it, never a crash."""
+    return raw.decode(errors="replace")
+
+
 def _kv(pb: Any) -> KeyValue:
     return KeyValue(
-        key=pb.key.decode(),
-        value=pb.value.decode(),
+        key=_text(pb.key),
+        value=_text(pb.value),
         create_revision=int(pb.create_revision),
         mod_revision=int(pb.mod_revision),
         lease=int(pb.lease),
@@ -178,6 +185,11 @@ class EtcdStore:
             if "lease not found" in (detail or ""):
                 raise LeaseNotFound(f"etcd {what}: {detail}") from exc
             raise StoreError(f"etcd {what}: {detail or type(exc).__name__}") from exc
+        except (ValueError, TypeError, AttributeError, LookupError, grpc.RpcError) as exc:
+            # Something the client library did not expect either: still a
+            # store error (the caller holds its last good state), not a crash.
+            metrics.ETCD_ERRORS.labels(op).inc()
+            raise StoreError(f"etcd {what}: unexpected {type(exc).__name__}: {exc}") from exc
 
     async def grant(self, ttl: int) -> tuple[int, int]:
         resp = await self._call(
@@ -333,7 +345,7 @@ class EtcdStore:
                         next_rev = int(resp.events[-1].kv.mod_revision) + 1
                         yield [
                             WatchEvent(
-                                key=ev.kv.key.decode(), value=ev.kv.value.decode(),
+                                key=_text(ev.kv.key), value=_text(ev.kv.value),
                                 mod_revision=int(ev.kv.mod_revision),
                                 deleted=ev.type == _EVENT_DELETE,
                                 create_revision=int(ev.kv.create_revision),

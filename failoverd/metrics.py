@@ -33,6 +33,8 @@ MQTT_MESSAGES = Counter("failoverd_mqtt_messages_total", "MQTT messages by resul
                         ["result", "reason"])
 ETCD_LATENCY = Histogram("failoverd_etcd_op_seconds", "etcd call duration", ["op"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
+MALFORMED_KEYS = Gauge("failoverd_malformed_keys", "Keys under the cluster's prefix the "
+                       "coordinator could not parse and ignores")
 ETCD_ERRORS = Counter("failoverd_etcd_errors_total", "etcd calls that failed", ["op"])
 WORKFLOW_STEP = Histogram("failoverd_workflow_step_seconds", "Failover workflow step "
                           "durations", ["step", "outcome"],

@@ -371,3 +371,55 @@ async def test_forced_move_out_of_a_live_region_promotes_after_its_demote(
     assert wf.mode == "forced"
     fence = next(st for st in wf.steps if st.name == "fence_old")
     assert fence.detail == "standby on east-1"
+
+
+async def test_an_unclassifiable_etcd_error_never_demotes_a_healthy_active_region(
+        two_regions: LocalCluster):
+    """Bytes under the cluster's prefix that are not even UTF-8 (a hand edit,
+    another tool, a corrupted restore) reach every daemon through its watch
+    and reads as something no code path expects.  Each daemon logs it, keeps
+    running and keeps its roles: east stays active at epoch 1, nothing is
+    demoted, and the cluster still acts on the next real change."""
+    from tests.harness import OPERATOR_TOKEN, call  # noqa: PLC0415
+
+    c = two_regions
+    c.add("east-1", "east")
+    c.add("west-1", "west")
+    await c.wait_active("app", "east", 15)
+    await wait_until(lambda: len([h for h in c.hooks() if h["epoch"] == 1]) >= 2, 15,
+                     "bootstrap hooks on both members")
+    hooks_before = c.hooks()
+    junk = b"\xff\xfe\x00not utf-8 \xc3\x28"
+    for key in (c.keys.ack("app", "ghost"), c.keys.member("ghost"),
+                c.keys.power("east", "ups", "ghost"), c.keys.request("junk")):
+        await c.store._kv_svc.put(key, junk)
+    # Every daemon reads it twice: through its watch now and in the snapshot
+    # a restarted west-1 loads.
+    c.restart("west-1")
+
+    async def both_ready() -> bool:
+        for d in c.daemons.values():
+            try:
+                if (await call(d.api, "GET", "/readyz"))[0] != 200:
+                    return False
+            except OSError:
+                return False
+        return True
+    await wait_until(both_ready, 20, "both daemons up with the junk in etcd")
+    assert all(d.alive() for d in c.daemons.values())
+    view = await c.view()
+    assert (view.active["app"].region, view.active["app"].epoch) == ("east", 1)
+    assert c.hooks() == hooks_before, "a role changed on junk in etcd"
+    for d in c.daemons.values():  # said once, not at every cycle
+        said = [e for e in d.log_events() if e.get("event") == "ignoring malformed key"
+                and "members/ghost" in str(e.get("problem"))]
+        assert len(said) <= 2, f"{d.member} logged the junk {len(said)} times"
+
+    status, body = await call(c.daemons["east-1"].api, "POST", "/v1/groups/app/switchover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200 and body["status"] == "accepted", body
+    await c.wait_active("app", "west", 20)
+    await wait_until(lambda: {(h["member"], h["role"]) for h in c.hooks() if h["epoch"] == 2}
+                     == {("west-1", "active"), ("east-1", "standby")}, 20,
+                     "the switchover's hooks")
+    assert all(d.alive() for d in c.daemons.values())
