@@ -10,7 +10,6 @@ when the region's verdict changes, every ``refresh_s`` otherwise.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import ssl
 import time
@@ -85,7 +84,7 @@ async def check(probe: ProbeSettings, session: aiohttp.ClientSession, region: st
                 return True, "connected"
             if probe.kind == "exec":
                 assert isinstance(probe.target, list)
-                env = {**os.environ, "FAILOVERD_TARGET_REGION": region}
+                env = {"FAILOVERD_TARGET_REGION": region}
                 await run_once(probe.target, env, probe.timeout_s)
                 return True, "exit 0"
             return await _http(probe, session)

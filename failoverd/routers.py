@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -325,7 +324,7 @@ class ExecRouter:
 
     async def apply(self, change: Change) -> str:
         try:
-            out = await run_once(self.route.command, {**os.environ, **change_env(change)},
+            out = await run_once(self.route.command, change_env(change),
                                  self.route.timeout_s)
         except HookFailed as exc:
             raise RouterError(f"exec: {exc}: {exc.output[-200:]}") from exc

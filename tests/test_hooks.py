@@ -66,3 +66,22 @@ async def test_no_hook_configured_is_success() -> None:
     r = await run_hook([], group="g", region="r", epoch=1, role="active", timeout_s=1,
                        attempts=1)
     assert r.ok and r.attempts == 0
+
+
+async def test_a_hook_that_leaves_a_daemon_on_its_output_is_done_when_it_exits(
+        tmp_path: Path) -> None:
+    """A promote hook that starts a service in the background (which keeps
+    the hook's stdout open) is done when the hook exits, not when the
+    service closes its output: waiting for the end of the pipe would time
+    out and fail a promote that succeeded."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    pidfile = tmp_path / "daemon.pid"
+    argv = _script(tmp_path, f"sleep 30 &\necho $! > {pidfile}\necho started\n")
+    try:
+        r = await run_hook(argv, group="g", region="r", epoch=1, role="active",
+                           timeout_s=3, attempts=1)
+        assert r.ok and r.output.strip() == "started"
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
