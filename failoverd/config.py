@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     ValidationError,
     model_validator,
 )
@@ -73,6 +74,13 @@ class ApiToken(_Model):
 
 class ApiSettings(_Model):
     listen: str = "127.0.0.1:8080"
+    # The URL peers (rule 4's peer check, the coordinator's ask) and
+    # failoverctl use to reach this member; default: built from ``listen``.
+    # Needed when listening on a wildcard address or behind NAT.
+    advertise_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+/?$")] | None = None
+    # Peer requests leave from this local address (multi-homed hosts whose
+    # firewalls allow peers by source address); default: the kernel's choice.
+    peer_source_address: IPvAnyAddress | None = None
     tokens: list[ApiToken] = Field(default_factory=list)
     metrics_public: bool = True
     # HTTPS when both are set (PEM files).
@@ -83,7 +91,18 @@ class ApiSettings(_Model):
     def _check(self) -> Self:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.advertise_url is None and host in {"", "0.0.0.0", "::"}:
+            # Peers would be told to ask 0.0.0.0, which is themselves.
+            raise ValueError(f"listen = {self.listen!r} is a wildcard address: set "
+                             "advertise_url to the URL other members reach this one at")
         return self
+
+    def url(self) -> str:
+        """Where peers and failoverctl reach this member."""
+        if self.advertise_url is not None:
+            return self.advertise_url.rstrip("/")
+        return f"{'https' if self.tls_cert_file else 'http'}://{self.listen}"
 
 
 class MqttSettings(_Model):

@@ -29,7 +29,7 @@ from failoverd.engine import (
 )
 from failoverd.faults import async_fault_point, fault_point
 from failoverd.history import History, read_history
-from failoverd.isolation import ask_healthz
+from failoverd.isolation import ask_healthz, peer_source
 from failoverd.lease import KeptLease
 from failoverd.mirror import KeyMirror
 from failoverd.model import (
@@ -358,8 +358,9 @@ class Coordinator:
                 if not known:
                     continue
                 started = self._clock()
-                answers = await ask_healthz([m.api_url for m in known],
-                                            self._settings().peer_timeout_s)
+                s = self._settings()
+                answers = await ask_healthz([m.api_url for m in known], s.peer_timeout_s,
+                                            peer_source(s))
                 alive = tuple(m.member for m, a in zip(known, answers, strict=True)
                               if a is not None and a.get("member", m.member) == m.member)
                 before = self._asked.get(region)

@@ -1,7 +1,7 @@
 """failoverctl: the operator's CLI, a client of the REST API.
 
-API URL from ``--api``, ``FAILOVERD_API`` or the config's ``api.listen``;
-token from ``--token``, ``FAILOVERD_TOKEN`` or ``--token-file``.  Exit
+API URL from ``--api``, ``FAILOVERD_API`` or the config (``api.advertise_url``,
+else ``api.listen``); token from ``--token``, ``FAILOVERD_TOKEN`` or ``--token-file``.  Exit
 codes: 0 ok, 1 refused (401/403/409), 2 usage (bad arguments, 400/404/413),
 3 unreachable (no answer, 5xx).
 """
@@ -111,7 +111,7 @@ def _api_url(args: argparse.Namespace) -> str | None:
     url = args.api or os.environ.get("FAILOVERD_API")
     if not url and args.config is not None:
         try:
-            url = f"http://{load_settings(args.config).api.listen}"
+            url = load_settings(args.config).api.url()
         except ConfigError as exc:
             print(f"failoverctl: {exc}", file=sys.stderr)
             return None

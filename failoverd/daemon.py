@@ -332,7 +332,7 @@ class Daemon:
                 lease_id, ttl = await self.store.grant(s.etcd.lease_ttl_s)
                 member = MemberRecord(
                     member=s.member, region=s.region, version=__version__,
-                    api_url=f"{'https' if s.api.tls_cert_file else 'http'}://{s.api.listen}",
+                    api_url=s.api.url(),
                     started=time.time(),
                     epochs={g: a.epoch for g, a in self._applied().items()},
                 )

@@ -44,13 +44,22 @@ def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
         peer_timeout_s
 
 
-async def ask_healthz(urls: Sequence[str], timeout_s: float
+def peer_source(s: Settings) -> str | None:
+    """The local address peer requests leave from (None: any)."""
+    address = s.api.peer_source_address
+    return str(address) if address is not None else None
+
+
+async def ask_healthz(urls: Sequence[str], timeout_s: float, source: str | None = None
                       ) -> list[dict[str, object] | None]:
     """Each member API's ``/healthz`` answer (None: no answer in time;
-    ``timeout_s`` is ``Settings.peer_timeout_s``)."""
+    ``timeout_s`` is ``Settings.peer_timeout_s``; ``source``: the local
+    address to send from, ``api.peer_source_address``)."""
     async def ask(url: str) -> dict[str, object] | None:
         try:
+            connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
             async with aiohttp.ClientSession(
+                    connector=connector,
                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
                     s.get(f"{url}/healthz", ssl=False) as r:
                 data = await r.json()
@@ -150,7 +159,7 @@ class IsolationGuard:
 
         async def one(member: str, url: str) -> None:
             started = time.monotonic()
-            answer = await ask_healthz([url], timeout)
+            answer = await ask_healthz([url], timeout, peer_source(self._settings()))
             if answer[0] is None:
                 return
             rtt = time.monotonic() - started
@@ -164,8 +173,9 @@ class IsolationGuard:
 
     async def _ask_peers(self) -> list[dict[str, int]]:
         out = []
-        for data in await ask_healthz(list(self.peers.values()),
-                                      self._settings().peer_timeout_s):
+        s = self._settings()
+        for data in await ask_healthz(list(self.peers.values()), s.peer_timeout_s,
+                                      peer_source(s)):
             if data is None:
                 continue
             epochs = data.get("epochs", {})

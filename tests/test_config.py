@@ -55,6 +55,11 @@ BASE = 'cluster = "c"\nmember = "m"\nregion = "east"\n[[regions]]\nname = "east"
      "groups[0].routes[0]: regions with no addresses: east"),
     ('[[regions.probes]]\nkind = "tcp"\ntarget = "x"\ninterval_s = 1\ntimeout_s = 2\n',
      "regions[0].probes[0]: timeout_s must not exceed interval_s"),
+    ('[api]\nlisten = "0.0.0.0:8080"\n', "api: listen = '0.0.0.0:8080' is a "
+     "wildcard address: set advertise_url"),
+    ('[api]\nlisten = "[::]:8080"\n', "set advertise_url to the URL other members reach"),
+    ('[api]\nadvertise_url = "east-1.example:8080"\n', "api.advertise_url"),
+    ('[api]\npeer_source_address = "east-1"\n', "api.peer_source_address"),
 ])
 def test_errors_name_their_location(tmp_path: Path, extra: str, expected: str) -> None:
     errors = _errors(tmp_path, BASE + extra)
@@ -143,3 +148,18 @@ def test_unreadable_files_are_check_config_errors_with_their_location(tmp_path: 
         assert f"etcd.ca_file: cannot read {tmp_path}/nope-ca.pem" in out.stderr
         assert "groups[0].routes[0].secret_file" in out.stderr and "warning" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_the_url_peers_use_is_the_advertised_one(tmp_path: Path) -> None:
+    """A member listening on every address tells its peers (and failoverctl)
+    the URL it gave; without one it would advertise 0.0.0.0, which each peer
+    would resolve to itself."""
+    p = tmp_path / "c.toml"
+    p.write_text(BASE + '[api]\nlisten = "0.0.0.0:8080"\n'
+                 'advertise_url = "https://east-1.example:8080/"\n'
+                 'peer_source_address = "127.0.0.21"\n')
+    s = load_settings(p, Overrides())
+    assert s.api.url() == "https://east-1.example:8080"
+    assert str(s.api.peer_source_address) == "127.0.0.21"
+    p.write_text(BASE + '[api]\nlisten = "127.0.0.1:9000"\n')
+    assert load_settings(p, Overrides()).api.url() == "http://127.0.0.1:9000"
