@@ -42,6 +42,6 @@ ensure_venv() {
 
 ensure_all() {
     ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium haproxy:haproxy \
-        named:bind9 systemd-analyze:systemd
+        named:bind9 systemd-analyze:systemd nft:nftables
     ensure_venv
 }

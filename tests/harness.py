@@ -235,8 +235,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
                  region_settings: dict[str, dict[str, Any]] | None = None,
-                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None
-                 ) -> Path:
+                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None,
+                 api_settings: dict[str, Any] | None = None) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes), or
@@ -248,7 +248,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
         f"endpoints = {json.dumps(endpoints)}", f"lease_ttl_s = {ttl}",
         "lease_margin_s = 0.3", f"timeout_s = {etcd_timeout_s}", "", "[log]",
         f'level = "{log_level}"', "",
-        "[api]", "[[api.tokens]]", 'name = "ops"', 'role = "operator"',
+        "[api]", *(f"{k} = {_toml(v)}" for k, v in (api_settings or {}).items()),
+        "[[api.tokens]]", 'name = "ops"', 'role = "operator"',
         f'sha256 = "{hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()}"',
         "[[api.tokens]]", 'name = "watcher"', 'role = "viewer"',
         f'sha256 = "{hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()}"', "",
@@ -309,10 +310,13 @@ class DaemonProc:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     api_port: int = field(default_factory=free_port)
+    # Each member may listen on its own loopback address (127.0.0.0/8 is all
+    # local), so a test can cut the traffic between members by address.
+    api_host: str = "127.0.0.1"
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.api_host}:{self.api_port}"
 
     def start(self) -> DaemonProc:
         # Inherited FAILOVERD_* (member, region, faults) would override flags.
@@ -321,7 +325,7 @@ class DaemonProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "failoverd", "run", "--config", str(self.config),
              "--member", self.member, "--region", self.region,
-             "--api-listen", f"127.0.0.1:{self.api_port}"],
+             "--api-listen", f"{self.api_host}:{self.api_port}"],
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=env, cwd=ROOT,
         )
@@ -403,9 +407,9 @@ class LocalCluster:
         return write_config(self.workdir / f"{name}.toml", **{**self._config_args, **changes})
 
     def add(self, member: str, region: str, env: dict[str, str] | None = None,
-            config: Path | None = None) -> DaemonProc:
+            config: Path | None = None, api_host: str = "127.0.0.1") -> DaemonProc:
         d = DaemonProc(member, region, config or self.config, self.workdir / f"{member}.log",
-                       env=env or {})
+                       env=env or {}, api_host=api_host)
         self.daemons[member] = d
         return d.start()
 

@@ -4,8 +4,11 @@ what happened (the imperative half of the chaos suite).
 The stack: a 3-member etcd, mosquitto, HAProxy (group ``app``), BIND (every
 group's DNS name and epoch fence), one daemon per region (east, west,
 central), each reaching etcd through its own :class:`TcpProxy` so that one
-member can be cut off from etcd while its peers still reach it.  Groups:
-``app`` (HAProxy + DNS), ``app2`` and ``app3`` (DNS).
+member can be cut off from etcd while its peers still reach it, and each
+serving its API on (and asking its peers from) its own loopback address, so
+that nftables rules can cut one member off from its peers
+(:class:`PeerCut`).  Groups: ``app`` (HAProxy + DNS), ``app2`` and ``app3``
+(DNS).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +49,7 @@ from tests.harness import (
 
 PRIORITY = {"east": 100, "west": 50, "central": 25}
 MEMBER = {r: f"{r}-1" for r in REGIONS}
+HOST = {r: f"127.0.0.{21 + i}" for i, r in enumerate(REGIONS)}
 GROUPS = ("app", "app2", "app3")
 ADDRS = {"east": "192.0.2.10", "west": "192.0.2.20", "central": "192.0.2.30"}
 SAMPLE_S = 0.25
@@ -71,6 +76,31 @@ class Outcome:
     operations: dict[str, int] = field(default_factory=dict)
 
 
+class PeerCut:
+    """An nftables table that drops the traffic between one member's address
+    and the other members' (both ways): a partition from its peers, while
+    its etcd relays, the broker and the test's own requests (all from
+    127.0.0.1) still pass.  Needs root and ``nft``; the table is named after
+    the seed and deleted on heal."""
+
+    def __init__(self, seed: int) -> None:
+        self.table = f"failoverd_chaos_{seed}"
+
+    def cut(self, host: str, others: list[str]) -> None:
+        peers = ", ".join(others)
+        rules = (f"table ip {self.table} {{\n"
+                 "  chain out { type filter hook output priority 0; policy accept;\n"
+                 f"    ip saddr {host} ip daddr {{ {peers} }} drop\n"
+                 f"    ip saddr {{ {peers} }} ip daddr {host} drop\n"
+                 "  }\n}\n")
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True,
+                       capture_output=True)
+
+    def heal(self) -> None:
+        subprocess.run(["nft", "delete", "table", "ip", self.table], check=False,
+                       capture_output=True)
+
+
 class ChaosStack:
     def __init__(self, work: Path, seed: int) -> None:
         self.work = work
@@ -89,6 +119,7 @@ class ChaosStack:
         self.samples_dns: list[tuple[float, str, int | None, frozenset[str]]] = []
         self.samples_hp: list[tuple[float, dict[str, str]]] = []
         self.ops: dict[str, int] = {}
+        self.peer_cut = PeerCut(seed)
 
     async def start(self) -> LocalCluster:
         (self.work / "etcd").mkdir(parents=True, exist_ok=True)
@@ -124,8 +155,9 @@ class ChaosStack:
         for region in REGIONS:
             proxies = [await TcpProxy(ep).start() for ep in self.etcd.endpoints]
             self.proxies[region] = proxies
-            c.add(MEMBER[region], region, config=c.config_variant(
-                MEMBER[region], endpoints=[p.endpoint for p in proxies]))
+            c.add(MEMBER[region], region, api_host=HOST[region], config=c.config_variant(
+                MEMBER[region], endpoints=[p.endpoint for p in proxies],
+                api_settings={"peer_source_address": HOST[region]}))
         return c
 
     # -- sampling ---------------------------------------------------------
@@ -195,12 +227,17 @@ class ChaosStack:
             self.broker.stop()
             await asyncio.sleep(f.lasts)
             self.broker.start()
-        elif f.nemesis == "partition_from_etcd":
-            for p in self.proxies[f.target]:
+        elif f.nemesis in {"partition_from_etcd", "partition_from_peers", "partition_total"}:
+            from_etcd = f.nemesis != "partition_from_peers"
+            from_peers = f.nemesis != "partition_from_etcd"
+            if from_peers:
+                self.peer_cut.cut(HOST[f.target], [h for r, h in HOST.items() if r != f.target])
+            for p in self.proxies[f.target] if from_etcd else []:
                 p.cut()
             await asyncio.sleep(f.lasts)
-            for p in self.proxies[f.target]:
+            for p in self.proxies[f.target] if from_etcd else []:
                 p.heal()
+            self.peer_cut.heal()
         else:
             raise ValueError(f"unknown nemesis {f.nemesis}")
 
@@ -268,6 +305,7 @@ class ChaosStack:
             unavailable=list(self.unavailable), wake_s=TTL + 2.0)
 
     async def stop(self) -> None:
+        self.peer_cut.heal()
         if self.c is not None:
             for d in self.c.daemons.values():
                 with contextlib.suppress(OSError):

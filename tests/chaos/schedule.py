@@ -6,7 +6,8 @@ for a few seconds (``health_flap``).
 
 Nemeses follow Jepsen's and etcd's robustness tests: kill and pause
 processes (a daemon past its lease TTL, an etcd member, the etcd leader),
-lose etcd quorum, restart the broker, cut one member off from etcd.  Each
+lose etcd quorum, restart the broker, cut one member off from etcd, from its
+peers, or from both.  Each
 fault lasts a while and is healed before the next one starts; client
 operations (power events, operator switchovers) run throughout.
 """
@@ -17,7 +18,8 @@ import random
 from dataclasses import dataclass
 
 NEMESES = ("kill_daemon", "pause_daemon", "kill_etcd_member", "kill_etcd_leader",
-           "pause_etcd_member", "etcd_quorum_loss", "restart_broker", "partition_from_etcd")
+           "pause_etcd_member", "etcd_quorum_loss", "restart_broker", "partition_from_etcd",
+           "partition_from_peers", "partition_total")
 OPERATIONS = ("power_outage", "power_restored", "switchover", "health_flap")
 REGIONS = ("east", "west", "central")
 
