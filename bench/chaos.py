@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.runner import run_schedule
-from tests.chaos.schedule import NEMESES, make_schedule
+from devstack.chaos.runner import run_schedule
+from devstack.chaos.schedule import NEMESES, make_schedule
 
 RESULTS = Path("chaos-results.jsonl")
 

@@ -32,10 +32,10 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.footprint import _cpu_ticks
-from failoverd.engine import GroupPolicy, Policy, decide
-from failoverd.model import ActiveRecord, ClusterView, ControlState, MemberRecord
-from failoverd.power import Reading
-from tests.harness import EtcdCluster, LocalCluster, Mosquitto, read_hook_log, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, read_hook_log, wait_until
+from failoverd.core.engine import GroupPolicy, Policy, decide
+from failoverd.core.model import ActiveRecord, ClusterView, ControlState, MemberRecord
+from failoverd.core.power import Reading
 
 REGIONS = {"east": 100, "west": 50, "south": 10}
 TARGETS_1000 = {"commit": 1.0, "hook": 3.0, "saga": 10.0, "bootstrap": 10.0, "idle": 3.0,

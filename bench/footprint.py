@@ -20,14 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
-from tests.harness import EtcdCluster, HttpService, LocalCluster, Mosquitto, wait_until
+from devstack.stack import EtcdCluster, HttpService, LocalCluster, Mosquitto, wait_until
 
 REGIONS = {"east": 100, "west": 50, "central": 25}
 TICK = os.sysconf("SC_CLK_TCK")
 FLOOR_SCRIPT = """
 import asyncio, sys, time
 import aiohttp, aiomqtt, etcd3aio, structlog, pydantic, prometheus_client  # same imports
-import failoverd.daemon
+import failoverd.daemon.wiring
 async def main(urls, seconds):
     end = time.monotonic() + seconds
     async with aiohttp.ClientSession() as s:

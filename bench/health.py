@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import row
-from failoverd.engine import Policy, region_health
-from tests.harness import EtcdCluster, HttpService, LocalCluster, http_probe, wait_until
+from devstack.stack import EtcdCluster, HttpService, LocalCluster, http_probe, wait_until
+from failoverd.core.engine import Policy, region_health
 
 REGIONS = {"east": 100, "west": 90, "central": 10}
 INTERVAL, FALL = 0.2, 3

@@ -18,10 +18,10 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
+from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, wait_until
 from failoverd.config import EtcdSettings
-from failoverd.etcd import EtcdStore
-from failoverd.store import Compare, Put
-from tests.harness import EtcdCluster, LocalCluster, Mosquitto, wait_until
+from failoverd.core.store import Compare, Put
+from failoverd.etcd.client import EtcdStore
 
 REGIONS = {"east": 100, "west": 90}
 

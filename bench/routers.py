@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
+from devstack.stack import Bind, Haproxy, HttpService
 from failoverd.config import DnsRoute, HaproxyRoute
-from failoverd.routers import Change, DnsRouter, HaproxyRouter
-from tests.harness import Bind, Haproxy, HttpService
+from failoverd.traffic.routers import Change, DnsRouter, HaproxyRouter
 
 ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10"]}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import EtcdCluster, LocalCluster, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, wait_until
 
 POLL_S = 0.005
 

@@ -1,3 +1,3 @@
-from failoverd.cli import main
+from failoverd.cli.daemon import main
 
 raise SystemExit(main())

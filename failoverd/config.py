@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from failoverd.core.engine import GroupPolicy, Policy
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -558,3 +560,29 @@ def load_settings(path: Path, overrides: Overrides | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
     return parse_settings(raw, overrides or Overrides.from_env(), path)
+
+
+def engine_policy(s: Settings) -> Policy:
+    """The engine's :class:`~failoverd.core.engine.Policy` from validated
+    settings: the loader maps its types onto the core's, so the pure core
+    never imports the loader."""
+    return Policy(
+        priorities=tuple((r.name, r.priority) for r in s.regions),
+        groups=tuple(GroupPolicy(g.name, tuple(g.regions)) for g in s.groups),
+        cooldown_s=s.policy.cooldown_s,
+        max_evacuations_per_hour=s.policy.evacuation_limit,
+        max_auto_failovers_per_group_per_hour=(
+            s.policy.max_auto_failovers_per_group_per_hour),
+        failback=s.policy.failback,
+        failback_stable_s=s.policy.failback_stable_s,
+        bootstrap_grace_s=s.policy.bootstrap_grace_s,
+        member_loss_grace_s=s.policy.member_loss_grace_s,
+        probed_regions=frozenset(r.name for r in s.regions if r.probes),
+        health_quorum=s.policy.health_quorum,
+        power_grace_s=s.policy.power_grace_s,
+        power_runtime_margin_s=s.policy.power_runtime_margin_s,
+        sensor_stale_s=s.policy.sensor_stale_s,
+        power_silence_during_outage_s=s.policy.power_silence_during_outage_s,
+        expected_failover_s=s.policy.expected_failover_s,
+        power_quorums=tuple((r.name, r.power_quorum) for r in s.regions),
+    )

@@ -1,8 +1,10 @@
-"""Test-only fault points, armed by ``FAILOVERD_FAULTS`` (comma-separated
-``point=action``; actions: ``stop`` = SIGSTOP ourselves, ``exit`` = die with
-status 70, ``freeze`` = block the event loop's thread, ``wedge`` = the awaiting
-task never resumes, at points reached with :func:`async_fault_point`).  Each
-point fires once.  Unset in production: a no-op.
+"""Test-only fault points.  Nothing arms them in shipped code: only the
+test harness's entry point (``devstack/fault_daemon.py``) calls :func:`arm`
+before it runs the daemon.  A spec is comma-separated ``point=action``;
+actions: ``stop`` = SIGSTOP ourselves, ``exit`` = die with status 70,
+``freeze`` = block the event loop's thread, ``wedge`` = the awaiting task
+never resumes, at points reached with :func:`async_fault_point`.  Each point
+fires once.  Unarmed, a point is a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ import structlog
 log = structlog.get_logger("failoverd.faults")
 
 _armed: dict[str, str] = {}
-for _item in filter(None, os.environ.get("FAILOVERD_FAULTS", "").split(",")):
-    _point, _, _action = _item.partition("=")
-    _armed[_point.strip()] = _action.strip() or "stop"
+
+
+def arm(spec: str) -> None:
+    """Arm the fault points of ``spec`` (the test harness only)."""
+    for item in filter(None, spec.split(",")):
+        point, _, action = item.partition("=")
+        _armed[point.strip()] = action.strip() or "stop"
+    if _armed:
+        log.warning("test fault points armed", points=sorted(_armed))
 
 
 def fault_point(point: str) -> None:

@@ -42,7 +42,7 @@ import aiomqtt
 import dns.asyncquery
 import dns.message
 
-from tests.harness import (
+from devstack.stack import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
     Bind,
@@ -441,7 +441,7 @@ async def scenario_health(stack: Stack) -> None:
 async def _ctl(stack: Stack, *argv: str) -> str:
     api = next(d.api for d in stack.c.daemons.values() if d.alive())
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "failoverd.ctl", "--api", api, "--token", OPERATOR_TOKEN, *argv,
+        sys.executable, "-m", "failoverd.cli.ctl", "--api", api, "--token", OPERATOR_TOKEN, *argv,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return out.decode()

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster, call, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, call, wait_until
 
 API_REGIONS = {"east": 100, "west": 50, "central": 25}
 

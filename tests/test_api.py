@@ -14,9 +14,7 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from failoverd.api import ROUTES, Api, openapi_document, serve_api
-from failoverd.config import ApiSettings
-from tests.harness import (
+from devstack.stack import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
     LocalCluster,
@@ -24,6 +22,8 @@ from tests.harness import (
     free_port,
     wait_until,
 )
+from failoverd.config import ApiSettings
+from failoverd.web.api import ROUTES, Api, openapi_document, serve_api
 
 pytestmark = pytest.mark.cluster
 REGIONS = {"east": 100, "west": 50, "central": 25}  # as in the api_cluster fixture
@@ -160,7 +160,7 @@ def test_openapi_document_matches_the_routes() -> None:
 
 
 def ctl(*args: str, api: str, token: str | None = OPERATOR_TOKEN) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "failoverd.ctl", "--api", api]
+    cmd = [sys.executable, "-m", "failoverd.cli.ctl", "--api", api]
     if token:
         cmd += ["--token", token]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30,

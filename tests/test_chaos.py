@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.checker import Record, violations
-from tests.chaos.runner import run_schedule
-from tests.chaos.schedule import NEMESES, make_schedule
+from devstack.chaos.checker import Record, violations
+from devstack.chaos.runner import run_schedule
+from devstack.chaos.schedule import NEMESES, make_schedule
 
 # Five schedules whose faults, together, use every nemesis (checked below).
 SEEDS = (1, 2, 8, 12, 179)

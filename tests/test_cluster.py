@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -349,7 +349,7 @@ async def test_forced_move_out_of_a_live_region_promotes_after_its_demote(
     the old members to report standby, so a member that learns the new
     epoch late (a lagging watch, a slow demote) is never active alongside
     the new region."""
-    from tests.harness import OPERATOR_TOKEN, call  # noqa: PLC0415
+    from devstack.stack import OPERATOR_TOKEN, call  # noqa: PLC0415
 
     c = two_regions
     c.add("east-1", "east", env={"HOOK_DEMOTE_DELAY": "1.5"})
@@ -380,7 +380,7 @@ async def test_an_unclassifiable_etcd_error_never_demotes_a_healthy_active_regio
     and reads as something no code path expects.  Each daemon logs it, keeps
     running and keeps its roles: east stays active at epoch 1, nothing is
     demoted, and the cluster still acts on the next real change."""
-    from tests.harness import OPERATOR_TOKEN, call  # noqa: PLC0415
+    from devstack.stack import OPERATOR_TOKEN, call  # noqa: PLC0415
 
     c = two_regions
     c.add("east-1", "east")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import (
+from devstack.stack import (
     ROOT,
     Bind,
     EtcdCluster,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from failoverd.engine import Alert, GroupPolicy, Policy, decide
-from failoverd.model import (
+from failoverd.core.engine import Alert, GroupPolicy, Policy, decide
+from failoverd.core.model import (
     ActiveRecord,
     ClusterView,
     ControlState,
@@ -257,8 +257,8 @@ def test_property_health_moves_respect_cooldown_and_limits(
 
 # -- health: quorum verdicts, trigger, candidacy -----------------------------
 
-from failoverd.engine import region_health  # noqa: E402
-from failoverd.model import Observation  # noqa: E402
+from failoverd.core.engine import region_health  # noqa: E402
+from failoverd.core.model import Observation  # noqa: E402
 
 OBSERVERS = {"e1": "east", "w1": "west", "w2": "west", "c1": "central"}
 PROBED = policy(probed_regions=frozenset(REGIONS), bootstrap_grace_s=0)
@@ -380,8 +380,8 @@ def test_property_chosen_region_is_healthy_by_quorum(
 
 # -- power: trigger, budget, candidacy ----------------------------------------
 
-from failoverd.coordinator import learn_failover_s  # noqa: E402
-from failoverd.power import Reading  # noqa: E402
+from failoverd.core.power import Reading  # noqa: E402
+from failoverd.daemon.coordinator import learn_failover_s  # noqa: E402
 
 POWERED = policy(power_grace_s=30, power_runtime_margin_s=120, sensor_stale_s=30,
                  expected_failover_s=60)
@@ -447,7 +447,7 @@ def test_learn_failover_duration_from_history() -> None:
 
 # -- safety rule 4: self-fencing decision ---------------------------------------
 
-from failoverd.isolation import isolation_decision  # noqa: E402
+from failoverd.daemon.isolation import isolation_decision  # noqa: E402
 
 
 def test_isolation_decision() -> None:
@@ -459,9 +459,9 @@ def test_isolation_decision() -> None:
 
 
 # -- retry of a failed saga ------------------------------------------------------
-from failoverd.engine import handle_request  # noqa: E402
-from failoverd.model import OperatorRequest  # noqa: E402
-from failoverd.workflow import Step, Workflow  # noqa: E402
+from failoverd.core.engine import handle_request  # noqa: E402
+from failoverd.core.model import OperatorRequest  # noqa: E402
+from failoverd.core.workflow import Step, Workflow  # noqa: E402
 
 
 def _saga(epoch: int, state: str, failed_at: str | None = None) -> Workflow:

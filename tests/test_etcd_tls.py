@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import ROOT, etcd_binary, free_port, make_ca, make_cert, write_config
 from failoverd.config import EtcdSettings
-from failoverd.etcd import EtcdStore
-from tests.harness import ROOT, etcd_binary, free_port, make_ca, make_cert, write_config
+from failoverd.etcd.client import EtcdStore
 
 
 @pytest.fixture

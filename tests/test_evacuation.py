@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster, Mosquitto, call, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, call, wait_until
 
 pytestmark = pytest.mark.cluster
 

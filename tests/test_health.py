@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from failoverd.engine import Policy, region_health
-from tests.harness import (
+from devstack.stack import (
     EtcdCluster,
     HttpService,
     LocalCluster,
@@ -19,6 +18,7 @@ from tests.harness import (
     http_probe,
     wait_until,
 )
+from failoverd.core.engine import Policy, region_health
 
 pytestmark = pytest.mark.cluster
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from failoverd.hooks import run_hook
-from tests.harness import wait_until
+from devstack.stack import wait_until
+from failoverd.processes import run_hook
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:

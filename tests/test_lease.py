@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from failoverd.lease import KeptLease, LeaseLost
-from failoverd.store import LeaseNotFound, StoreError
+from failoverd.core.store import LeaseNotFound, StoreError
+from failoverd.etcd.lease import KeptLease, LeaseLost
 
 
 class Clock:

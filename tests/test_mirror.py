@@ -9,9 +9,9 @@ from collections.abc import Callable
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failoverd.mirror import KeyMirror
-from failoverd.model import Keyspace, ViewIndex, parse_view
-from failoverd.store import KeyValue, Snapshot, WatchEvent
+from failoverd.core.model import Keyspace, ViewIndex, parse_view
+from failoverd.core.store import KeyValue, Snapshot, WatchEvent
+from failoverd.etcd.mirror import KeyMirror
 
 P = "/failoverd/c/"
 

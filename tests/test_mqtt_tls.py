@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import free_port, make_ca, make_cert, write_config
 from failoverd.config import Overrides, load_settings
-from failoverd.model import Keyspace
-from failoverd.mqtt import PowerFeeds, mqtt_failure
-from tests.harness import free_port, make_ca, make_cert, write_config
+from failoverd.core.model import Keyspace
+from failoverd.sensing.mqtt import PowerFeeds, mqtt_failure
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def _feeds(tmp_path: Path, broker: dict, *, ca: Path, cert: tuple[Path, Path] | 
 
 async def _failure(feeds: PowerFeeds) -> str:
     """The reason the member would log for this broker."""
-    from failoverd.mqtt import _wire_logger  # noqa: PLC0415
+    from failoverd.sensing.mqtt import _wire_logger  # noqa: PLC0415
     wire = _wire_logger(feeds._settings().mqtt[0].url)[1]
     wire.last = ""
     return mqtt_failure(await _connect_error(feeds), wire.last)

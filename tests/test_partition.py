@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster, TcpProxy, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, TcpProxy, wait_until
 
 
 async def _logged(c: LocalCluster, member: str, event: str) -> bool:
@@ -122,9 +122,9 @@ def test_wan_peer_timeout_follows_the_configured_rtt_and_bounds_the_fence_deadli
     """Rule 4 across a WAN: the peer check waits 4 x the largest configured
     inter-region RTT (1 s to 10 s), and the self-fence deadline the saga
     waits for includes that wait."""
+    from devstack.stack import write_config  # noqa: PLC0415
     from failoverd.config import Overrides, load_settings  # noqa: PLC0415
-    from failoverd.isolation import self_fence_deadline  # noqa: PLC0415
-    from tests.harness import write_config  # noqa: PLC0415
+    from failoverd.daemon.isolation import self_fence_deadline  # noqa: PLC0415
 
     def timeout(settings: dict[str, dict[str, float]]) -> float:
         cfg = write_config(tmp_path / "c.toml", cluster="x", endpoints=["127.0.0.1:1"],

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failoverd.power import (
+from failoverd.core.power import (
     Reading,
     Rejected,
     RuntimeUpdate,

@@ -15,7 +15,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.harness import EtcdCluster, LocalCluster, Mosquitto, wait_until
+from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, wait_until
 
 pytestmark = pytest.mark.cluster
 TOPIC = "failoverd/power/east"

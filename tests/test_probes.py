@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from devstack.stack import HttpService, free_port
 from failoverd.config import ProbeSettings
-from failoverd.probes import ProbeState, check, region_verdict, step
-from tests.harness import HttpService, free_port
+from failoverd.sensing.probes import ProbeState, check, region_verdict, step
 
 
 def run(results: str, rise: int = 2, fall: int = 3) -> list[str]:

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from devstack.stack import Bind, Haproxy, HttpService, free_port
 from failoverd.config import DnsRoute, ExecRoute, HaproxyRoute, WebhookRoute
-from failoverd.routers import (
+from failoverd.traffic.routers import (
     ADMIN_DRAIN,
     ADMIN_MAINT,
     Change,
@@ -24,7 +25,6 @@ from failoverd.routers import (
     RouterError,
     WebhookRouter,
 )
-from tests.harness import Bind, Haproxy, HttpService, free_port
 
 ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10", "198.51.100.11"]}
 

@@ -14,8 +14,7 @@ import dns.asyncquery
 import dns.message
 import pytest
 
-from failoverd.workflow import ORDERS, parse_workflow
-from tests.harness import (
+from devstack.stack import (
     OPERATOR_TOKEN,
     Bind,
     EtcdCluster,
@@ -25,6 +24,7 @@ from tests.harness import (
     call,
     wait_until,
 )
+from failoverd.core.workflow import ORDERS, parse_workflow
 
 pytestmark = pytest.mark.cluster
 ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10"], "central": ["203.0.113.10"]}

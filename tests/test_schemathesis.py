@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import OPERATOR_TOKEN, LocalCluster
+from devstack.stack import OPERATOR_TOKEN, LocalCluster
 
 pytestmark = pytest.mark.cluster
 

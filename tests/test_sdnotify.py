@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import EtcdCluster, LocalCluster, call, wait_until
 from failoverd.config import GroupSettings
-from failoverd.saga import worst_step_s
-from failoverd.sdnotify import Notifier, run_watchdog
-from tests.harness import EtcdCluster, LocalCluster, call, wait_until
+from failoverd.daemon.saga import worst_step_s
+from failoverd.daemon.sdnotify import Notifier, run_watchdog
 
 _n = itertools.count()
 

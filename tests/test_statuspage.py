@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, LocalCluster, call
+from devstack.stack import OPERATOR_TOKEN, VIEWER_TOKEN, LocalCluster, call
 
 pytestmark = pytest.mark.cluster
 

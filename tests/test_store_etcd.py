@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from etcd3aio import Etcd3Client, EtcdError
 
+from devstack.stack import EtcdCluster, free_port, wait_until
 from failoverd.config import EtcdSettings, Settings
-from failoverd.coordinator import Coordinator, NotCoordinator
-from failoverd.election import campaign, resign
-from failoverd.engine import Decision, Evacuation, GroupPolicy, Policy, SetActive
-from failoverd.etcd import EtcdStore
-from failoverd.history import History, read_history
-from failoverd.lease import KeptLease, LeaseLost
-from failoverd.model import Incident, Keyspace, parse_view
-from failoverd.store import Compare, Get, LeaseNotFound, Put, StoreError
-from tests.harness import EtcdCluster, free_port, wait_until
+from failoverd.core.engine import Decision, Evacuation, GroupPolicy, Policy, SetActive
+from failoverd.core.model import Incident, Keyspace, parse_view
+from failoverd.core.store import Compare, Get, LeaseNotFound, Put, StoreError
+from failoverd.daemon.coordinator import Coordinator, NotCoordinator
+from failoverd.etcd.client import EtcdStore
+from failoverd.etcd.election import campaign, resign
+from failoverd.etcd.history import History, read_history
+from failoverd.etcd.lease import KeptLease, LeaseLost
 
 
 @pytest.fixture
@@ -332,7 +332,7 @@ async def test_concurrent_saga_records_share_txns_and_a_stale_one_fails_alone(
     """50 sagas recording at once cost a few txns, each record still fenced by
     its own workflow's mod_revision: one stale record is refused, the 49
     others apply."""
-    from failoverd.saga import RecordWriter  # noqa: PLC0415
+    from failoverd.daemon.saga import RecordWriter  # noqa: PLC0415
 
     keys = Keyspace(cluster_name)
     await _seated(store, keys, "c")
@@ -372,7 +372,7 @@ async def test_concurrent_saga_records_share_txns_and_a_stale_one_fails_alone(
     ("etcd get: TimeoutError", "unreachable (timed out)"),
 ])
 def test_etcd_errors_are_named_for_the_operator(text: str, reason: str) -> None:
-    from failoverd.etcd import etcd_failure  # noqa: PLC0415
+    from failoverd.etcd.client import etcd_failure  # noqa: PLC0415
     assert etcd_failure(text).startswith(reason)
 
 
@@ -381,9 +381,9 @@ async def test_a_lagging_view_never_restarts_a_saga_that_ended(
     """The coordinator's mirror can lag its own writes: a view that still
     shows an ended saga as running must not start it again (it would run the
     routes a second time and then fail on the fence)."""
-    from failoverd.model import ActiveRecord, MemberRecord  # noqa: PLC0415
-    from failoverd.saga import Saga, SagaRunner  # noqa: PLC0415
-    from failoverd.workflow import Workflow  # noqa: PLC0415
+    from failoverd.core.model import ActiveRecord, MemberRecord  # noqa: PLC0415
+    from failoverd.core.workflow import Workflow  # noqa: PLC0415
+    from failoverd.daemon.saga import Saga, SagaRunner  # noqa: PLC0415
 
     keys = Keyspace(cluster_name)
     coord, lease = await _seated(store, keys, "c")

@@ -1,0 +1,541 @@
+"""The keyspace of DESIGN.md and the immutable records read from it.
+
+Pure: parsing a raw :class:`~failoverd.core.store.Snapshot` into a
+:class:`ClusterView` does no I/O.  A value that is not what we wrote (hand
+edits, a newer version) is skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from failoverd.core.power import Reading, reading_from_json
+from failoverd.core.store import KeyValue, Snapshot
+from failoverd.core.workflow import Workflow, parse_workflow
+
+Trigger = Literal[
+    "bootstrap", "member_loss", "health", "power", "operator", "config", "failback",
+    "restore",
+]
+AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
+    {"member_loss", "health", "power", "config", "failback"}
+)
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Keys under ``/failoverd/<cluster>/``."""
+
+    cluster: str
+
+    @property
+    def prefix(self) -> str:
+        return f"/failoverd/{self.cluster}/"
+
+    @property
+    def coordinator(self) -> str:
+        return self.prefix + "coordinator"
+
+    def member(self, member: str) -> str:
+        return f"{self.prefix}members/{member}"
+
+    def observation(self, member: str, target: str) -> str:
+        return f"{self.prefix}observations/{member}/{target}"
+
+    def power(self, region: str, sensor: str, member: str) -> str:
+        return f"{self.prefix}power/{region}/{sensor}/{member}"
+
+    def workflow(self, group: str) -> str:
+        return f"{self.prefix}groups/{group}/workflow"
+
+    def ack(self, group: str, member: str) -> str:
+        return f"{self.prefix}groups/{group}/applied/{member}"
+
+    def active(self, group: str) -> str:
+        return f"{self.prefix}groups/{group}/active"
+
+    @property
+    def groups(self) -> str:
+        return self.prefix + "groups/"
+
+    @property
+    def paused(self) -> str:
+        return self.prefix + "control/paused"
+
+    def drained(self, region: str) -> str:
+        return f"{self.prefix}control/drained/{region}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}control/requests/{request_id}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}control/results/{request_id}"
+
+    @property
+    def results(self) -> str:
+        return self.prefix + "control/results/"
+
+    @property
+    def storm(self) -> str:
+        """The cluster-wide storm guard: recent incidents (evacuations)."""
+        return self.prefix + "control/storm"
+
+    @property
+    def history(self) -> str:
+        return self.prefix + "history/"
+
+    def history_event(self, ts_ns: int, member: str) -> str:
+        # Zero-padded so lexical order is time order.
+        return f"{self.prefix}history/{ts_ns:020d}-{member}"
+
+
+def to_json(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    member: str
+    region: str
+    version: str
+    api_url: str
+    started: float
+    lease: int = 0
+    # The epoch this member last applied per group (its state file, which
+    # outlives etcd): floors for the epochs of a rebuilt or restored etcd
+    # (rule 11).
+    epochs: Mapping[str, int] = field(default_factory=dict)
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("lease")
+        d["epochs"] = dict(self.epochs)
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class ActiveRecord:
+    region: str
+    epoch: int
+    since: float
+    reason: str
+    term: int
+    trigger: str
+    mod_revision: int = 0
+    # "planned" (graceful switchover while the old site still runs) or
+    # "forced" (fence first); what the reroute workflow follows.
+    mode: str = "forced"
+    # This group's automatic moves in the last hour (the per-group limit
+    # travels with the record it guards).
+    auto_moves: tuple[float, ...] = ()
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("mod_revision")
+        d["auto_moves"] = list(self.auto_moves)
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one member's probes say about one region."""
+
+    member: str
+    target: str
+    verdict: str  # "up" | "down" | "unknown"
+    ready: bool
+    since: float  # when this member's verdict last changed
+    checked_at: float
+    latency_ms: float = 0.0
+    detail: str = ""
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("member")
+        d.pop("target")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    """An operator's action, handed to the coordinator through etcd."""
+
+    id: str
+    action: str  # switchover | failover | retry | pause | resume | drain | undrain
+    by: str  # token name
+    at: float
+    group: str | None = None
+    region: str | None = None
+    force: bool = False
+    revision: int = 0  # the request key's mod_revision (0 before it is written)
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("revision")
+        return to_json(d)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One entry of the cluster-wide storm guard: an evacuation of a region,
+    or one cycle's failbacks (rule 6 counts incidents, not group moves)."""
+
+    kind: str  # evacuation | failback
+    region: str
+    trigger: str
+    at: float
+    reason: str = ""
+    groups: int = 0  # groups moved
+    held: int = 0  # groups that stayed (no candidate, paused, guarded)
+
+
+@dataclass(frozen=True)
+class CoordinatorRecord:
+    member: str
+    term: int  # the coordinator key's create_revision
+    lease: int
+
+
+@dataclass(frozen=True)
+class ControlState:
+    paused: bool = False
+    drained: frozenset[str] = frozenset()
+    # Recent incidents (evacuations, failback waves): the cluster-wide guard.
+    incidents: tuple[Incident, ...] = ()
+    storm_mod_revision: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything the coordinator decides from, as of one etcd revision."""
+
+    revision: int
+    coordinator: CoordinatorRecord | None
+    members: Mapping[str, MemberRecord]
+    active: Mapping[str, ActiveRecord]
+    control: ControlState
+    problems: tuple[str, ...] = field(default=())
+    # (observer member, target region) -> what that member's probes say.
+    observations: Mapping[tuple[str, str], Observation] = field(default_factory=dict)
+    # (region, sensor) -> the copies of that sensor's reading relayed by
+    # live members; the engine merges them (newest wins).
+    power: Mapping[tuple[str, str], list[Reading]] = field(default_factory=dict)
+    # How long failovers took lately (from history); None until measured.
+    learned_failover_s: float | None = None
+    # Operator requests waiting for the coordinator, oldest first.
+    requests: tuple[OperatorRequest, ...] = ()
+    workflows: Mapping[str, Workflow] = field(default_factory=dict)
+    # (group, member) -> (epoch, role) the member has applied (its hooks ran).
+    acks: Mapping[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+    # When each memberless region was first seen without members, as tracked
+    # by the coordinator across cycles (a member restart is not a loss).
+    absent_since: Mapping[str, float] = field(default_factory=dict)
+    # group -> the highest epoch a fence outside etcd holds (DNS epoch TXT
+    # records, read by the coordinator before a group's first epoch), and
+    # the groups whose fences could not be read yet (rule 11).
+    fence_epochs: Mapping[str, int] = field(default_factory=dict)
+    fences_unread: frozenset[str] = frozenset()
+    # Memberless regions not (yet) confirmed unreachable, with why: their
+    # members' APIs still answer (alive, cut off from etcd: rule 4 says
+    # hold), or nobody has asked them yet.  Member loss waits for these.
+    absent_answering: Mapping[str, str] = field(default_factory=dict)
+    # group -> the newest revision that changed one of its keys (active,
+    # workflow, acks; deletions too when folded from the watch): a change
+    # marker, so not part of equality.
+    group_revisions: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+    def regions_with_members(self) -> frozenset[str]:
+        return frozenset(m.region for m in self.members.values())
+
+    def members_in(self, region: str) -> list[MemberRecord]:
+        return sorted(
+            (m for m in self.members.values() if m.region == region), key=lambda m: m.member
+        )
+
+
+def _obj(kv: KeyValue) -> dict[str, object]:
+    data = json.loads(kv.value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _str(d: Mapping[str, object], k: str) -> str:
+    v = d[k]
+    if not isinstance(v, str):
+        raise ValueError(f"{k} is not a string")
+    return v
+
+
+def _opt_str(d: Mapping[str, object], k: str) -> str | None:
+    v = d.get(k)
+    return v if isinstance(v, str) else None
+
+
+def _num(d: Mapping[str, object], k: str) -> float:
+    v = d[k]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{k} is not a number")
+    return float(v)
+
+
+def parse_member(kv: KeyValue) -> MemberRecord:
+    d = _obj(kv)
+    return MemberRecord(
+        member=_str(d, "member"), region=_str(d, "region"), version=_str(d, "version"),
+        api_url=_str(d, "api_url"), started=_num(d, "started"), lease=kv.lease,
+        epochs=_epochs(d.get("epochs", {})),
+    )
+
+
+def _epochs(v: object) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise ValueError("epochs is not an object")
+    out = {}
+    for group, epoch in v.items():
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epochs[{group}] is not a non-negative integer")
+        out[str(group)] = epoch
+    return out
+
+
+def parse_active(kv: KeyValue) -> ActiveRecord:
+    d = _obj(kv)
+    epoch = d["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError("epoch is not a positive integer")
+    return ActiveRecord(
+        region=_str(d, "region"), epoch=epoch, since=_num(d, "since"),
+        reason=_str(d, "reason"), term=int(_num(d, "term")), trigger=_str(d, "trigger"),
+        mod_revision=kv.mod_revision, mode=str(d.get("mode", "forced")),
+        auto_moves=_floats(d.get("auto_moves", [])),
+    )
+
+
+def _floats(v: object) -> tuple[float, ...]:
+    if not isinstance(v, list):
+        raise ValueError("not a list of numbers")
+    return tuple(float(t) for t in v)
+
+
+def parse_incidents(kv: KeyValue) -> tuple[Incident, ...]:
+    items = _obj(kv).get("incidents", [])
+    if not isinstance(items, list):
+        raise ValueError("incidents is not a list")
+    return tuple(Incident(kind=_str(i, "kind"), region=_str(i, "region"),
+                          trigger=_str(i, "trigger"), at=_num(i, "at"),
+                          reason=str(i.get("reason", "")), groups=int(_num(i, "groups")),
+                          held=int(_num(i, "held")))
+                 for i in items if isinstance(i, dict))
+
+
+def incidents_value(incidents: tuple[Incident, ...]) -> str:
+    return to_json({"incidents": [asdict(i) for i in incidents]})
+
+
+def parse_observation(member: str, target: str, kv: KeyValue) -> Observation:
+    d = _obj(kv)
+    verdict = _str(d, "verdict")
+    if verdict not in {"up", "down", "unknown"}:
+        raise ValueError(f"unknown verdict {verdict!r}")
+    return Observation(
+        member=member, target=target, verdict=verdict, ready=bool(d.get("ready", False)),
+        since=_num(d, "since"), checked_at=_num(d, "checked_at"),
+        latency_ms=float(d.get("latency_ms", 0.0) or 0.0),  # type: ignore[arg-type]
+        detail=str(d.get("detail", "")),
+    )
+
+
+def parse_ack(kv: KeyValue) -> tuple[int, str]:
+    d = _obj(kv)
+    return int(_num(d, "epoch")), _str(d, "role")
+
+
+def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
+    d = _obj(kv)
+    return OperatorRequest(
+        id=request_id, action=_str(d, "action"), by=_str(d, "by"), at=_num(d, "at"),
+        group=_opt_str(d, "group"), region=_opt_str(d, "region"),
+        force=d.get("force") is True, revision=kv.mod_revision)
+
+
+class ViewIndex:
+    """The keys of a :class:`ClusterView`, folded in one key at a time.
+
+    :meth:`put` and :meth:`delete` only note the raw key (cheap: the watch
+    calls them for every event); :meth:`view` parses what changed since the
+    last view and assembles the rest from what it parsed before.  A cycle of
+    the coordinator during an evacuation of 1,000 groups therefore costs the
+    few keys that changed, not the 5,000 that exist.  Pure: no I/O.
+    """
+
+    def __init__(self, keys: Keyspace) -> None:
+        self._prefix = keys.prefix
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending: dict[str, KeyValue | None] = {}
+        self._coordinator: CoordinatorRecord | None = None
+        self._members: dict[str, MemberRecord] = {}  # by key
+        self._active: dict[str, ActiveRecord] = {}
+        self._workflows: dict[str, Workflow] = {}
+        self._acks: dict[tuple[str, str], tuple[int, str]] = {}
+        self._ack_count: dict[str, int] = {}
+        self._observations: dict[tuple[str, str], Observation] = {}
+        self._relays: dict[str, Reading] = {}  # by key
+        self._relay_member: dict[str, str] = {}
+        self._requests: dict[str, OperatorRequest] = {}
+        self._drained: set[str] = set()
+        self._paused = False
+        self._incidents: tuple[Incident, ...] = ()
+        self._storm_rev = 0
+        self._problems: dict[str, str] = {}
+        # Per group: the newest revision of any of its keys (active, workflow,
+        # acks) — what a saga waiting on the group compares.
+        self.group_revision: dict[str, int] = {}
+
+    def load(self, kvs: Iterable[KeyValue]) -> None:
+        """Forget everything; ``kvs`` is the whole state."""
+        self._reset()
+        for kv in kvs:
+            self.put(kv)
+
+    def put(self, kv: KeyValue) -> None:
+        self._pending[kv.key] = kv
+        self._touch(kv.key, kv.mod_revision)
+
+    def delete(self, key: str, revision: int) -> None:
+        self._pending[key] = None
+        self._touch(key, revision)
+
+    def _touch(self, key: str, revision: int) -> None:
+        rel = key[len(self._prefix):]
+        if rel.startswith("groups/"):
+            group = rel[len("groups/"):].partition("/")[0]
+            if revision > self.group_revision.get(group, 0):
+                self.group_revision[group] = revision
+
+    def view(self, revision: int) -> ClusterView:
+        pending, self._pending = self._pending, {}
+        for key, kv in pending.items():
+            self._forget(key)
+            if kv is not None:
+                try:
+                    self._fold(kv)
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._problems[key] = f"{key}: {exc}"
+        members = {m.member: m for m in self._members.values()}
+        return ClusterView(
+            revision=revision,
+            coordinator=self._coordinator,
+            members=members,
+            active=dict(self._active),
+            control=ControlState(
+                paused=self._paused, drained=frozenset(self._drained),
+                incidents=self._incidents, storm_mod_revision=self._storm_rev,
+            ),
+            problems=tuple(sorted(self._problems.values())),
+            # An observation counts only while its member is alive.
+            observations={k: o for k, o in self._observations.items() if k[0] in members},
+            power=_live_power(self._relays, self._relay_member, members),
+            requests=tuple(sorted(self._requests.values(), key=lambda r: r.id)),
+            workflows=dict(self._workflows),
+            acks=(dict(self._acks) if self._ack_members() <= members.keys()
+                  else {k: v for k, v in self._acks.items() if k[1] in members}),
+            group_revisions=dict(self.group_revision),
+        )
+
+    def _ack_members(self) -> set[str]:
+        """Members with acks (counted as they come and go: no scan)."""
+        return {m for m, n in self._ack_count.items() if n}
+
+    def _forget(self, key: str) -> None:
+        """Drop what ``key`` contributed (it changed or went away)."""
+        self._problems.pop(key, None)
+        rel = key[len(self._prefix):]
+        if rel.startswith("groups/"):
+            group, _, rest = rel[len("groups/"):].partition("/")
+            if rest == "active":
+                self._active.pop(group, None)
+            elif rest == "workflow":
+                self._workflows.pop(group, None)
+            elif rest.startswith("applied/"):
+                member = rest[len("applied/"):]
+                if self._acks.pop((group, member), None) is not None:
+                    self._ack_count[member] -= 1
+        elif rel == "coordinator":
+            self._coordinator = None
+        elif rel.startswith("members/"):
+            self._members.pop(key, None)
+        elif rel.startswith("observations/"):
+            member, _, target = rel[len("observations/"):].partition("/")
+            self._observations.pop((member, target), None)
+        elif rel.startswith("power/"):
+            self._relays.pop(key, None)
+            self._relay_member.pop(key, None)
+        elif rel == "control/paused":
+            self._paused = False
+        elif rel.startswith("control/requests/"):
+            self._requests.pop(rel[len("control/requests/"):], None)
+        elif rel.startswith("control/drained/"):
+            self._drained.discard(rel[len("control/drained/"):])
+        elif rel == "control/storm":
+            self._incidents, self._storm_rev = (), 0
+
+    def _fold(self, kv: KeyValue) -> None:
+        """Parse ``kv`` into its place; raises on a malformed value."""
+        rel = kv.key[len(self._prefix):] if kv.key.startswith(self._prefix) else ""
+        if rel.startswith("groups/"):
+            # Most keys (three or more per group): one split, not a chain.
+            group, _, rest = rel[len("groups/"):].partition("/")
+            if rest == "active":
+                self._active[group] = parse_active(kv)
+            elif rest == "workflow":
+                self._workflows[group] = parse_workflow(kv.value, kv.mod_revision)
+            elif rest.startswith("applied/"):
+                member = rest[len("applied/"):]
+                self._acks[(group, member)] = parse_ack(kv)
+                self._ack_count[member] = self._ack_count.get(member, 0) + 1
+        elif rel == "coordinator":
+            self._coordinator = CoordinatorRecord(
+                member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease)
+        elif rel.startswith("members/"):
+            self._members[kv.key] = parse_member(kv)
+        elif rel.startswith("observations/"):
+            member, _, target = rel[len("observations/"):].partition("/")
+            self._observations[(member, target)] = parse_observation(member, target, kv)
+        elif rel.startswith("power/"):
+            region, sensor, member = rel[len("power/"):].split("/", 2)
+            if not member:
+                raise ValueError("power key without a relaying member")
+            self._relays[kv.key] = reading_from_json(region, sensor, kv.value)
+            self._relay_member[kv.key] = member
+        elif rel == "control/paused":
+            self._paused = bool(_obj(kv).get("paused", False))
+        elif rel.startswith("control/requests/"):
+            req_id = rel[len("control/requests/"):]
+            self._requests[req_id] = parse_request(req_id, kv)
+        elif rel.startswith("control/drained/"):
+            self._drained.add(rel[len("control/drained/"):])
+        elif rel == "control/storm":
+            self._incidents = parse_incidents(kv)
+            self._storm_rev = kv.mod_revision
+
+
+def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:
+    """The raw keys of one snapshot as a :class:`ClusterView`."""
+    index = ViewIndex(keys)
+    index.load(snap.kvs)
+    return index.view(snap.revision)
+
+
+def _live_power(relays: Mapping[str, Reading], relay_member: Mapping[str, str],
+                members: Mapping[str, MemberRecord]) -> dict[tuple[str, str], list[Reading]]:
+    out: dict[tuple[str, str], list[Reading]] = {}
+    for key, r in relays.items():
+        if relay_member[key] in members:
+            out.setdefault((r.region, r.sensor), []).append(r)
+    return out

@@ -1,0 +1,187 @@
+"""Safety rule 4: a member of the active region that is cut off from etcd
+*and* from the other regions' members fences itself (runs demote); one that
+can still reach them, and hears of no newer epoch, holds.
+
+While etcd is reachable the guard keeps the list of other regions' members.
+Once this member has had no live lease for ``isolation_grace_s``, it asks
+those peers' ``/healthz`` (open, and carrying the epochs each last read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import aiohttp
+import structlog
+
+from failoverd import metrics
+from failoverd.config import Settings
+from failoverd.core.model import Keyspace, parse_member
+from failoverd.core.store import Store, StoreError
+from failoverd.daemon.roles import RoleReconciler
+
+log = structlog.get_logger("failoverd.daemon.isolation")
+
+CHECK_EVERY_S = 1.0
+PEER_REFRESH_S = 5.0
+
+
+def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
+                        peer_timeout_s: float) -> float:
+    """The latest time a member of a region that vanished from etcd at
+    ``absent_since`` has begun fencing a group whose new epoch was committed
+    at ``decided_at`` (pure; wall-clock seconds).
+
+    It noticed its lease was gone at most one check after etcd dropped it,
+    asks its peers once ``grace_s`` has passed and then every check, and
+    fences at the first answer that names the newer epoch (or when no peer
+    answers).  A new region is promoted only after this (see the saga's
+    ``fence_old``): an isolated old region never overlaps with the new one.
+    """
+    return max(absent_since + CHECK_EVERY_S + grace_s, decided_at) + CHECK_EVERY_S + \
+        peer_timeout_s
+
+
+def peer_source(s: Settings) -> str | None:
+    """The local address peer requests leave from (None: any)."""
+    address = s.api.peer_source_address
+    return str(address) if address is not None else None
+
+
+async def ask_healthz(urls: Sequence[str], timeout_s: float, source: str | None = None
+                      ) -> list[dict[str, object] | None]:
+    """Each member API's ``/healthz`` answer (None: no answer in time;
+    ``timeout_s`` is ``Settings.peer_timeout_s``; ``source``: the local
+    address to send from, ``api.peer_source_address``)."""
+    async def ask(url: str) -> dict[str, object] | None:
+        try:
+            connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
+            async with aiohttp.ClientSession(
+                    connector=connector,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
+                    s.get(f"{url}/healthz", ssl=False) as r:
+                data = await r.json()
+            return data if isinstance(data, dict) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+            return None
+    return list(await asyncio.gather(*(ask(u) for u in urls)))
+
+
+def isolation_decision(active: Mapping[str, int], answers: Sequence[Mapping[str, int]]
+                       ) -> dict[str, str]:
+    """Which of our active groups to fence, and why (pure).
+
+    No peer in another region answers → fence every active group.  Peers
+    answer → fence only a group for which one reports a newer epoch.
+    """
+    if not answers:
+        return dict.fromkeys(active, "cut off from etcd and from every other region")
+    out = {}
+    for group, epoch in active.items():
+        newer = max((a.get(group, 0) for a in answers), default=0)
+        if newer > epoch:
+            out[group] = f"a peer reports epoch {newer} > our {epoch}"
+    return out
+
+
+class IsolationGuard:
+    def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
+                 roles: RoleReconciler, lease_alive: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._keys = keys
+        self._settings = settings
+        self._roles = roles
+        self._lease_alive = lease_alive
+        self._clock = clock
+        self.peers: dict[str, str] = {}  # member -> API base URL, other regions only
+        self._rtt_warned: dict[str, float] = {}
+        self._lost_at: float | None = None
+        self._next_refresh = 0.0
+        self._holding = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            await self.check()
+
+    async def check(self) -> None:
+        now = self._clock()
+        if self._lease_alive():
+            self._lost_at, self._holding = None, False
+            if now >= self._next_refresh:
+                self._next_refresh = now + PEER_REFRESH_S
+                await self._refresh_peers()
+            return
+        if self._lost_at is None:
+            self._lost_at = now
+        active = self._roles.active_groups()
+        if not active or now - self._lost_at < self._settings().policy.isolation_grace_s:
+            return
+        answers = await self._ask_peers()
+        to_fence = isolation_decision(active, answers)
+        if not to_fence and not self._holding:
+            log.warning("etcd unreachable; other regions reachable, holding",
+                        peers=len(answers), groups=sorted(active))
+            self._holding = True
+        # Every group at once (hooks bounded by max_concurrent_hooks): a site
+        # active for 1,000 groups must not fence them one after the other.
+        fences = [self._roles.fence(group, reason) for name, reason in to_fence.items()
+                  if (group := self._settings().group_by_name(name)) is not None]
+        await asyncio.gather(*fences)
+
+    async def _refresh_peers(self) -> None:
+        try:
+            snap = await self._store.get_prefix(self._keys.prefix + "members/")
+        except StoreError:
+            return
+        me = self._settings()
+        peers = {}
+        for kv in snap.kvs:
+            try:
+                m = parse_member(kv)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if m.region != me.region and m.api_url:
+                peers[m.member] = m.api_url
+        if peers != self.peers:
+            log.info("isolation peers", peers=sorted(peers))
+        self.peers = peers
+        await self._measure_rtt()
+
+    async def _measure_rtt(self) -> None:
+        """While etcd is up, time one /healthz round to each peer: the peer
+        check's timeout (4 x the configured RTT) must outlast it, or rule 4
+        would take a slow WAN for a dead one."""
+        timeout = self._settings().peer_timeout_s
+
+        async def one(member: str, url: str) -> None:
+            started = time.monotonic()
+            answer = await ask_healthz([url], timeout, peer_source(self._settings()))
+            if answer[0] is None:
+                return
+            rtt = time.monotonic() - started
+            metrics.PEER_RTT.labels(member).set(rtt)
+            if rtt * 4 > timeout and self._rtt_warned.get(member, 0.0) < rtt:
+                self._rtt_warned[member] = rtt * 1.5
+                log.warning("peer round trip too slow for the peer check timeout; set "
+                            "[[regions]] rtt_ms", peer=member, rtt_s=round(rtt, 3),
+                            timeout_s=timeout)
+        await asyncio.gather(*(one(m, u) for m, u in self.peers.items()))
+
+    async def _ask_peers(self) -> list[dict[str, int]]:
+        out = []
+        s = self._settings()
+        for data in await ask_healthz(list(self.peers.values()), s.peer_timeout_s,
+                                      peer_source(s)):
+            if data is None:
+                continue
+            epochs = data.get("epochs", {})
+            try:
+                out.append({str(k): int(v) for k, v in epochs.items()}
+                           if isinstance(epochs, dict) else {})
+            except (ValueError, TypeError):
+                continue
+        return out

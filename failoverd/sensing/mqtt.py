@@ -1,0 +1,278 @@
+"""MQTT power feeds: subscribe, parse, relay to etcd; publish our own status.
+
+One task per broker (``[[mqtt]]``), each a reconnect loop with jittered
+exponential backoff that re-subscribes (QoS 1) on every connection and
+publishes ``{"state": "online", …}`` retained on the member's status topic,
+with a Last Will that sets it ``offline``.  Accepted readings are relayed to
+``power/<region>/<sensor>/<member>`` under the member's lease — at once when
+they change, at most every ``sensor_stale_s / 3`` otherwise.  Bad messages
+are counted by reason and logged at most once per ``LOG_EVERY_S`` per reason;
+none of them can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import aiomqtt
+import structlog
+
+from failoverd import __version__, metrics
+from failoverd.config import MqttSettings, Settings
+from failoverd.core.model import Keyspace
+from failoverd.core.power import Reading, Rejected, SensorTable, parse_message, reading_to_json
+from failoverd.core.store import Store, StoreError
+
+log = structlog.get_logger("failoverd.sensing.mqtt")
+
+LOG_EVERY_S = 10.0
+STATUS_EVERY_S = 5.0
+# A power event published while we reconnect waits for us: reconnect within
+# about a second of the broker's return (x 0.5-1.5 jitter), whatever the
+# outage lasted.  A refused connection costs the broker next to nothing.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 1.0
+
+
+class _WireErrors(logging.Handler):
+    """Keeps the MQTT client library's last socket error for one broker: a
+    TLS alert (client certificate required or refused) reaches us only as
+    "Operation timed out", while the library logs the real cause."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+def _wire_logger(url: str) -> tuple[logging.Logger, _WireErrors]:
+    logger = logging.getLogger(f"failoverd.sensing.mqtt.wire.{url}")
+    logger.propagate = False  # said once, by our own reconnect line
+    handler = next((h for h in logger.handlers if isinstance(h, _WireErrors)), None)
+    if handler is None:
+        handler = _WireErrors()
+        logger.addHandler(handler)
+    return logger, handler
+
+
+def mqtt_failure(exc: BaseException | None, wire: str = "") -> str:
+    """What went wrong with a broker, in words an operator can act on (the
+    client library wraps the cause: the whole chain is read, and ``wire``,
+    the library's own last socket error)."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for link in chain:
+        if isinstance(link, ssl.SSLError):
+            exc = link
+            break
+    else:
+        exc = chain[0] if chain else None
+    if exc is None:
+        return "disconnected"
+    text = " ".join([*(str(e) for e in chain), wire]).lower()
+    if "certificate required" in text or "alert unknown ca" in text or \
+            "alert bad certificate" in text:
+        return "client certificate refused (cert_file/key_file)"
+    if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
+        return "TLS verify failed (the broker's certificate is not trusted by ca_file)"
+    if isinstance(exc, ssl.SSLError):
+        if "certificate required" in text or "unknown ca" in text or "bad certificate" in text:
+            return "client certificate refused (cert_file/key_file)"
+        return f"TLS failed ({exc.__class__.__name__})"
+    if "not authorized" in text or "bad user name or password" in text or "code:5" in text \
+            or "code:4" in text or "code:135" in text or "code:134" in text:
+        return "authentication failed (username/password_file)"
+    if isinstance(exc, ConnectionRefusedError) or "refused" in text:
+        return "unreachable (connection refused)"
+    if isinstance(exc, TimeoutError) or "timed out" in text:
+        return "unreachable (timed out)"
+    return "disconnected"
+
+
+def broker_credentials(broker: MqttSettings) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and TLS context (CA, client certificate) for ``broker``."""
+    password = broker.password_file.read_text().strip() if broker.password_file else None
+    context = (ssl.create_default_context(
+        cafile=str(broker.ca_file) if broker.ca_file else None)
+        if broker.host_port[2] else None)
+    if context is not None and broker.cert_file is not None and broker.key_file is not None:
+        context.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+    return password, context
+
+
+async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5.0) -> str:
+    """Connect to ``broker`` as the daemon would, then leave: "" when it
+    worked, else why not (``failoverd check-config --connect``)."""
+    host, port, _ = broker.host_port
+    logger, wire = _wire_logger(broker.url)
+    wire.last = ""
+    try:
+        password, context = broker_credentials(broker)
+        async with asyncio.timeout(timeout_s + 1), aiomqtt.Client(
+                host, port, username=broker.username, password=password,
+                identifier=identifier, tls_context=context, timeout=timeout_s,
+                logger=logger) as client:
+            for topic in broker.topics:
+                await client.subscribe(topic, qos=1)
+    except (aiomqtt.MqttError, OSError, ValueError, TimeoutError) as exc:
+        return mqtt_failure(exc, wire.last)
+    return ""
+
+
+class PowerFeeds:
+    def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
+                 lease_id: Callable[[], int | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._settings = settings
+        self._lease_id = lease_id
+        self._clock = clock
+        self.table = SensorTable()
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.connected: dict[str, bool] = {}
+        self._relayed: dict[tuple[str, str], tuple[Reading, float]] = {}
+        self._relay_lease: int | None = None
+        self._last_log: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    async def run(self) -> None:
+        brokers = self._settings().mqtt
+        if not brokers:
+            await asyncio.Event().wait()  # nothing to do; keep the task shape
+        async with asyncio.TaskGroup() as tg:
+            for i, broker in enumerate(brokers):
+                tg.create_task(self._broker_loop(broker), name=f"mqtt-{i}")
+            tg.create_task(self._resync_loop(), name="mqtt-relay")
+
+    def status(self, state: str = "online") -> str:
+        s = self._settings()
+        return json.dumps({
+            "state": state, "member": s.member, "region": s.region, "version": __version__,
+            "ts": self._clock(), "accepted": self.accepted, "rejected": dict(self.rejected),
+        }, separators=(",", ":"))
+
+    def _status_topic(self, broker: MqttSettings) -> str:
+        s = self._settings()
+        return broker.status_topic or f"failoverd/status/{s.cluster}/{s.member}"
+
+    async def _broker_loop(self, broker: MqttSettings) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            error: BaseException | None = None
+            try:
+                await self._connection(broker)
+            # The connection runs a TaskGroup, so errors arrive grouped.
+            except* (aiomqtt.MqttError, OSError, ValueError) as group:
+                error = group.exceptions[0]
+            if self.connected.get(broker.url):
+                backoff = BACKOFF_MIN_S  # we were connected: start the backoff over
+            self.connected[broker.url] = False
+            wait = backoff * random.uniform(0.5, 1.5)
+            wire = _wire_logger(broker.url)[1]
+            log.warning("mqtt disconnected; reconnecting", broker=broker.url,
+                        reason=mqtt_failure(error, wire.last), error=str(error),
+                        detail=wire.last[:200] or None, retry_in_s=round(wait, 2))
+            wire.last = ""
+            await asyncio.sleep(wait)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _connection(self, broker: MqttSettings) -> None:
+        host, port, _ = broker.host_port
+        s = self._settings()
+        topic = self._status_topic(broker)
+        password, context = broker_credentials(broker)
+        async with aiomqtt.Client(
+            host, port, username=broker.username, password=password,
+            identifier=f"failoverd-{s.cluster}-{s.member}-{port}",
+            will=aiomqtt.Will(topic, self.status("offline"), qos=1, retain=True),
+            tls_context=context, keepalive=10, timeout=5, logger=_wire_logger(broker.url)[0],
+        ) as client:
+            for t in broker.topics:
+                await client.subscribe(t, qos=1)
+            await client.publish(topic, self.status(), qos=1, retain=True)
+            self.connected[broker.url] = True
+            log.info("mqtt connected", broker=broker.url, topics=broker.topics)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._status_loop(client, topic), name=f"mqtt-status-{port}")
+                async for message in client.messages:
+                    payload = message.payload
+                    raw = (payload if isinstance(payload, bytes)
+                           else b"" if payload is None else str(payload).encode())
+                    await self.handle(message.topic.value, raw)
+
+    async def _status_loop(self, client: aiomqtt.Client, topic: str) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            await client.publish(topic, self.status(), qos=1, retain=True)
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """One message in; never raises for bad input."""
+        s = self._settings()
+        item = parse_message(topic, payload, now=self._clock(),
+                             regions=[r.name for r in s.regions],
+                             max_bytes=min(b.max_payload for b in s.mqtt) if s.mqtt else 4096)
+        if isinstance(item, Rejected):
+            self.rejected[item.reason] += 1
+            metrics.MQTT_MESSAGES.labels("rejected", item.reason).inc()
+            self._log_rejected(item, topic)
+            return
+        self.accepted += 1
+        metrics.MQTT_MESSAGES.labels("accepted", "").inc()
+        reading = self.table.apply(item)
+        if reading is not None:
+            await self._relay(reading)
+
+    def _log_rejected(self, item: Rejected, topic: str) -> None:
+        now = self._clock()
+        if now - self._last_log.get(item.reason, 0.0) < LOG_EVERY_S:
+            self._suppressed[item.reason] += 1
+            return
+        log.warning("mqtt message rejected", reason=item.reason, detail=item.detail,
+                    topic=topic[:200], suppressed_since_last=self._suppressed.pop(item.reason, 0))
+        self._last_log[item.reason] = now
+
+    async def _relay(self, r: Reading, force: bool = False) -> None:
+        lease = self._lease_id()
+        if lease is None:
+            return
+        key = (r.region, r.sensor)
+        last = self._relayed.get(key)
+        now = self._clock()
+        every = self._settings().policy.sensor_stale_s / 3
+        if (last is not None and not force and lease == self._relay_lease
+                and (last[0].state, last[0].since, last[0].runtime_s, last[0].lwt_at)
+                == (r.state, r.since, r.runtime_s, r.lwt_at) and now - last[1] < every):
+            return  # unchanged and recently relayed
+        try:
+            await self._store.put(self._keys.power(r.region, r.sensor, self._settings().member),
+                                  reading_to_json(r, self._settings().member), lease)
+        except StoreError as exc:
+            log.warning("cannot relay power reading", region=r.region, sensor=r.sensor,
+                        error=str(exc))
+            return
+        self._relayed[key] = (r, now)
+        if last is None or last[0].state != r.state:
+            log.info("power reading", power_region=r.region, sensor=r.sensor, state=r.state,
+                     runtime_s=r.runtime_s)
+
+    async def _resync_loop(self) -> None:
+        """Re-relay everything under a new lease (new session)."""
+        while True:
+            await asyncio.sleep(0.5)
+            lease = self._lease_id()
+            if lease is not None and lease != self._relay_lease:
+                for reading in list(self.table.readings.values()):
+                    await self._relay(reading, force=True)
+                self._relay_lease = lease

@@ -1,0 +1,446 @@
+"""The REST API every member serves (aiohttp), per DESIGN.md.
+
+Reads come from one etcd snapshot.  Mutations are written to
+``control/requests/<id>``; the coordinator carries each out (or refuses it),
+audits it and answers in ``control/results/<id>``; the HTTP reply waits for
+that answer (``REQUEST_DEADLINE_S``, then 503 and the request is withdrawn).
+Bearer tokens are stored as SHA-256 digests and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from failoverd import __version__, metrics
+from failoverd.config import ApiSettings, Settings, engine_policy
+from failoverd.core.engine import power_of, region_health
+from failoverd.core.model import ClusterView, Keyspace, OperatorRequest, parse_view
+from failoverd.core.store import Compare, Delete, Store, StoreError
+from failoverd.web.statuspage import render_page
+
+log = structlog.get_logger("failoverd.web.api")
+
+MAX_BODY = 16 * 1024
+REQUEST_DEADLINE_S = 10.0
+ROLE_RANK = {"viewer": 1, "operator": 2}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SwitchoverBody(Body):
+    to: str
+
+
+class FailoverBody(Body):
+    to: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    role: str | None  # None: open
+    summary: str
+    body: type[Body] | None = None
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/status", "viewer", "Cluster status: coordinator, members, regions, groups"),
+    Route("GET", "/v1/history", "viewer", "Audit events, newest first (?limit=N, max 1000)"),
+    Route("POST", "/v1/groups/{group}/switchover", "operator",
+          "Planned switchover of a group to a region", SwitchoverBody),
+    Route("POST", "/v1/groups/{group}/failover", "operator",
+          "Failover of a group to a region (force skips the candidate rules)", FailoverBody),
+    Route("POST", "/v1/groups/{group}/retry", "operator",
+          "Run a failed saga again from its failed step"),
+    Route("POST", "/v1/pause", "operator", "Stop automatic actions"),
+    Route("POST", "/v1/resume", "operator", "Resume automatic actions"),
+    Route("POST", "/v1/regions/{region}/drain", "operator", "Take a region out of candidacy"),
+    Route("DELETE", "/v1/regions/{region}/drain", "operator", "Return a region to candidacy"),
+    Route("GET", "/v1/openapi.json", "viewer", "This document"),
+    Route("GET", "/healthz", None, "Liveness"),
+    Route("GET", "/readyz", None, "Ready: store reachable and API up"),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics"),
+    Route("GET", "/", None, "The status page (HTML; its script needs a viewer token)"),
+)
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+class Api:
+    def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
+                 results_changed: asyncio.Event,
+                 epochs: Callable[[], dict[str, int]] = dict,
+                 history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None
+                 ) -> None:
+        self._store = store
+        self._history = history
+        self._epochs = epochs
+        self._keys = keys
+        self._settings = settings
+        self._results_changed = results_changed
+        self.ready = False
+        self.listening = asyncio.Event()
+
+    # -- plumbing ---------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY,
+                              middlewares=[self._errors, self._auth])
+        handlers: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/status"): self.status,
+            ("GET", "/v1/history"): self.history,
+            ("POST", "/v1/groups/{group}/switchover"): self.switchover,
+            ("POST", "/v1/groups/{group}/failover"): self.failover,
+            ("POST", "/v1/groups/{group}/retry"): self.retry,
+            ("POST", "/v1/pause"): self.pause,
+            ("POST", "/v1/resume"): self.resume,
+            ("POST", "/v1/regions/{region}/drain"): self.drain,
+            ("DELETE", "/v1/regions/{region}/drain"): self.undrain,
+            ("GET", "/v1/openapi.json"): self.openapi,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/"): self.page,
+        }
+        for r in ROUTES:
+            app.router.add_route(r.method, r.path, handlers[(r.method, r.path)])
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                    413: "too_large"}.get(exc.status, "http_error")
+            resp = error(exc.status, code, exc.reason)
+            if "Allow" in exc.headers:  # RFC 9110: a 405 says what is allowed
+                resp.headers["Allow"] = exc.headers["Allow"]
+        except StoreError as exc:
+            resp = error(503, "store_unavailable", str(exc))
+        metrics.API_REQUESTS.labels(name, str(resp.status)).inc()
+        return resp
+
+    def _role_of(self, request: web.Request) -> tuple[str, str] | None:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return None
+        digest = hashlib.sha256(header[len("Bearer "):].strip().encode()).hexdigest()
+        found = None
+        for t in self._settings().api.tokens:  # no early exit: constant time over tokens
+            if hmac.compare_digest(digest, t.sha256):
+                found = (t.name, t.role)
+        return found
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = next((r for r in ROUTES if request.match_info.route.resource is not None
+                      and r.path == request.match_info.route.resource.canonical
+                      and r.method == request.method), None)
+        need = route.role if route is not None else None
+        if need == "metrics":
+            need = None if self._settings().api.metrics_public else "viewer"
+        if need is not None:
+            who = self._role_of(request)
+            if who is None:
+                return error(401, "unauthorized", "a valid bearer token is required")
+            if ROLE_RANK[who[1]] < ROLE_RANK[need]:
+                return error(403, "forbidden", f"this needs the {need} role")
+            request["token"] = who[0]
+        return await handler(request)
+
+    # -- reads ------------------------------------------------------------
+    async def _view(self) -> ClusterView:
+        snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
+        return parse_view(self._keys, snap)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(status_document(await self._view(), self._settings(),
+                                                 time.time()))
+
+    async def history(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError:
+            return error(400, "bad_request", "limit must be an integer")
+        if not 1 <= limit <= 1000:
+            return error(400, "bad_request", "limit must be between 1 and 1000")
+        if self._history is None:
+            return error(503, "unavailable", "no history reader")
+        return web.json_response({"events": await self._history(limit)})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        # The epochs this member last read: peers cut off from etcd use them
+        # to tell "still current" from "replaced" (safety rule 4).
+        s = self._settings()
+        return web.json_response({"status": "ok", "version": __version__,
+                                  "member": s.member, "region": s.region,
+                                  "epochs": self._epochs()})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            await self._store.get(self._keys.coordinator)
+        except StoreError as exc:
+            return error(503, "store_unavailable", str(exc))
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest())
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    async def page(self, request: web.Request) -> web.Response:
+        s = self._settings()
+        return web.Response(text=render_page(s.cluster, s.member), content_type="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; "
+                                     "script-src 'unsafe-inline' 'self'; "
+                                     "style-src 'unsafe-inline'"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    # -- mutations --------------------------------------------------------
+    async def _body(self, request: web.Request, model: type[Body]) -> Body | web.Response:
+        raw = await request.read()  # raises 413 past client_max_size
+        try:
+            return model.model_validate_json(raw or b"{}")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return error(400, "bad_request", f"{where}: {first['msg']}")
+
+    async def _group_region(self, request: web.Request, model: type[Body]
+                            ) -> tuple[str, Body] | web.Response:
+        group = request.match_info["group"]
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        body = await self._body(request, model)
+        if isinstance(body, web.Response):
+            return body
+        to = getattr(body, "to", "")
+        if self._settings().region_by_name(to) is None:
+            return error(404, "not_found", f"unknown region {to!r}")
+        return group, body
+
+    async def switchover(self, request: web.Request) -> web.Response:
+        parsed = await self._group_region(request, SwitchoverBody)
+        if isinstance(parsed, web.Response):
+            return parsed
+        group, body = parsed
+        return await self._submit(request, "switchover", group=group,
+                                  region=getattr(body, "to", None))
+
+    async def failover(self, request: web.Request) -> web.Response:
+        parsed = await self._group_region(request, FailoverBody)
+        if isinstance(parsed, web.Response):
+            return parsed
+        group, body = parsed
+        return await self._submit(request, "failover", group=group,
+                                  region=getattr(body, "to", None),
+                                  force=bool(getattr(body, "force", False)))
+
+    async def retry(self, request: web.Request) -> web.Response:
+        group = request.match_info["group"]
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        return await self._submit(request, "retry", group=group)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        return await self._submit(request, "pause")
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return await self._submit(request, "resume")
+
+    async def _drain(self, request: web.Request, action: str) -> web.Response:
+        region = request.match_info["region"]
+        if self._settings().region_by_name(region) is None:
+            return error(404, "not_found", f"unknown region {region!r}")
+        return await self._submit(request, action, region=region)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return await self._drain(request, "drain")
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        return await self._drain(request, "undrain")
+
+    async def _submit(self, request: web.Request, action: str, *, group: str | None = None,
+                      region: str | None = None, force: bool = False) -> web.Response:
+        req = OperatorRequest(id=f"{time.time_ns():020d}-{secrets.token_hex(4)}",
+                              action=action, by=str(request.get("token", "?")), at=time.time(),
+                              group=group, region=region, force=force)
+        rev = await self._store.put(self._keys.request(req.id), req.to_value())
+        result = await self._await_result(req.id)
+        if result is None:
+            withdrawn = await self._store.txn([Compare(self._keys.request(req.id), "create",
+                                                       rev)],
+                                              [Delete(self._keys.request(req.id))])
+            if withdrawn.succeeded:
+                return error(503, "no_coordinator",
+                             f"no coordinator answered within {REQUEST_DEADLINE_S:.0f}s; "
+                             "the request was withdrawn")
+            result = await self._await_result(req.id)
+            if result is None:
+                return error(503, "no_coordinator", "the coordinator took the request but "
+                             "has not answered; see /v1/history")
+        if result.get("status") != "accepted":
+            return error(409, "refused", str(result.get("reason", "refused")))
+        epoch = result.get("epoch")
+        return web.json_response({
+            "request": req.id, "status": "accepted", "reason": result.get("reason"),
+            "epoch": epoch, "workflow": f"{group}-{epoch}" if group and epoch else None})
+
+    async def _await_result(self, request_id: str) -> dict[str, Any] | None:
+        deadline = time.monotonic() + REQUEST_DEADLINE_S
+        key = self._keys.result(request_id)
+        while True:
+            self._results_changed.clear()
+            kv = await self._store.get(key)
+            if kv is not None:
+                data = json.loads(kv.value)
+                return data if isinstance(data, dict) else None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                async with asyncio.timeout(min(left, 0.5)):
+                    await self._results_changed.wait()
+            except TimeoutError:
+                pass
+
+
+def status_document(view: ClusterView, s: Settings, now: float) -> dict[str, Any]:
+    policy = engine_policy(s)
+    regions: dict[str, Any] = {}
+    for r in s.regions:
+        h = region_health(view, policy, r.name)
+        p = power_of(view, policy, r.name, now)
+        regions[r.name] = {
+            "priority": r.priority,
+            "members": [m.member for m in view.members_in(r.name)],
+            "health": {"verdict": h.verdict, "ready": h.ready, "quorum": h.quorum,
+                       "votes": dict(h.votes)},
+            "power": {"state": p.state, "runtime_s": p.runtime_s, "detail": p.detail},
+            "drained": r.name in view.control.drained,
+            "active_for": sorted(g for g, rec in view.active.items() if rec.region == r.name),
+        }
+    return {
+        "cluster": s.cluster,
+        "revision": view.revision,
+        "coordinator": ({"member": view.coordinator.member, "term": view.coordinator.term}
+                        if view.coordinator else None),
+        "members": {m.member: {"region": m.region, "version": m.version, "api": m.api_url,
+                               "started": m.started} for m in view.members.values()},
+        "regions": regions,
+        "groups": {g.name: {"regions": g.regions,
+                            "active": ({"region": rec.region, "epoch": rec.epoch,
+                                        "since": rec.since, "reason": rec.reason,
+                                        "trigger": rec.trigger, "mode": rec.mode}
+                                       if (rec := view.active.get(g.name)) else None),
+                            "workflow": (wf.summary() if (wf := view.workflows.get(g.name))
+                                         else None)}
+                   for g in s.groups},
+        "paused": view.control.paused,
+        # Incidents of the last hour (evacuations, failback waves): the
+        # cluster-wide storm guard's memory, newest first.
+        "evacuations": [{"kind": i.kind, "region": i.region, "trigger": i.trigger,
+                         "at": i.at, "reason": i.reason, "groups": i.groups, "held": i.held}
+                        for i in sorted(view.control.incidents, key=lambda i: -i.at)
+                        if now - i.at < 3600],
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    err = {"description": "error", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error", "message"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}}}}
+    paths: dict[str, Any] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {"summary": r.summary, "responses": {
+            "200": {"description": "ok", "content": {"application/json": {"schema": {}}}}}}
+        if r.role not in {None, "metrics"}:
+            op["security"] = [{"bearer": []}]
+            op["responses"] |= {"401": err, "403": err}
+        if r.method != "GET" or r.path == "/v1/history":
+            op["responses"] |= {"400": err, "404": err, "409": err, "413": err, "503": err}
+        if r.path == "/readyz":
+            op["responses"]["503"] = err
+        params: list[dict[str, Any]] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in ("group", "region") if "{" + p + "}" in r.path]
+        if r.path == "/v1/history":
+            params.append({"name": "limit", "in": "query", "required": False,
+                           "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": r.body.model_json_schema()}}}
+        if r.path == "/metrics":
+            op["responses"]["200"] = {"description": "Prometheus text format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}}
+        if r.path == "/":
+            op["responses"]["200"] = {"description": "HTML",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "failoverd", "version": __version__},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+async def serve_api(api: Api, settings: ApiSettings) -> None:
+    """Run the API until cancelled (a task of the daemon's TaskGroup).
+
+    A port that cannot be bound is retried: the API must never take the
+    failover machinery down with it.
+    """
+    listen = settings.listen
+    host, _, port = listen.rpartition(":")
+    context = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        while True:
+            try:
+                await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port),
+                                  ssl_context=context).start()
+                break
+            except OSError as exc:
+                log.error("api cannot listen; retrying", listen=listen, error=str(exc))
+                await asyncio.sleep(5)
+        api.ready = True
+        api.listening.set()
+        log.info("api listening", listen=listen, tls=context is not None)
+        await asyncio.Event().wait()
+    finally:
+        api.ready = False
+        api.listening.clear()
+        await runner.cleanup()
