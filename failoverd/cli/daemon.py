@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tomllib
-import warnings
 from pathlib import Path
 
 from failoverd.config import ConfigError, Overrides, Settings, load_settings
@@ -30,23 +28,6 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--region", help="this member's region (env FAILOVERD_REGION)")
         sp.add_argument("--api-listen", help="API host:port (env FAILOVERD_API_LISTEN)")
     return p
-
-
-def _pidfd_child_watcher() -> None:
-    """Python 3.11's default child watcher starts a thread per hook process;
-    a member promoting 1,000 groups spawns 1,000.  A pidfd watcher uses the
-    event loop instead (3.12+ does this by default)."""
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            watcher = asyncio.PidfdChildWatcher()
-            watcher.attach_loop(asyncio.get_running_loop())
-            asyncio.set_child_watcher(watcher)
-    except OSError:
-        pass  # pidfd not allowed here (old kernel, seccomp): keep the default
 
 
 def _shared_file_stand_ins(path: Path, overrides: Overrides) -> tuple[Overrides, str]:
@@ -137,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log.level, settings.log.format)
 
     async def _run() -> None:
-        _pidfd_child_watcher()
         # Built inside the loop: the gRPC channel binds to the running loop.
         await Daemon(settings, args.config, overrides).run()
 

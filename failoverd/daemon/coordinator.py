@@ -89,6 +89,19 @@ class NotCoordinator(Exception):
 
 
 class Coordinator:
+    """The decision loop of the member that holds the coordinator seat.
+
+    Owns, for one term: the cycle (read the mirror's view, ``engine.decide``
+    — pure —, commit the changes), the operator requests' answers, the ask
+    of memberless regions' APIs and the :class:`~failoverd.daemon.saga.SagaRunner`.
+    Runs as the ``election`` task's child while the term lasts and raises
+    :class:`NotCoordinator` when the lease or the seat is gone.  Every write
+    is one etcd txn fenced by the term and the touched records'
+    ``mod_revision`` (rule 1); a refused txn is re-read, never forced.
+    Errors: a store error holds (the next cycle reads again); a malformed
+    key is ignored and logged once.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, member: str, term: int,
                  lease: KeptLease, history: History, policy: Callable[[], Policy],
                  tick_s: Callable[[], float], history_limit: Callable[[], int],

@@ -87,6 +87,17 @@ def isolation_decision(active: Mapping[str, int], answers: Sequence[Mapping[str,
 
 
 class IsolationGuard:
+    """Safety rule 4 for this member (the ``isolation`` task).
+
+    Owns the list of other regions' members (refreshed while etcd is up,
+    with their round trips) and the decision to self-fence.  Once the lease
+    has been gone ``isolation_grace_s``, it asks the peers' ``/healthz``
+    every check: an answer naming a newer epoch for a group we hold fences
+    that group; no answer at all fences every group at once; otherwise it
+    holds.  Never waits on the store.  Errors: a peer that does not answer
+    in ``peer_timeout_s`` counts as unreachable.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  roles: RoleReconciler, lease_alive: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic) -> None:

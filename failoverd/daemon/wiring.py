@@ -117,6 +117,22 @@ class Watcher:
 
 
 class Daemon:
+    """One site's daemon: the only place that wires the adapters together.
+
+    Owns the store client, the watch and its mirror, the lease session and
+    the election, the role reconciler, the prober, the power feeds, the API,
+    the isolation guard and the history writer, all as named tasks of one
+    root TaskGroup (``watch``, ``history``, ``roles``, ``probes``, ``mqtt``,
+    ``api``, ``isolation``, ``session``, ``reload``, ``shutdown``, and per
+    lease session ``lease-keepalive`` and ``election``, which runs the
+    :class:`~failoverd.daemon.coordinator.Coordinator` while it holds the seat).
+    Signals feed one shutdown path; SIGHUP reloads the config and keeps the
+    old one when the new one does not validate.  It decides nothing and runs
+    no hook itself.  Errors: etcd out of reach is retried (registration with
+    jittered backoff) while the last applied roles hold; a task that crashes
+    ends the daemon, for systemd to restart.
+    """
+
     def __init__(self, settings: Settings, config_path: Path | None = None,
                  overrides: Overrides | None = None, store: Store | None = None,
                  notifier: Notifier | None = None) -> None:

@@ -104,7 +104,19 @@ def _kv(pb: Any) -> KeyValue:
 
 
 class EtcdStore:
-    """etcd v3 store.  See :class:`failoverd.core.store.Store` for the contract."""
+    """The :class:`~failoverd.core.store.Store` protocol over etcd v3's gRPC
+    API (etcd3aio: KV, Txn, Lease, Watch on one round-robin channel).
+
+    Shared by every task of the daemon.  Each call is bounded by
+    ``asyncio.timeout`` (twice ``etcd.timeout_s``); every failure — gRPC
+    status, timeout, or something the client library did not expect — is a
+    :class:`~failoverd.core.store.StoreError` (:class:`LeaseNotFound` for an
+    expired lease), so callers hold their last good state.  A txn is never
+    retried blindly (it is not idempotent); a call refused for an expired
+    auth token logs in again and is retried once.  :meth:`watch` resumes
+    after a broken stream from the next revision and yields ``[]`` after a
+    compaction (the caller reloads).
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
         self._settings = settings

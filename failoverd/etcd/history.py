@@ -31,6 +31,15 @@ RETRY_S = 1.0
 
 
 class History:
+    """This member's audit trail under ``history/``.
+
+    Owns a bounded queue of events and the ``history`` task that writes them
+    in batched txns.  :meth:`record` never blocks a safety action and never
+    raises; :meth:`put_op` gives an event as an op to ride inside a fenced
+    txn.  Errors: a refused batch stays queued and is retried; past
+    ``MAX_QUEUED`` the oldest events are dropped and counted.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, member: str, region: str,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store

@@ -130,6 +130,17 @@ async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5
 
 
 class PowerFeeds:
+    """Power-sensor feeds from MQTT, relayed to etcd (the ``mqtt`` task).
+
+    Owns one aiomqtt client per configured broker (each with its own
+    reconnect loop), the last reading per sensor, and this member's status
+    topic with its Last Will.  Readings are validated (size, JSON shape,
+    known state, sane times) and relayed under the member's lease.
+    Errors: a bad payload is counted and logged (rate-limited) and changes
+    nothing; a broker out of reach is retried with jittered backoff, and
+    silence is judged by the engine (rule 10), not here.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  lease_id: Callable[[], int | None],
                  clock: Callable[[], float] = time.time) -> None:

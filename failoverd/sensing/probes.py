@@ -125,7 +125,18 @@ class _Region:
 
 
 class Prober:
-    """Runs every region's probes and publishes one observation per region."""
+    """Runs every region's probes and publishes one observation per region
+    (the ``probes`` task).
+
+    Owns the per-region verdicts (consecutive-failure counting) and what it
+    last published.  Probes run concurrently (``probing.max_concurrent``),
+    each bounded by its timeout; observations are written under this
+    member's lease when a verdict changes and refreshed on a timer.
+    Errors: a probe that fails or times out is a failed check, never an
+    exception; without a lease or with etcd out of reach nothing is
+    published (the observation expires with the lease, which is the
+    truth: this member's view is unknown).
+    """
 
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  lease_id: Callable[[], int | None],

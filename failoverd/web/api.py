@@ -89,6 +89,18 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 
 class Api:
+    """The REST API and status page of one member (the ``api`` task).
+
+    Owns no cluster state: reads come from the store (status from one
+    snapshot, history through the injected reader); mutations become
+    requests in etcd that the coordinator answers, and the handler waits
+    for the answer (10 s, then 503 and the request is withdrawn).  Bearer
+    tokens are checked against their SHA-256 digests.  Errors: every
+    failure is a JSON error with a status code (400 bad input, 401/403,
+    404, 409 refused, 413 too large, 503 no answer); nothing reaches the
+    client as a traceback.
+    """
+
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  results_changed: asyncio.Event,
                  epochs: Callable[[], dict[str, int]] = dict,
