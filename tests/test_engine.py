@@ -640,3 +640,35 @@ def test_property_urgent_evacuation_moves_every_group_with_a_candidate(
     d = decide(v, p, NOW)
     assert len(d.changes) == n and {c.region for c in d.changes} == {"west"}
     assert len(d.evacuations) == 1 and len(d.evacuations[0].moves) == n
+
+
+def test_the_keyspace_table_builds_and_parses_every_key() -> None:
+    """One table spells the keyspace both ways: every key Keyspace builds
+    parses back to its kind and fields; keys outside the table do not."""
+    from failoverd.core.model import KEY_SHAPES, Keyspace  # noqa: PLC0415
+
+    keys = Keyspace("c1")
+    built = {
+        "coordinator": (keys.coordinator, {}),
+        "member": (keys.member("east-1"), {"member": "east-1"}),
+        "observation": (keys.observation("east-1", "west"),
+                        {"member": "east-1", "target": "west"}),
+        "power": (keys.power("east", "ups1", "west-1"),
+                  {"region": "east", "sensor": "ups1", "member": "west-1"}),
+        "active": (keys.active("app"), {"group": "app"}),
+        "workflow": (keys.workflow("app"), {"group": "app"}),
+        "ack": (keys.ack("app", "west-1"), {"group": "app", "member": "west-1"}),
+        "paused": (keys.paused, {}),
+        "drained": (keys.drained("west"), {"region": "west"}),
+        "request": (keys.request("r1"), {"request": "r1"}),
+        "result": (keys.result("r1"), {"request": "r1"}),
+        "storm": (keys.storm, {}),
+        "history_event": (keys.history_event(5, "m"), {"event": f"{5:020d}-m"}),
+    }
+    assert set(built) == set(KEY_SHAPES)
+    for kind, (key, fields) in built.items():
+        parsed = keys.parse(key)
+        assert parsed is not None and (parsed.kind, dict(parsed.fields)) == (kind, fields), key
+    for stray in ("/failoverd/c1/groups/app/fence", "/failoverd/c1/power/east/ups1/",
+                  "/failoverd/c1/members/a/b", "/failoverd/c2/coordinator", "elsewhere"):
+        assert keys.parse(stray) is None, stray

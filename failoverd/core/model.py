@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from failoverd.core.power import Reading, reading_from_json
 from failoverd.core.store import KeyValue, Snapshot
@@ -25,9 +25,55 @@ AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
 )
 
 
+# The keyspace of DESIGN.md, one table for both directions: :class:`Keyspace`
+# builds keys from it and :meth:`Keyspace.parse` reads them back, so a key
+# is spelled in one place.  ``{name}`` is a field (one path segment).
+KEY_SHAPES: dict[str, str] = {
+    "coordinator": "coordinator",
+    "member": "members/{member}",
+    "observation": "observations/{member}/{target}",
+    "power": "power/{region}/{sensor}/{member}",
+    "active": "groups/{group}/active",
+    "workflow": "groups/{group}/workflow",
+    "ack": "groups/{group}/applied/{member}",
+    "paused": "control/paused",
+    "drained": "control/drained/{region}",
+    "request": "control/requests/{request}",
+    "result": "control/results/{request}",
+    "storm": "control/storm",
+    "history_event": "history/{event}",
+}
+# First segments that only hold the shapes above: anything else under them
+# is malformed (reported), not merely unknown (ignored).
+KEY_FAMILIES = frozenset(shape.split("/", 1)[0] for shape in KEY_SHAPES.values())
+
+
+# (number of segments, first segment) -> [(kind, literal positions, field positions)]
+_Shape = tuple[str, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]]
+
+
+def _shape_index() -> dict[tuple[int, str], list[_Shape]]:
+    index: dict[tuple[int, str], list[_Shape]] = {}
+    for kind, shape in KEY_SHAPES.items():
+        parts = shape.split("/")
+        literals = tuple((i, p) for i, p in enumerate(parts) if p[0] != "{")
+        fields = tuple((i, p[1:-1]) for i, p in enumerate(parts) if p[0] == "{")
+        index.setdefault((len(parts), parts[0]), []).append((kind, literals, fields))
+    return index
+
+
+_SHAPES_BY_HEAD = _shape_index()
+
+
+class ParsedKey(NamedTuple):
+    kind: str
+    fields: dict[str, str]
+
+
 @dataclass(frozen=True)
 class Keyspace:
-    """Keys under ``/failoverd/<cluster>/``."""
+    """Keys under ``/failoverd/<cluster>/``, built from and parsed back by
+    :data:`KEY_SHAPES`."""
 
     cluster: str
 
@@ -35,27 +81,50 @@ class Keyspace:
     def prefix(self) -> str:
         return f"/failoverd/{self.cluster}/"
 
+    def key(self, kind: str, **fields: str) -> str:
+        return self.prefix + KEY_SHAPES[kind].format(**fields)
+
+    def parse(self, key: str) -> ParsedKey | None:
+        """Which key of the table ``key`` is, with its fields (None: not one
+        of ours, or a field is empty)."""
+        if not key.startswith(self.prefix):
+            return None
+        parts = key[len(self.prefix):].split("/")
+        for kind, literals, fields in _SHAPES_BY_HEAD.get((len(parts), parts[0]), ()):
+            for i, lit in literals:
+                if parts[i] != lit:
+                    break
+            else:
+                values = {name: parts[i] for i, name in fields}
+                if "" not in values.values():
+                    return ParsedKey(kind, values)
+        return None
+
     @property
     def coordinator(self) -> str:
-        return self.prefix + "coordinator"
+        return self.key("coordinator")
 
     def member(self, member: str) -> str:
-        return f"{self.prefix}members/{member}"
+        return self.key("member", member=member)
 
     def observation(self, member: str, target: str) -> str:
-        return f"{self.prefix}observations/{member}/{target}"
+        return self.key("observation", member=member, target=target)
 
     def power(self, region: str, sensor: str, member: str) -> str:
-        return f"{self.prefix}power/{region}/{sensor}/{member}"
+        return self.key("power", region=region, sensor=sensor, member=member)
 
     def workflow(self, group: str) -> str:
-        return f"{self.prefix}groups/{group}/workflow"
+        return self.key("workflow", group=group)
 
     def ack(self, group: str, member: str) -> str:
-        return f"{self.prefix}groups/{group}/applied/{member}"
+        return self.key("ack", group=group, member=member)
 
     def active(self, group: str) -> str:
-        return f"{self.prefix}groups/{group}/active"
+        return self.key("active", group=group)
+
+    @property
+    def members(self) -> str:
+        return self.prefix + "members/"
 
     @property
     def groups(self) -> str:
@@ -63,16 +132,16 @@ class Keyspace:
 
     @property
     def paused(self) -> str:
-        return self.prefix + "control/paused"
+        return self.key("paused")
 
     def drained(self, region: str) -> str:
-        return f"{self.prefix}control/drained/{region}"
+        return self.key("drained", region=region)
 
     def request(self, request_id: str) -> str:
-        return f"{self.prefix}control/requests/{request_id}"
+        return self.key("request", request=request_id)
 
     def result(self, request_id: str) -> str:
-        return f"{self.prefix}control/results/{request_id}"
+        return self.key("result", request=request_id)
 
     @property
     def results(self) -> str:
@@ -81,7 +150,7 @@ class Keyspace:
     @property
     def storm(self) -> str:
         """The cluster-wide storm guard: recent incidents (evacuations)."""
-        return self.prefix + "control/storm"
+        return self.key("storm")
 
     @property
     def history(self) -> str:
@@ -89,7 +158,7 @@ class Keyspace:
 
     def history_event(self, ts_ns: int, member: str) -> str:
         # Zero-padded so lexical order is time order.
-        return f"{self.prefix}history/{ts_ns:020d}-{member}"
+        return self.key("history_event", event=f"{ts_ns:020d}-{member}")
 
 
 def to_json(obj: object) -> str:
@@ -373,6 +442,7 @@ class ViewIndex:
     """
 
     def __init__(self, keys: Keyspace) -> None:
+        self._keys = keys
         self._prefix = keys.prefix
         self._reset()
 
@@ -421,10 +491,11 @@ class ViewIndex:
     def view(self, revision: int) -> ClusterView:
         pending, self._pending = self._pending, {}
         for key, kv in pending.items():
-            self._forget(key)
+            parsed = self._keys.parse(key)
+            self._forget(key, parsed)
             if kv is not None:
                 try:
-                    self._fold(kv)
+                    self._fold(kv, parsed)
                 except (ValueError, KeyError, TypeError) as exc:
                     self._problems[key] = f"{key}: {exc}"
         members = {m.member: m for m in self._members.values()}
@@ -452,77 +523,75 @@ class ViewIndex:
         """Members with acks (counted as they come and go: no scan)."""
         return {m for m, n in self._ack_count.items() if n}
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str, parsed: ParsedKey | None) -> None:
         """Drop what ``key`` contributed (it changed or went away)."""
         self._problems.pop(key, None)
-        rel = key[len(self._prefix):]
-        if rel.startswith("groups/"):
-            group, _, rest = rel[len("groups/"):].partition("/")
-            if rest == "active":
-                self._active.pop(group, None)
-            elif rest == "workflow":
-                self._workflows.pop(group, None)
-            elif rest.startswith("applied/"):
-                member = rest[len("applied/"):]
-                if self._acks.pop((group, member), None) is not None:
-                    self._ack_count[member] -= 1
-        elif rel == "coordinator":
-            self._coordinator = None
-        elif rel.startswith("members/"):
-            self._members.pop(key, None)
-        elif rel.startswith("observations/"):
-            member, _, target = rel[len("observations/"):].partition("/")
-            self._observations.pop((member, target), None)
-        elif rel.startswith("power/"):
-            self._relays.pop(key, None)
-            self._relay_member.pop(key, None)
-        elif rel == "control/paused":
-            self._paused = False
-        elif rel.startswith("control/requests/"):
-            self._requests.pop(rel[len("control/requests/"):], None)
-        elif rel.startswith("control/drained/"):
-            self._drained.discard(rel[len("control/drained/"):])
-        elif rel == "control/storm":
-            self._incidents, self._storm_rev = (), 0
+        if parsed is None:
+            return
+        f = parsed.fields
+        match parsed.kind:
+            case "active":
+                self._active.pop(f["group"], None)
+            case "workflow":
+                self._workflows.pop(f["group"], None)
+            case "ack":
+                if self._acks.pop((f["group"], f["member"]), None) is not None:
+                    self._ack_count[f["member"]] -= 1
+            case "coordinator":
+                self._coordinator = None
+            case "member":
+                self._members.pop(key, None)
+            case "observation":
+                self._observations.pop((f["member"], f["target"]), None)
+            case "power":
+                self._relays.pop(key, None)
+                self._relay_member.pop(key, None)
+            case "paused":
+                self._paused = False
+            case "request":
+                self._requests.pop(f["request"], None)
+            case "drained":
+                self._drained.discard(f["region"])
+            case "storm":
+                self._incidents, self._storm_rev = (), 0
 
-    def _fold(self, kv: KeyValue) -> None:
-        """Parse ``kv`` into its place; raises on a malformed value."""
-        rel = kv.key[len(self._prefix):] if kv.key.startswith(self._prefix) else ""
-        if rel.startswith("groups/"):
-            # Most keys (three or more per group): one split, not a chain.
-            group, _, rest = rel[len("groups/"):].partition("/")
-            if rest == "active":
-                self._active[group] = parse_active(kv)
-            elif rest == "workflow":
-                self._workflows[group] = parse_workflow(kv.value, kv.mod_revision)
-            elif rest.startswith("applied/"):
-                member = rest[len("applied/"):]
-                self._acks[(group, member)] = parse_ack(kv)
-                self._ack_count[member] = self._ack_count.get(member, 0) + 1
-        elif rel == "coordinator":
-            self._coordinator = CoordinatorRecord(
-                member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease)
-        elif rel.startswith("members/"):
-            self._members[kv.key] = parse_member(kv)
-        elif rel.startswith("observations/"):
-            member, _, target = rel[len("observations/"):].partition("/")
-            self._observations[(member, target)] = parse_observation(member, target, kv)
-        elif rel.startswith("power/"):
-            region, sensor, member = rel[len("power/"):].split("/", 2)
-            if not member:
-                raise ValueError("power key without a relaying member")
-            self._relays[kv.key] = reading_from_json(region, sensor, kv.value)
-            self._relay_member[kv.key] = member
-        elif rel == "control/paused":
-            self._paused = bool(_obj(kv).get("paused", False))
-        elif rel.startswith("control/requests/"):
-            req_id = rel[len("control/requests/"):]
-            self._requests[req_id] = parse_request(req_id, kv)
-        elif rel.startswith("control/drained/"):
-            self._drained.add(rel[len("control/drained/"):])
-        elif rel == "control/storm":
-            self._incidents = parse_incidents(kv)
-            self._storm_rev = kv.mod_revision
+    def _fold(self, kv: KeyValue, parsed: ParsedKey | None) -> None:
+        """Parse ``kv`` into its place; raises on a malformed value, or on a
+        key under one of our families that has none of our shapes."""
+        if parsed is None:
+            rel = kv.key[len(self._prefix):] if kv.key.startswith(self._prefix) else ""
+            if rel.split("/", 1)[0] in KEY_FAMILIES and "/" in rel:
+                raise ValueError("not a key of the keyspace")
+            return
+        f = parsed.fields
+        match parsed.kind:
+            case "active":
+                self._active[f["group"]] = parse_active(kv)
+            case "workflow":
+                self._workflows[f["group"]] = parse_workflow(kv.value, kv.mod_revision)
+            case "ack":
+                self._acks[(f["group"], f["member"])] = parse_ack(kv)
+                self._ack_count[f["member"]] = self._ack_count.get(f["member"], 0) + 1
+            case "coordinator":
+                self._coordinator = CoordinatorRecord(
+                    member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease)
+            case "member":
+                self._members[kv.key] = parse_member(kv)
+            case "observation":
+                self._observations[(f["member"], f["target"])] = parse_observation(
+                    f["member"], f["target"], kv)
+            case "power":
+                self._relays[kv.key] = reading_from_json(f["region"], f["sensor"], kv.value)
+                self._relay_member[kv.key] = f["member"]
+            case "paused":
+                self._paused = bool(_obj(kv).get("paused", False))
+            case "request":
+                self._requests[f["request"]] = parse_request(f["request"], kv)
+            case "drained":
+                self._drained.add(f["region"])
+            case "storm":
+                self._incidents = parse_incidents(kv)
+                self._storm_rev = kv.mod_revision
 
 
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:

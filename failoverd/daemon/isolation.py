@@ -145,7 +145,7 @@ class IsolationGuard:
 
     async def _refresh_peers(self) -> None:
         try:
-            snap = await self._store.get_prefix(self._keys.prefix + "members/")
+            snap = await self._store.get_prefix(self._keys.members)
         except StoreError:
             return
         me = self._settings()
