@@ -423,3 +423,34 @@ async def test_a_lagging_view_never_restarts_a_saga_that_ended(
         assert runner._tasks["app"] is first
     assert runs.read_text().split() == ["1"]
     await store.revoke(lease.id)
+
+
+async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease(
+        store: EtcdStore, cluster_name: str) -> None:
+    """One rule for every fact a member publishes under its lease (probe
+    observations, power relays): write on change, rewrite when older than
+    the refresh period, write everything again under a new lease."""
+    from failoverd.publishing import LeasedPublisher  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    now = [1000.0]
+    lease = [(await store.grant(5))[0]]
+    pub = LeasedPublisher(store, lambda: lease[0], lambda: now[0])
+    a, b = keys.observation("m1", "east"), keys.observation("m1", "west")
+    assert await pub.publish(a, "up-1", "up", refresh_s=10)
+    assert await pub.publish(b, "down-1", "down", refresh_s=10)
+    first = (await store.get(a)).mod_revision
+    assert not await pub.publish(a, "up-2", "up", refresh_s=10)  # same fact, fresh
+    assert (await store.get(a)).mod_revision == first
+    assert await pub.publish(a, "down-2", "down", refresh_s=10)  # changed
+    now[0] += 11
+    assert await pub.publish(a, "down-3", "down", refresh_s=10)  # stale: refreshed
+    assert pub.identity(a) == "down"
+
+    lease[0] = (await store.grant(5))[0]  # a new session
+    assert await pub.resync() == 2
+    assert {(await store.get(k)).lease for k in (a, b)} == {lease[0]}
+    assert (await store.get(b)).value == "down-1"
+    assert await pub.resync() == 0
+    lease[0] = None
+    assert not await pub.publish(a, "x", "gone", refresh_s=10)  # no lease: nothing

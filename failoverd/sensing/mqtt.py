@@ -29,6 +29,7 @@ from failoverd.config import MqttSettings, Settings
 from failoverd.core.model import Keyspace
 from failoverd.core.power import Reading, Rejected, SensorTable, parse_message, reading_to_json
 from failoverd.core.store import Store, StoreError
+from failoverd.publishing import LeasedPublisher
 
 log = structlog.get_logger("failoverd.sensing.mqtt")
 
@@ -153,8 +154,7 @@ class PowerFeeds:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.connected: dict[str, bool] = {}
-        self._relayed: dict[tuple[str, str], tuple[Reading, float]] = {}
-        self._relay_lease: int | None = None
+        self._relays = LeasedPublisher(store, lease_id, clock)
         self._last_log: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
@@ -254,27 +254,19 @@ class PowerFeeds:
                     topic=topic[:200], suppressed_since_last=self._suppressed.pop(item.reason, 0))
         self._last_log[item.reason] = now
 
-    async def _relay(self, r: Reading, force: bool = False) -> None:
-        lease = self._lease_id()
-        if lease is None:
-            return
-        key = (r.region, r.sensor)
-        last = self._relayed.get(key)
-        now = self._clock()
-        every = self._settings().policy.sensor_stale_s / 3
-        if (last is not None and not force and lease == self._relay_lease
-                and (last[0].state, last[0].since, last[0].runtime_s, last[0].lwt_at)
-                == (r.state, r.since, r.runtime_s, r.lwt_at) and now - last[1] < every):
-            return  # unchanged and recently relayed
+    async def _relay(self, r: Reading) -> None:
+        key = self._keys.power(r.region, r.sensor, self._settings().member)
+        said = (r.state, r.since, r.runtime_s, r.lwt_at)
+        before = self._relays.identity(key)
         try:
-            await self._store.put(self._keys.power(r.region, r.sensor, self._settings().member),
-                                  reading_to_json(r, self._settings().member), lease)
+            written = await self._relays.publish(
+                key, reading_to_json(r, self._settings().member), said,
+                self._settings().policy.sensor_stale_s / 3)
         except StoreError as exc:
             log.warning("cannot relay power reading", region=r.region, sensor=r.sensor,
                         error=str(exc))
             return
-        self._relayed[key] = (r, now)
-        if last is None or last[0].state != r.state:
+        if written and (not isinstance(before, tuple) or before[0] != r.state):
             log.info("power reading", power_region=r.region, sensor=r.sensor, state=r.state,
                      runtime_s=r.runtime_s)
 
@@ -282,8 +274,7 @@ class PowerFeeds:
         """Re-relay everything under a new lease (new session)."""
         while True:
             await asyncio.sleep(0.5)
-            lease = self._lease_id()
-            if lease is not None and lease != self._relay_lease:
-                for reading in list(self.table.readings.values()):
-                    await self._relay(reading, force=True)
-                self._relay_lease = lease
+            try:
+                await self._relays.resync()
+            except StoreError as exc:
+                log.warning("cannot relay power readings again", error=str(exc))

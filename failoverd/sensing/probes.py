@@ -25,6 +25,7 @@ from failoverd.config import ProbeSettings, RegionSettings, Settings
 from failoverd.core.model import Keyspace, Observation
 from failoverd.core.store import Store, StoreError
 from failoverd.processes import HookFailed, run_once
+from failoverd.publishing import LeasedPublisher
 
 log = structlog.get_logger("failoverd.sensing.probes")
 
@@ -120,18 +121,17 @@ async def _http(probe: ProbeSettings, session: aiohttp.ClientSession) -> tuple[b
 class _Region:
     settings: RegionSettings
     states: list[ProbeState] = field(default_factory=list)
-    published: tuple[str, bool] | None = None
-    published_at: float = 0.0
 
 
 class Prober:
     """Runs every region's probes and publishes one observation per region
     (the ``probes`` task).
 
-    Owns the per-region verdicts (consecutive-failure counting) and what it
-    last published.  Probes run concurrently (``probing.max_concurrent``),
-    each bounded by its timeout; observations are written under this
-    member's lease when a verdict changes and refreshed on a timer.
+    Owns the per-region verdicts (consecutive-failure counting); what it
+    last published is kept by its :class:`LeasedPublisher`.  Probes run
+    concurrently (``probing.max_concurrent``), each bounded by its timeout;
+    observations are written under this member's lease when a verdict
+    changes and refreshed on a timer.
     Errors: a probe that fails or times out is a failed check, never an
     exception; without a lease or with etcd out of reach nothing is
     published (the observation expires with the lease, which is the
@@ -148,7 +148,7 @@ class Prober:
         self._clock = clock
         self._regions: dict[str, _Region] = {}
         self._restart = asyncio.Event()
-        self._published_lease: int | None = None
+        self._published = LeasedPublisher(store, lease_id, clock)
 
     def reload(self) -> None:
         """Pick up new probe settings (called after SIGHUP)."""
@@ -214,33 +214,21 @@ class Prober:
         )
 
     async def _publish(self, reg: _Region) -> None:
-        lease = self._lease_id()
-        if lease is None:
-            return  # between sessions; a new session republishes everything
         obs = self.observation(reg)
-        now = self._clock()
-        key = (obs.verdict, obs.ready)
-        stale = now - reg.published_at >= self._settings().probing.refresh_s
-        if lease == self._published_lease and key == reg.published and not stale:
-            return
-        if lease != self._published_lease:
-            # New lease (new session): everything must be written again.
-            for other in self._regions.values():
-                other.published = None
-            self._published_lease = lease
+        key = self._keys.observation(obs.member, obs.target)
+        said = (obs.verdict, obs.ready)
+        before = self._published.identity(key)
         try:
-            await self._store.put(self._keys.observation(obs.member, obs.target),
-                                  obs.to_value(), lease)
+            written = await self._published.publish(key, obs.to_value(), said,
+                                                    self._settings().probing.refresh_s)
         except StoreError as exc:
             log.warning("cannot publish observation", target=obs.target, error=str(exc))
             return
-        if key != reg.published:
+        if written and said != before:
             metrics.set_one_of(metrics.PROBE_VERDICT, "verdict", metrics.VERDICTS, obs.verdict,
                                region=obs.target)
             log.info("observation changed", target=obs.target, verdict=obs.verdict,
                      ready=obs.ready, detail=obs.detail)
-        reg.published, reg.published_at = key, now
-
 
 
 class _Restart(Exception):

@@ -1,0 +1,77 @@
+"""This member's own keys in etcd, kept under its lease.
+
+Observations (probes) and power relays (MQTT) are facts this member
+publishes about what it sees: each lives under the member's lease, so it
+disappears with the member.  :class:`LeasedPublisher` writes a key when what
+it says changes, when it is older than its refresh period (readers judge
+freshness), and again under a new lease after a new session — one rule for
+every kind of fact, instead of one hand-rolled copy per sensor kind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from failoverd.core.store import Store
+
+
+@dataclass
+class _Published:
+    identity: Hashable
+    value: str
+    at: float
+    lease: int
+
+
+class LeasedPublisher:
+    """Writes keys under the current lease, skipping unchanged rewrites.
+
+    Shared by the tasks of one adapter (not thread-safe; one event loop).
+    Errors: :meth:`publish` and :meth:`resync` let the store's
+    :class:`~failoverd.core.store.StoreError` through, for the caller to log
+    with its own context; what was not written is written on the next call.
+    """
+
+    def __init__(self, store: Store, lease_id: Callable[[], int | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._lease_id = lease_id
+        self._clock = clock
+        self._last: dict[str, _Published] = {}
+
+    def identity(self, key: str) -> Hashable | None:
+        """What ``key`` said when it was last written (None: never)."""
+        last = self._last.get(key)
+        return last.identity if last is not None else None
+
+    async def publish(self, key: str, value: str, identity: Hashable, refresh_s: float) -> bool:
+        """Write ``value`` unless the same ``identity`` was written under the
+        current lease less than ``refresh_s`` ago; True if written.  Nothing
+        is written without a lease (a new session re-publishes)."""
+        lease = self._lease_id()
+        if lease is None:
+            return False
+        now = self._clock()
+        last = self._last.get(key)
+        if (last is not None and last.lease == lease and last.identity == identity
+                and now - last.at < refresh_s):
+            return False
+        await self._store.put(key, value, lease)
+        self._last[key] = _Published(identity, value, now, lease)
+        return True
+
+    async def resync(self) -> int:
+        """Write every key again whose last write was under an older lease
+        (a new session); how many were written."""
+        lease = self._lease_id()
+        if lease is None:
+            return 0
+        written = 0
+        for key, last in list(self._last.items()):
+            if last.lease != lease:
+                await self._store.put(key, last.value, lease)
+                self._last[key] = _Published(last.identity, last.value, self._clock(), lease)
+                written += 1
+        return written
