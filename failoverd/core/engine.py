@@ -514,6 +514,15 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
             failbacks.append(change)
             plan.intents.append(change)
         plan.reasons.append(f"{group.name}: {reason}")
+    evacuations, incidents = _incidents(plan, a, guards, failbacks, now)
+    return Decision(tuple(plan.intents), "; ".join(plan.reasons) or "no groups configured",
+                    evacuations, incidents, tuple(a.regions.values()))
+
+
+def _incidents(plan: _Plan, a: Assessment, guards: _Guards, failbacks: list[SetActive],
+               now: float) -> tuple[tuple[Evacuation, ...], tuple[Incident, ...]]:
+    """The cycle's evacuations (one per region leaving) and the incidents
+    the storm guard counts: a new evacuation, or a wave of failbacks."""
     evacuations = []
     incidents = []
     for name, (moves, held, overridden) in plan.evac.items():
@@ -530,8 +539,7 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
         incidents.append(Incident("failback", "", "failback", now,
                                   f"{len(failbacks)} group(s) back to preferred regions",
                                   len(failbacks)))
-    return Decision(tuple(plan.intents), "; ".join(plan.reasons) or "no groups configured",
-                    tuple(evacuations), tuple(incidents), tuple(a.regions.values()))
+    return tuple(evacuations), tuple(incidents)
 
 
 def _consider_failback(a: Assessment, guards: _Guards, group: GroupPolicy,
