@@ -3,13 +3,15 @@ nemesis (issue 12).  ``bench/run --only chaos --schedules N [--first-seed S]``.
 
 Each schedule's outcome is appended to ``chaos-results.jsonl`` in the
 current directory as it finishes (seed, nemeses, violations, seconds), so a
-long run can be read while it goes.  Violations name the schedule's seed:
+long run can be read while it goes; the work directory (daemon logs, hook
+log, state files) of a schedule with violations is kept.  Violations name the schedule's seed:
 ``pytest tests/test_chaos.py`` style replays use ``make_schedule(seed)``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -28,12 +30,16 @@ async def run(schedules: int, first_seed: int = 1000) -> list[dict[str, Any]]:
     seconds: list[float] = []
     for seed in range(first_seed, first_seed + schedules):
         schedule = make_schedule(seed)
-        with tempfile.TemporaryDirectory(prefix=f"failoverd-chaos-{seed}-") as tmp:
-            try:
-                outcome = await run_schedule(schedule, Path(tmp))
-                found, took = outcome.violations, outcome.seconds
-            except Exception as exc:  # a harness failure is a result too
-                found, took = [f"run failed: {type(exc).__name__}: {exc}"], 0.0
+        tmp = Path(tempfile.mkdtemp(prefix=f"failoverd-chaos-{seed}-"))
+        try:
+            outcome = await run_schedule(schedule, tmp)
+            found, took = outcome.violations, outcome.seconds
+        except Exception as exc:  # a harness failure is a result too
+            found, took = [f"run failed: {type(exc).__name__}: {exc}"], 0.0
+        if found:
+            print(f"    kept for reading: {tmp} (logs, hooks.jsonl, state)", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         seconds.append(took)
         for n in set(schedule.nemeses()):
             used[n] += 1
