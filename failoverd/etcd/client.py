@@ -61,7 +61,10 @@ T = TypeVar("T")
 
 _EVENT_DELETE = 1
 _WATCH_BACKOFF_MIN_S = 0.05
-_WATCH_BACKOFF_MAX_S = 5.0
+# The watch is the member's eyes: after an etcd outage it must be back within
+# about a second, not after a backoff grown to 5 s (x1.5 jitter) while etcd
+# was away.  One attempt a second costs etcd nothing.
+_WATCH_BACKOFF_MAX_S = 1.0
 
 
 def etcd_failure(text: str) -> str:
