@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -454,3 +455,69 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     assert await pub.resync() == 0
     lease[0] = None
     assert not await pub.publish(a, "x", "gone", refresh_s=10)  # no lease: nothing
+
+
+async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
+        store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
+    """A member's ack that etcd refuses (a timeout while the etcd leader
+    changes) is sent again on the next tick: nothing else would resend it,
+    and the saga waits for it (chaos seed 2010 waited 15 s, with HAProxy
+    serving no region meanwhile).  Here: a new session re-acks every group
+    under the new lease, and that txn times out."""
+    from failoverd.core.model import ActiveRecord  # noqa: PLC0415
+    from failoverd.core.store import StoreError  # noqa: PLC0415
+    from failoverd.daemon.roles import RoleReconciler  # noqa: PLC0415
+
+    class FlakyTxn:
+        """The real store, whose next txn fails as a timeout would when asked."""
+
+        def __init__(self) -> None:
+            self.fail_next = False
+            self.failed = 0
+
+        def __getattr__(self, name: str):
+            return getattr(store, name)
+
+        async def txn(self, *args, **kwargs):
+            if self.fail_next:
+                self.fail_next = False
+                self.failed += 1
+                raise StoreError("etcd txn: TimeoutError")
+            return await store.txn(*args, **kwargs)
+
+    keys = Keyspace(cluster_name)
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o755)
+    settings = Settings.model_validate({
+        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": "app", "regions": ["east", "west"], "promote": [str(hook)],
+                    "demote": [str(hook)]}],
+        "policy": {"tick_s": 0.2}})
+    await store.put(keys.active("app"),
+                    ActiveRecord("east", 1, time.time(), "test", 1, "bootstrap").to_value())
+    lease = [(await store.grant(10))[0]]
+    flaky = FlakyTxn()
+    wake = asyncio.Event()
+    roles = RoleReconciler(flaky, keys, lambda: settings,  # type: ignore[arg-type]
+                           History(store, keys, "e1", "east"), wake, lease_id=lambda: lease[0])
+    task = asyncio.create_task(roles.run())
+    try:
+        async def acked_under(wanted: int) -> bool:
+            kv = await store.get(keys.ack("app", "e1"))
+            return kv is not None and kv.lease == wanted
+        await wait_until(lambda: acked_under(lease[0]), 10, "the first ack")
+        # A new session: the old lease (and the ack under it) is gone, and
+        # the first txn that would publish the ack again times out.
+        flaky.fail_next = True
+        old, lease[0] = lease[0], (await store.grant(10))[0]
+        await store.revoke(old)
+        wake.set()
+        await wait_until(lambda: acked_under(lease[0]), 10,
+                         "the ack under the new lease, sent again after the refused txn")
+        assert flaky.failed == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -327,10 +327,18 @@ class RoleReconciler:
             try:
                 await self._store.txn([], puts[i:i + MAX_TXN_OPS])
             except StoreError as exc:
-                log.warning("cannot acknowledge applied roles", groups=len(puts),
+                # Looked at again on the next tick: nothing else would resend
+                # them (the keys that changed did so already), and a saga
+                # waits for these acks (chaos seed 2010: 15 s).
+                unsent = [g for g in values if g not in self._acked
+                          or self._acked[g] != values[g]]
+                self._dirty.update(unsent)
+                log.warning("cannot acknowledge applied roles; retrying", groups=len(unsent),
                             error=str(exc))
                 return
-        self._acked.update(values)
+            for op in puts[i:i + MAX_TXN_OPS]:
+                group = op.key[len(self._keys.groups):].split("/", 1)[0]
+                self._acked[group] = values[group]
 
     def _work(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
               wf_kv: KeyValue | None) -> tuple[int, str, list[str]] | None:
