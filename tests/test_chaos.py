@@ -50,6 +50,16 @@ def _healthy(**kw: object) -> Record:
                      _hook(5.2, "e1", "app", "east", "standby", 2),
                      _hook(5, "w1", "app", "west", "active", 2)],
               epoch_changes=[{"ts": 4.9, "group": "app", "epoch": 2, "mode": "forced"}]), []),
+    # A later epoch moving the group back (east promoted 0.8 s after west's
+    # promote, west demoted 50 ms later) is that epoch's move, not an
+    # overlap of this one (chaos seed 2072 was flagged for it).
+    (_healthy(hooks=[_hook(1, "e1", "app", "east", "active", 1),
+                     _hook(4, "e1", "app", "east", "standby", 2),
+                     _hook(5, "w1", "app", "west", "active", 2),
+                     _hook(5.8, "e1", "app", "east", "active", 3),
+                     _hook(5.85, "w1", "app", "west", "standby", 3)],
+              epoch_changes=[{"ts": 3.9, "group": "app", "epoch": 2, "mode": "forced"},
+                             {"ts": 5.7, "group": "app", "epoch": 3, "mode": "forced"}]), []),
     (_healthy(hooks=[_hook(1, "w1", "app", "west", "active", 3),
                      _hook(2, "w1", "app", "west", "active", 2)]),
      ["no_lower_epoch_applied"]),

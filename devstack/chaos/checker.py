@@ -193,10 +193,14 @@ def no_two_regions_active(r: Record, tolerance_s: float = 1.0) -> list[str]:
         g, epoch = str(h["group"]), int(h["epoch"])
         if h["role"] != "active" or (g, epoch) not in forced:
             continue
-        t = float(h["t"]) + tolerance_s
+        promoted = float(h["t"])
+        t = promoted + tolerance_s
         for (group, member), intervals in spans.items():
             for s, e, region in intervals:
-                if group == g and region != h["region"] and s <= t < e:
+                # Active before this promote and still active after the
+                # tolerance; an interval that begins after it is a later
+                # epoch's move, judged on its own.
+                if group == g and region != h["region"] and s <= promoted and t < e:
                     out.append(f"{g} epoch {epoch}: {h['region']} promoted at {h['t']:.3f} "
                                f"while {member} ({region}) ran as active until {e:.3f}")
     return out
