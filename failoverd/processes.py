@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_
 log = structlog.get_logger("failoverd.processes")
 
 OUTPUT_TAIL = 2000
+# How long a command killed at its timeout may take to exit before it is
+# left to a background reaper.
+KILLED_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,28 +98,36 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         if not exited.done():
             exited.set_result(None)
 
-    pidfd = os.pidfd_open(proc.pid)
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except OSError:  # no pidfd here (old kernel, seccomp): a thread waits instead
+        pidfd = None
     loop.add_reader(out_r, read)
-    loop.add_reader(pidfd, reap)
+    if pidfd is not None:
+        loop.add_reader(pidfd, reap)
+    else:
+        waiter = loop.run_in_executor(None, proc.wait)
+        waiter.add_done_callback(lambda _: reap())
     try:
         try:
             async with asyncio.timeout(timeout_s):
-                await exited
+                await asyncio.shield(exited)  # a timeout must not cancel the future
         except TimeoutError:
             _kill_group(proc.pid)
-            proc.wait()
+            await _reaped(proc, exited)
             raise HookFailed(None, "") from None
         except asyncio.CancelledError:
             _kill_group(proc.pid)
-            proc.wait()
+            _reap_later(proc)
             raise
-        proc.wait()  # exited: reaps at once
+        proc.wait()  # it has exited: this returns at once
         read()  # what it wrote last
     finally:
         loop.remove_reader(out_r)
-        loop.remove_reader(pidfd)
         os.close(out_r)
-        os.close(pidfd)
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
     text = output.decode(errors="replace")[-OUTPUT_TAIL:]
     if proc.returncode != 0:
         raise HookFailed(proc.returncode, text)
@@ -125,6 +137,25 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+async def _reaped(proc: subprocess.Popen[bytes], exited: asyncio.Future[None]) -> None:
+    """After SIGKILL: wait (bounded) for the exit, never blocking the loop —
+    a process in uninterruptible sleep (a hung NFS mount) dies only when its
+    I/O ends, and the daemon's lease must not wait for it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(KILLED_WAIT_S):
+            await asyncio.shield(exited)
+    if proc.poll() is None:
+        log.error("a killed command has not exited; reaping it in the background",
+                  pid=proc.pid, command=proc.args)
+        _reap_later(proc)
+
+
+def _reap_later(proc: subprocess.Popen[bytes]) -> None:
+    """Reap ``proc`` when it exits, from a thread (no zombie, no blocked loop)."""
+    if proc.poll() is None:
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
 
 
 async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, role: str,

@@ -85,3 +85,20 @@ async def test_a_hook_that_leaves_a_daemon_on_its_output_is_done_when_it_exits(
         assert r.ok and r.output.strip() == "started"
     finally:
         os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+async def test_without_pidfd_hooks_still_run_and_time_out(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """Where pidfd_open is refused (an old kernel, a seccomp filter), a
+    thread waits for the process instead: results and timeouts are the same."""
+    import os  # noqa: PLC0415
+
+    def refused(pid: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "pidfd_open", refused)
+    ok = await run_hook(_script(tmp_path, "echo fine\n"), group="g", region="r", epoch=1,
+                        role="active", timeout_s=5, attempts=1)
+    assert ok.ok and ok.output.strip() == "fine"
+    slow = await run_hook(_script(tmp_path, "sleep 30\n"), group="g", region="r", epoch=1,
+                          role="active", timeout_s=0.3, attempts=1)
+    assert not slow.ok and slow.returncode is None and slow.duration_s < 3
