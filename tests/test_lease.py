@@ -62,3 +62,33 @@ async def test_failed_keepalives_end_the_lease_at_the_deadline() -> None:
         await asyncio.wait_for(lease.run(), 5)
     assert not lease.valid()
     assert clock.t >= 100 + 3 - 0.5
+
+
+async def test_a_late_answer_still_renews_from_its_send_time() -> None:
+    """A keep-alive whose answer comes after the attempt's bound (a daemon
+    starved of CPU by its own hooks, a slow etcd) is not thrown away: while
+    a second attempt goes out, the first one's answer renews the lease from
+    the first one's send time (rule 3 holds).  Real time, TTL 3 s."""
+    import time  # noqa: PLC0415
+
+    class LateThenSilent:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def keepalive(self, lease: int) -> int:
+            self.calls += 1
+            if self.calls == 1:
+                await asyncio.sleep(0.7)  # past the 0.5 s bound of an attempt
+                return 3
+            await asyncio.sleep(30)  # every later attempt hangs
+            return 3
+
+    store = LateThenSilent()
+    granted = time.monotonic()
+    lease = KeptLease(store, 1, 3, granted_at=granted, margin_s=0.3)  # type: ignore[arg-type]
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(lease.run(), 10)
+    assert lease.renewals == 1 and store.calls >= 2
+    # Renewed from the first attempt's send time (0.3 s after the grant), so
+    # the lease outlived the grant's own deadline (granted + 2.7 s).
+    assert lease.deadline > granted + 3 - 0.3

@@ -64,33 +64,68 @@ class KeptLease:
 
     async def run(self) -> None:
         """Renew (see :meth:`renew_every`; faster after a failure) until the
-        lease is lost."""
+        lease is lost.
+
+        An attempt that gets no answer within a quarter of what is left
+        (0.2-0.5 s) is not abandoned: a new one goes out (round robin: to
+        another endpoint, past a dead or leaderless etcd member) while the
+        first may still answer.  A late answer renews from its own send time
+        — a daemon whose event loop is starved of CPU by its own hooks must
+        not lose a lease that etcd renewed.  Each attempt is bounded by the
+        store's own timeout, so at most a few are ever in flight."""
         interval = self.renew_every(self.ttl)
-        while True:
-            # Sleep to the next renewal, but never past the deadline: we must
-            # notice expiry on time even when nothing else wakes us.
-            await self._sleep(max(min(interval, self.remaining()), 0))
-            if not self.valid():
-                raise LeaseLost(f"lease {self.id:x} passed its local deadline")
-            sent = self._clock()
-            try:
-                # One attempt may not use up the whole deadline: a keep-alive
-                # stuck on a dead or leaderless etcd member is abandoned
-                # after a quarter of what is left (0.2-0.5 s), and
-                # the next one goes to another endpoint (round robin).
+        inflight: dict[asyncio.Task[int], float] = {}
+        try:
+            while True:
+                # Sleep to the next renewal, but never past the deadline: we
+                # must notice expiry on time even when nothing else wakes us.
+                await self._sleep(max(min(interval, self.remaining()), 0))
+                if not self.valid():
+                    raise LeaseLost(f"lease {self.id:x} passed its local deadline")
                 attempt = min(max(self.remaining() / 4, ATTEMPT_MIN_S), ATTEMPT_MAX_S,
                               max(self.remaining(), 0.01))
-                async with asyncio.timeout(attempt):
-                    ttl = await self._store.keepalive(self.id)
+                inflight[asyncio.create_task(self._store.keepalive(self.id),
+                                             name=f"keepalive-{self.id:x}")] = self._clock()
+                done, _ = await asyncio.wait(inflight, timeout=attempt,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                renewed = self._answers(done, inflight)
+                if renewed is None:
+                    interval = RETRY_S  # at once, to another endpoint
+                    continue
+                for task in inflight:
+                    task.cancel()
+                inflight.clear()
+                sent, ttl = renewed
+                self.deadline = max(self.deadline, sent + ttl - self._margin)
+                self.renewals += 1
+                log.debug("lease renewed", lease=f"{self.id:x}", ttl=ttl,
+                          remaining_s=round(self.remaining(), 3))
+                interval = self.renew_every(ttl)
+        finally:
+            for task in inflight:
+                task.cancel()
+
+    def _answers(self, done: set[asyncio.Task[int]], inflight: dict[asyncio.Task[int], float]
+                 ) -> tuple[float, int] | None:
+        """The newest successful answer among ``done`` as (send time, ttl);
+        None if none succeeded.  Raises :class:`LeaseLost` if etcd says the
+        lease is gone."""
+        best: tuple[float, int] | None = None
+        for task in done:
+            sent = inflight.pop(task)
+            try:
+                ttl = task.result()
             except LeaseNotFound as exc:
                 raise LeaseLost(str(exc)) from exc
             except (StoreError, TimeoutError) as exc:
                 log.warning("lease keepalive failed", lease=f"{self.id:x}",
-                            error=str(exc), remaining_s=round(self.remaining(), 3))
-                interval = RETRY_S  # at once, to another endpoint
+                            error=str(exc) or type(exc).__name__,
+                            remaining_s=round(self.remaining(), 3))
                 continue
-            self.deadline = sent + ttl - self._margin
-            self.renewals += 1
-            log.debug("lease renewed", lease=f"{self.id:x}", ttl=ttl,
-                      remaining_s=round(self.remaining(), 3))
-            interval = self.renew_every(ttl)
+            if best is None or sent > best[0]:
+                best = (sent, ttl)
+        if best is None and not done:
+            log.warning("lease keepalive not answered yet; sending another",
+                        lease=f"{self.id:x}", in_flight=len(inflight),
+                        remaining_s=round(self.remaining(), 3))
+        return best
