@@ -37,6 +37,7 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     c = LocalCluster(work, "bench-health", etcd.endpoints, REGIONS, {"app": list(REGIONS)},
                      ttl=ttl, probes={r: [http_probe(s.url)] for r, s in services.items()},
                      policy={"cooldown_s": 0, "max_evacuations_per_hour": 10_000,
+                             "max_auto_failovers_per_group_per_hour": 10_000,
                              "bootstrap_grace_s": 2})
     xs: list[float] = []
     overhead: list[float] = []

@@ -69,6 +69,7 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     c = LocalCluster(work, "bench-power", etcd.endpoints, REGIONS, {"app": list(REGIONS)},
                      ttl=ttl, mqtt=[broker.url], drain_s=0,
                      policy={"cooldown_s": 0, "max_evacuations_per_hour": 10_000,
+                             "max_auto_failovers_per_group_per_hour": 10_000,
                              "bootstrap_grace_s": 1, "power_grace_s": 600})
     to_commit: list[float] = []
     to_hook: list[float] = []

@@ -110,7 +110,8 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     rows = []
     # Storm guards off: the bench fails over on purpose, many times an hour.
     policy = {"member_loss_grace_s": 0, "cooldown_s": 0, "bootstrap_grace_s": 1,
-              "max_evacuations_per_hour": 10_000}
+              "max_evacuations_per_hour": 10_000,
+              "max_auto_failovers_per_group_per_hour": 10_000}
     try:
         for name, sig in (("coordinator takeover after kill -9", signal.SIGKILL),
                           ("coordinator handover after SIGTERM", signal.SIGTERM)):
