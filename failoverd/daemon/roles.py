@@ -24,7 +24,7 @@ import structlog
 from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.core.model import ActiveRecord, Keyspace, parse_ack, parse_active, to_json
-from failoverd.core.store import MAX_TXN_OPS, KeyValue, Op, Put, Store, StoreError
+from failoverd.core.store import MAX_TXN_OPS, KeyValue, Put, Store, StoreError
 from failoverd.core.workflow import Workflow, may_demote, may_promote, parse_workflow
 from failoverd.etcd.history import History
 from failoverd.etcd.mirror import KeyMirror
@@ -310,7 +310,6 @@ class RoleReconciler:
             self._dirty.update(g.name for g in self._settings().groups)  # re-ack all
             self._wake.set()
         me = self._settings().member
-        puts: list[Op] = []
         values: dict[str, str] = {}
         for group in groups:
             applied = self.state.groups.get(group)
@@ -319,26 +318,23 @@ class RoleReconciler:
             if seen.get(group) == (applied.epoch, applied.role):
                 continue
             value = to_json({"epoch": applied.epoch, "role": applied.role})
-            if value == self._acked.get(group):
-                continue
-            puts.append(Put(self._keys.ack(group, me), value, lease))
-            values[group] = value
-        for i in range(0, len(puts), MAX_TXN_OPS):
+            if value != self._acked.get(group):
+                values[group] = value
+        names = list(values)
+        for i in range(0, len(names), MAX_TXN_OPS):
+            batch = names[i:i + MAX_TXN_OPS]
             try:
-                await self._store.txn([], puts[i:i + MAX_TXN_OPS])
+                await self._store.txn([], [Put(self._keys.ack(g, me), values[g], lease)
+                                           for g in batch])
             except StoreError as exc:
                 # Looked at again on the next tick: nothing else would resend
                 # them (the keys that changed did so already), and a saga
                 # waits for these acks (chaos seed 2010: 15 s).
-                unsent = [g for g in values if g not in self._acked
-                          or self._acked[g] != values[g]]
-                self._dirty.update(unsent)
-                log.warning("cannot acknowledge applied roles; retrying", groups=len(unsent),
-                            error=str(exc))
+                self._dirty.update(names[i:])
+                log.warning("cannot acknowledge applied roles; retrying",
+                            groups=len(names) - i, error=str(exc))
                 return
-            for op in puts[i:i + MAX_TXN_OPS]:
-                group = op.key[len(self._keys.groups):].split("/", 1)[0]
-                self._acked[group] = values[group]
+            self._acked.update((g, values[g]) for g in batch)
 
     def _work(self, s: Settings, group: GroupSettings, rec: ActiveRecord,
               wf_kv: KeyValue | None) -> tuple[int, str, list[str]] | None:

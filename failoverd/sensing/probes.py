@@ -141,10 +141,8 @@ class Prober:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  lease_id: Callable[[], int | None],
                  clock: Callable[[], float] = time.time) -> None:
-        self._store = store
         self._keys = keys
         self._settings = settings
-        self._lease_id = lease_id
         self._clock = clock
         self._regions: dict[str, _Region] = {}
         self._restart = asyncio.Event()
