@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,8 +33,28 @@ OPERATOR_TOKEN = "operator-secret-for-tests"
 VIEWER_TOKEN = "viewer-secret-for-tests"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port *outside* the kernel's ephemeral range: a server
+    restarted on a port from that range (an etcd member killed and started
+    again) can find it taken by some client connection's source port."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65000) if not low <= p <= high]
+    for port in random.sample(candidates, 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything sampled was taken: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
