@@ -49,8 +49,11 @@ class HookFailed(Exception):
 def _environment(extra: Mapping[str, str]) -> dict[bytes, bytes]:
     """The daemon's environment plus ``extra``, as bytes (``os.environb``:
     decoding and re-encoding all of ``os.environ`` for every process cost
-    more than the spawn)."""
-    env = dict(os.environb)
+    more than the spawn).  Copied from the mapping's backing dict when it
+    has one (CPython's ``_Environ._data``, kept in step with ``os.environ``):
+    ``dict(os.environb)`` goes through a Python ``__getitem__`` per variable."""
+    data = getattr(os.environb, "_data", None)
+    env = dict(data) if isinstance(data, dict) else dict(os.environb)
     for k, v in extra.items():
         env[k.encode()] = v.encode()
     return env

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -529,6 +531,58 @@ def _step_summary(step: Step, now: float) -> dict[str, object]:
     return out
 
 
+class RankedSlots:
+    """A semaphore that serves its waiters by rank, then by arrival.
+
+    An evacuation starts one saga per group and they all compete for the
+    coordinator's step slots; the steps up to a region's promote (precheck,
+    drain, fence, the promote gate) rank before the ones after it (reroute,
+    verify, demote), so that the new region starts every group's promote
+    before the first groups' reroutes and demotes spend the slots (and the
+    CPU their routes and hooks take).  Later steps wait only while earlier
+    ones are queued, and those are finite: one per group per move."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrival = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, rank: int) -> Any:
+        await self._acquire(rank)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, rank: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, next(self._arrival), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # granted as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+def step_rank(wf: Workflow) -> int:
+    """0 for a saga whose promote gate is not recorded yet, else 1 (once its
+    promote is acked, the same slot goes on to reroute)."""
+    return 0 if not wf.reached("promote_new") else 1
+
+
 class SagaRunner:
     """Drives every running workflow of the coordinator's term concurrently;
     at most ``max_concurrent_sagas`` of them execute a step at once (an
@@ -556,7 +610,7 @@ class SagaRunner:
         # view older than that (a lagging watch) must not restart a saga
         # that already ended — it would run its routers again.
         self._written: dict[str, int] = {}
-        self._slots = asyncio.Semaphore(settings().policy.max_concurrent_sagas)
+        self._slots = RankedSlots(settings().policy.max_concurrent_sagas)
 
     def update(self, view: ClusterView, tg: asyncio.TaskGroup) -> None:
         self._view = view
@@ -607,7 +661,7 @@ class SagaRunner:
             # The bound is on steps executing at once (router calls, records),
             # not on sagas waiting for members' acks: a waiting saga must not
             # keep another group's saga from starting.
-            async with self._slots:
+            async with self._slots.slot(step_rank(wf)):
                 try:
                     local = await self._saga.advance(wf, g, self._view)
                     self._written[group] = max(self._written.get(group, 0), local.mod_revision)
