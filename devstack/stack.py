@@ -215,7 +215,125 @@ class EtcdCluster:
 
 
 def _toml(v: Any) -> str:
-    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+class NutServer:
+    """A real NUT ``upsd`` (Debian ``nut-server``) on a free loopback port,
+    with one ``dummy-ups`` driver per UPS reading a ``.dev`` file that
+    :meth:`set` rewrites (the driver re-reads it when it changes)."""
+
+    def __init__(self, workdir: Path, upses: Iterable[str] = ("ups1",)) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.upses = list(upses)
+        self.upsd: subprocess.Popen[bytes] | None = None
+        self.drivers: dict[str, subprocess.Popen[bytes]] = {}
+        self._mtimes: dict[str, int] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "state").mkdir(exist_ok=True)
+        self._env = {**os.environ, "NUT_CONFPATH": str(workdir),
+                     "NUT_STATEPATH": str(workdir / "state")}
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set(self, ups: str, **variables: str | float) -> None:
+        """Replace the UPS's variables, e.g. ``set("ups1", **{"ups.status": "OB"})``."""
+        lines = {"ups.mfr": "failoverd-test", "ups.model": "dummy", **{
+            k: str(v) for k, v in variables.items()}}
+        path = self.workdir / f"{ups}.dev"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+        # dummy-ups notices a change by the file's mtime in whole seconds:
+        # two changes within one second must still differ.
+        mtime = max(int(time.time()), self._mtimes.get(ups, 0) + 1)
+        os.utime(tmp, (mtime, mtime))
+        self._mtimes[ups] = mtime
+        os.replace(tmp, path)
+
+    def start(self, **initial: str | float) -> NutServer:
+        (self.workdir / "nut.conf").write_text("MODE=standalone\n")
+        (self.workdir / "ups.conf").write_text("".join(
+            f"[{u}]\n  driver = dummy-ups\n  port = {self.workdir / (u + '.dev')}\n"
+            "  pollinterval = 1\n" for u in self.upses))
+        (self.workdir / "upsd.conf").write_text(f"LISTEN 127.0.0.1 {self.port}\n")
+        users = self.workdir / "upsd.users"
+        users.write_text("[monitor]\n  password = s3cret\n  upsmon secondary\n")
+        users.chmod(0o600)
+        for u in self.upses:
+            if not (self.workdir / f"{u}.dev").exists():
+                self.set(u, **({"ups.status": "OL", "battery.charge": 100,
+                                "battery.runtime": 1800, "input.voltage": 230.0} | initial))
+            self.start_driver(u)
+        self.start_upsd()
+        for u in self.upses:  # past the driver's start-up "WAIT"
+            deadline = time.monotonic() + 10
+            while self.status(u) in {"", "WAIT"}:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"upsd never served {u}")
+                time.sleep(0.05)
+        return self
+
+    def status(self, ups: str) -> str:
+        """``ups.status`` as upsd serves it now ('' if it does not)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(f"GET VAR {ups} ups.status\n".encode())
+            answer = conn.makefile().readline()
+        prefix = f"VAR {ups} ups.status "
+        return answer[len(prefix):].strip().strip('"') if answer.startswith(prefix) else ""
+
+    def start_driver(self, ups: str) -> None:
+        # -D: stay in the foreground (we own the process); -u root: the
+        # test runs as root and NUT would drop to its own user.
+        self.drivers[ups] = subprocess.Popen(
+            ["/lib/nut/dummy-ups", "-a", ups, "-D", "-u", "root"], env=self._env,
+            stdout=open(self.workdir / f"{ups}.driver.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not (self.workdir / "state" / f"dummy-ups-{ups}").exists():
+            if time.monotonic() > deadline or self.drivers[ups].poll() is not None:
+                raise RuntimeError(f"dummy-ups {ups} did not start")
+            time.sleep(0.02)
+
+    def start_upsd(self) -> None:
+        self.upsd = subprocess.Popen(
+            ["/lib/nut/upsd", "-D", "-u", "root"], env=self._env,
+            stdout=open(self.workdir / "upsd.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.upsd.poll() is not None:
+                    raise RuntimeError("upsd did not start") from None
+                time.sleep(0.02)
+
+    def stop_upsd(self) -> None:
+        if self.upsd is not None:
+            self.upsd.kill()
+            self.upsd.wait()
+            self.upsd = None
+
+    def stop_driver(self, ups: str) -> None:
+        proc = self.drivers.pop(ups, None)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        self.stop_upsd()
+        for u in list(self.drivers):
+            self.stop_driver(u)
 
 
 class Mosquitto:
@@ -263,7 +381,8 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
                  drain_s: float = 0.5, log_level: str = "debug",
                  region_settings: dict[str, dict[str, Any]] | None = None,
                  etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None,
-                 api_settings: dict[str, Any] | None = None) -> Path:
+                 api_settings: dict[str, Any] | None = None,
+                 mqtt_mappings: list[dict[str, Any]] | None = None) -> Path:
     """A TOML config shared by every member (member/region come from flags).
 
     ``group_toml`` is raw TOML added to every group (settings, routes), or
@@ -283,6 +402,9 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
     ]
     for url in mqtt or []:
         lines += ["[[mqtt]]", f'url = "{url}"', 'topics = ["failoverd/power/#"]', ""]
+        for mapping in mqtt_mappings or []:
+            lines += ["[[mqtt.mappings]]", *(f"{k} = {_toml(v)}" for k, v in mapping.items()),
+                      ""]
     for name, prio in regions.items():
         lines += ["[[regions]]", f'name = "{name}"', f"priority = {prio}",
                   *(f"{k} = {_toml(v)}" for k, v in (region_settings or {}).get(name, {}).items()),
@@ -409,8 +531,8 @@ class LocalCluster:
                  mqtt: list[str] | None = None, group_toml: str = "",
                  drain_s: float = 0.5, log_level: str = "debug",
                  region_settings: dict[str, dict[str, Any]] | None = None,
-                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None
-                 ) -> None:
+                 etcd_timeout_s: float = 1.0, group_tomls: dict[str, str] | None = None,
+                 mqtt_mappings: list[dict[str, Any]] | None = None) -> None:
         from failoverd.config import EtcdSettings  # noqa: PLC0415
         from failoverd.core.model import Keyspace  # noqa: PLC0415
         from failoverd.etcd.client import EtcdStore  # noqa: PLC0415
@@ -423,7 +545,7 @@ class LocalCluster:
             state_dir=workdir / "state", hook=hook, ttl=ttl, policy=policy, probes=probes,
             mqtt=mqtt, group_toml=group_toml, drain_s=drain_s, log_level=log_level,
             region_settings=region_settings, etcd_timeout_s=etcd_timeout_s,
-            group_tomls=group_tomls,
+            group_tomls=group_tomls, mqtt_mappings=mqtt_mappings,
         )
         self.config = write_config(workdir / "failoverd.toml", **self._config_args)
         self.ttl = ttl

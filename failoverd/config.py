@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from failoverd.core.engine import GroupPolicy, Policy
+from failoverd.core.power import TopicMapping
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -107,9 +108,62 @@ class ApiSettings(_Model):
         return f"{'https' if self.tls_cert_file else 'http'}://{self.listen}"
 
 
+PowerStateName = Literal["utility_ok", "utility_lost", "on_generator", "on_battery",
+                         "low_battery", "generator_failed", "transfer_failed",
+                         "shutdown_imminent", "offline"]
+
+
+class MqttMapping(_Model):
+    """A foreign MQTT shape read as a power sensor (docs/power-sources.md)."""
+
+    # An MQTT topic filter (+ and # allowed); subscribed on this broker.
+    topic: Annotated[str, Field(min_length=1, max_length=512)]
+    # Literal names, or "{n}": the n-th level of the topic (from 0).
+    region: Annotated[str, Field(pattern=r"^(\{[0-9]+\}|[A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")]
+    sensor: Annotated[str, Field(pattern=r"^(\{[0-9]+\}|[A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")]
+    # A dotted path into a JSON payload ("ENERGY.Voltage", "battery.0");
+    # absent: the payload itself is the value.
+    json_path: str | None = None
+    # What each value means (compared case-insensitively; JSON true/false
+    # are "true"/"false").  A value not listed is rejected, never guessed.
+    states: dict[str, PowerStateName] = Field(default_factory=dict)
+    # Or: the value is NUT ups.status flags ("OB DISCHRG").
+    nut_status: bool = False
+    runtime_path: str | None = None
+    # Multiplier to seconds (60 for a runtime in minutes).
+    runtime_scale: PositiveFloat = 1.0
+    charge_path: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if bool(self.states) == self.nut_status:
+            raise ValueError("give either states (a value → state table) or nut_status = true")
+        levels = self.topic.split("/")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError(f"topic {self.topic!r}: # must be a whole, final level")
+            if "+" in level and level != "+":
+                raise ValueError(f"topic {self.topic!r}: + must be a whole level")
+        for name in ("region", "sensor"):
+            value = getattr(self, name)
+            if value.startswith("{") and "#" not in self.topic and int(value[1:-1]) >= len(levels):
+                raise ValueError(f"{name} {value}: the topic has only {len(levels)} levels")
+        return self
+
+    def to_core(self) -> TopicMapping:
+        return TopicMapping(
+            topic=self.topic, region=self.region, sensor=self.sensor, json_path=self.json_path,
+            states=tuple(self.states.items()), nut_status=self.nut_status,
+            runtime_path=self.runtime_path, runtime_scale=self.runtime_scale,
+            charge_path=self.charge_path)
+
+
 class MqttSettings(_Model):
     url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:[0-9]+)?/?$")]
     topics: list[str] = Field(default_factory=lambda: ["failoverd/power/#"], min_length=1)
+    # Foreign shapes (Home Assistant, Zigbee2MQTT, Tasmota…): their topics are
+    # subscribed too, and a message on one is read by its mapping.
+    mappings: list[MqttMapping] = Field(default_factory=list)
     username: str | None = None
     password_file: Path | None = None
     ca_file: Path | None = None
@@ -131,6 +185,11 @@ class MqttSettings(_Model):
         if self.cert_file is not None and not self.url.startswith("mqtts://"):
             raise ValueError("a client certificate needs an mqtts:// url")
         return self
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """``topics`` and the mappings' topics, each once."""
+        return list(dict.fromkeys([*self.topics, *(m.topic for m in self.mappings)]))
 
     @property
     def host_port(self) -> tuple[str, int, bool]:
@@ -168,6 +227,49 @@ class ProbeSettings(_Model):
         return self
 
 
+HostPort = Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?$")]
+
+
+def split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets) → (host, port)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, _, port = address.partition(":")
+    return host, int(port) if port else default_port
+
+
+class NutSource(_Model):
+    """A NUT ``upsd`` polled by the members of the source's region."""
+
+    kind: Literal["nut"]
+    # The sensor name under power/<region>/ (one sensor per UPS).
+    sensor: Name
+    server: HostPort = "127.0.0.1:3493"
+    ups: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    username: str | None = None
+    password_file: Path | None = None
+    # auto: STARTTLS when the server offers it (certificate verified against
+    # ca_file, else the system store); required: refuse a server without it.
+    tls: Literal["auto", "required", "off"] = "auto"
+    ca_file: Path | None = None
+    poll_interval_s: Annotated[float, Field(ge=0.2, le=300)] = 2.0
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.server, 3493)
+
+
+PowerSource = Annotated[NutSource, Field(discriminator="kind")]
+
+
 class RegionSettings(_Model):
     name: Name
     priority: int = 0
@@ -180,6 +282,16 @@ class RegionSettings(_Model):
     # the RTT too and warn when it outgrows the timeout.
     rtt_ms: Annotated[float, Field(gt=0, le=5000)] | None = None
     probes: list[ProbeSettings] = Field(default_factory=list)
+    # Power devices this region's members poll (NUT, SNMP), published like
+    # MQTT feeds under power/<region>/<sensor>.
+    power_sources: list[PowerSource] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> Self:
+        sensors = [src.sensor for src in self.power_sources]
+        if len(set(sensors)) != len(sensors):
+            raise ValueError("power_sources: each source needs its own sensor name")
+        return self
 
 
 class HaproxyRoute(_Model):
@@ -380,6 +492,9 @@ class Settings(_Model):
         for i, r in enumerate(self.regions):
             for j, probe in enumerate(r.probes):
                 later.append((f"regions[{i}].probes[{j}].ca_file", probe.ca_file))
+            for j, src in enumerate(r.power_sources):
+                later += [(f"regions[{i}].power_sources[{j}].password_file", src.password_file),
+                          (f"regions[{i}].power_sources[{j}].ca_file", src.ca_file)]
 
         def unreadable(items: list[tuple[str, Path | None]]) -> list[str]:
             out = []
@@ -453,6 +568,11 @@ def reference_problems(raw: Mapping[str, object]) -> list[str]:
                 if missing:
                     problems.append(
                         f"groups[{i}].routes[{j}]: no entry for region(s) {', '.join(missing)}")
+    for i, broker in enumerate(_items(raw.get("mqtt"))):
+        for j, mapping in enumerate(_items(broker.get("mappings"))):
+            region = mapping.get("region")
+            if isinstance(region, str) and not region.startswith("{") and region not in known:
+                problems.append(f"mqtt[{i}].mappings[{j}].region: unknown region {region!r}")
     return problems
 
 
@@ -491,14 +611,16 @@ class ConfigError(Exception):
         super().__init__(f"{path}: " + "; ".join(errors))
 
 
+# The ``kind`` values of discriminated unions (routes, power sources).
+_UNION_TAGS = frozenset({"haproxy", "dns", "webhook", "exec", "nut", "snmp"})
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"HaproxyRoute", "DnsRoute", "WebhookRoute", "ExecRoute"} or part in {
-            "haproxy", "dns", "webhook", "exec"
-        }:
+        elif part in _UNION_TAGS:
             continue  # the discriminated-union tag adds nothing for a reader
         else:
             out += f".{part}" if out else str(part)

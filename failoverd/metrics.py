@@ -31,6 +31,11 @@ POWER_STATE = Gauge("failoverd_power_state", "Region power state (1 for the curr
                     "the coordinator sees it", ["region", "state"])
 MQTT_MESSAGES = Counter("failoverd_mqtt_messages_total", "MQTT messages by result",
                         ["result", "reason"])
+POWER_SOURCE_POLLS = Counter("failoverd_power_source_polls_total", "Polls of NUT/SNMP power "
+                             "sources by result (ok, or why no reading came)",
+                             ["sensor", "kind", "result"])
+POWER_SOURCE_UP = Gauge("failoverd_power_source_up", "1 while the power source's last poll "
+                        "gave a reading", ["sensor", "kind"])
 ETCD_LATENCY = Histogram("failoverd_etcd_op_seconds", "etcd call duration", ["op"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
 MALFORMED_KEYS = Gauge("failoverd_malformed_keys", "Keys under the cluster's prefix the "

@@ -42,6 +42,6 @@ ensure_venv() {
 
 ensure_all() {
     ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium haproxy:haproxy \
-        named:bind9 systemd-analyze:systemd nft:nftables
+        named:bind9 systemd-analyze:systemd nft:nftables upsd:nut-server
     ensure_venv
 }

@@ -60,6 +60,25 @@ BASE = 'cluster = "c"\nmember = "m"\nregion = "east"\n[[regions]]\nname = "east"
     ('[api]\nlisten = "[::]:8080"\n', "set advertise_url to the URL other members reach"),
     ('[api]\nadvertise_url = "east-1.example:8080"\n', "api.advertise_url"),
     ('[api]\npeer_source_address = "east-1"\n', "api.peer_source_address"),
+    ('[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\n',
+     "regions[0].power_sources[0].ups: is required"),
+    ('[[regions.power_sources]]\nkind = "snmpv9"\nsensor = "u"\n',
+     "regions[0].power_sources[0]: Input tag 'snmpv9'"),
+    ('[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\nups = "u"\nusername = "x"\n',
+     "username and password_file go together"),
+    ('[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\nups = "u"\n'
+     '[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\nups = "v"\n',
+     "regions[0]: power_sources: each source needs its own sensor name"),
+    ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/#/b"\nregion = "east"\n'
+     'sensor = "s"\nnut_status = true\n', "mqtt[0].mappings[0]: topic 'a/#/b'"),
+    ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/b"\nregion = "east"\n'
+     'sensor = "s"\n', "mqtt[0].mappings[0]: give either states"),
+    ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/b"\nregion = "north"\n'
+     'sensor = "s"\nnut_status = true\n', "mqtt[0].mappings[0].region: unknown region"),
+    ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/b"\nregion = "east"\n'
+     'sensor = "{5}"\nnut_status = true\n', "sensor {5}: the topic has only 2 levels"),
+    ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/b"\nregion = "east"\n'
+     'sensor = "s"\nstates = { on = "sunny" }\n', "mqtt[0].mappings[0].states.on"),
 ])
 def test_errors_name_their_location(tmp_path: Path, extra: str, expected: str) -> None:
     errors = _errors(tmp_path, BASE + extra)

@@ -13,12 +13,18 @@ from failoverd.core.power import (
     Rejected,
     RuntimeUpdate,
     SensorTable,
+    TopicMapping,
+    apply_mapping,
     merge,
+    nut_reading,
+    nut_unknown_flags,
     parse_message,
     reading_from_json,
     reading_to_json,
     region_power,
+    topic_matches,
 )
+from failoverd.sensing.nut import NutError, _unquote
 
 NOW = 1_800_000_000.0
 REGIONS = ["east", "west"]
@@ -68,6 +74,9 @@ def test_rejections(topic: str, payload: bytes | str, reason: str) -> None:
 @pytest.mark.parametrize(("status", "state"), [
     ("OL", "utility_ok"), ("OL CHRG", "utility_ok"), ("OB DISCHRG", "on_battery"),
     ("OB LB", "low_battery"), ("FSD OB LB", "shutdown_imminent"),
+    # Low battery on utility is a UPS recharging after an outage (upsmon
+    # shuts down only for OB LB); bypass is utility passed through.
+    ("OL CHRG LB", "utility_ok"), ("OL BYPASS", "utility_ok"), ("FSD OL", "shutdown_imminent"),
 ])
 def test_nut_status(status: str, state: str) -> None:
     r = parse("nut/east/ups1/ups.status", status)
@@ -206,3 +215,132 @@ def test_relay_round_trip_and_merge_newest_wins() -> None:
                                                  "x/east/u/battery.runtime", "east"]))
 def test_property_parsing_never_raises(payload: bytes, topic: str) -> None:
     assert isinstance(parse(topic, payload), Reading | RuntimeUpdate | Rejected)
+
+
+def test_nut_variables_give_state_runtime_charge_and_detail() -> None:
+    r = nut_reading("east", "ups1", {"ups.status": "OB DISCHRG", "battery.runtime": "600",
+                                     "battery.charge": "81", "input.voltage": "0.0",
+                                     "ups.alarm": "Replace battery!"}, NOW)
+    assert isinstance(r, Reading)
+    assert (r.state, r.runtime_s, r.charge_pct, r.source) == ("on_battery", 600, 81, "nut")
+    assert r.detail == "ups.status OB DISCHRG, input 0.0 V, alarm: Replace battery!"
+    assert (r.ts, r.received) == (NOW, NOW)
+
+
+@pytest.mark.parametrize(("variables", "reason"), [
+    ({}, "malformed"),
+    ({"ups.status": "WAIT"}, "unknown_state"),  # the driver is starting
+    ({"ups.status": "OFF"}, "unknown_state"),  # says nothing about the utility
+    ({"ups.status": "\x00garbage"}, "unknown_state"),
+])
+def test_nut_variables_that_say_nothing_are_rejected(variables: dict[str, str],
+                                                      reason: str) -> None:
+    r = nut_reading("east", "ups1", variables, NOW)
+    assert isinstance(r, Rejected) and r.reason == reason
+
+
+def test_nut_numbers_that_are_not_numbers_are_dropped_not_the_reading() -> None:
+    r = nut_reading("east", "ups1", {"ups.status": "OB", "battery.runtime": "n/a",
+                                     "battery.charge": "-5"}, NOW)
+    assert isinstance(r, Reading) and r.runtime_s is None and r.charge_pct is None
+
+
+def test_nut_unknown_flags_are_listed() -> None:
+    assert nut_unknown_flags("OL CHRG") == []
+    assert nut_unknown_flags("OL HE SOMETHINGNEW") == ["HE", "SOMETHINGNEW"]
+
+
+def test_a_relayed_reading_keeps_its_source_and_detail() -> None:
+    r = Reading("east", "ups1", "on_battery", NOW, NOW, 600.0, 80.0, NOW, None, "nut",
+                "ups.status OB")
+    assert reading_from_json("east", "ups1", reading_to_json(r, "e1")) == r
+    # Relays written before sources existed read as MQTT.
+    old = reading_from_json("east", "ups1", '{"state":"utility_ok","ts":1,"received":1,'
+                            '"since":1}')
+    assert (old.source, old.detail) == ("mqtt", "")
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ('"OB DISCHRG"', "OB DISCHRG"), ('""', ""), (r'"say \"hi\" \\ bye"', r'say "hi" \ bye'),
+])
+def test_nut_values_are_unquoted(raw: str, value: str) -> None:
+    assert _unquote(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["OB", '"open', "'single'"])
+def test_nut_values_without_quotes_are_malformed(raw: str) -> None:
+    with pytest.raises(NutError) as exc:
+        _unquote(raw)
+    assert exc.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(("pattern", "topic", "hit"), [
+    ("a/b", "a/b", True), ("a/+", "a/b", True), ("a/+", "a/b/c", False),
+    ("a/#", "a/b/c", True), ("a/#", "a", True), ("+/+/LWT", "tele/plug/LWT", True),
+    ("a/b", "a/b/c", False), ("a/b/c", "a/b", False), ("#", "x/y", True),
+])
+def test_topic_filters_match_as_mqtt_does(pattern: str, topic: str, hit: bool) -> None:
+    assert topic_matches(pattern, topic) is hit
+
+
+HA = TopicMapping("homeassistant/sensor/ups1_status/state", "east", "ups1",
+                  states=(("Online", "utility_ok"), ("On Battery", "on_battery"),
+                          ("Low Battery", "low_battery")))
+Z2M = TopicMapping("zigbee2mqtt/+", "east", "{1}", json_path="ac_power",
+                   states=(("true", "utility_ok"), ("false", "utility_lost")),
+                   charge_path="battery")
+TASMOTA = TopicMapping("tele/+/LWT", "west", "{1}",
+                       states=(("Online", "utility_ok"), ("Offline", "offline")))
+HA_FLAGS = TopicMapping("homeassistant/sensor/ups1_status_data/state", "east", "ups1",
+                        nut_status=True)
+NUT_BRIDGE = TopicMapping("ups/+/state", "{1}", "ups", json_path="status",
+                          nut_status=True, runtime_path="runtime_min", runtime_scale=60)
+
+
+@pytest.mark.parametrize(("m", "topic", "payload", "want"), [
+    (HA, "homeassistant/sensor/ups1_status/state", "On Battery", ("east", "ups1", "on_battery")),
+    (HA, "homeassistant/sensor/ups1_status/state", "online", ("east", "ups1", "utility_ok")),
+    (HA_FLAGS, "homeassistant/sensor/ups1_status_data/state", "OB DISCHRG LB",
+     ("east", "ups1", "low_battery")),
+    (Z2M, "zigbee2mqtt/hall_sensor", '{"ac_power": false, "battery": 97}',
+     ("east", "hall_sensor", "utility_lost")),
+    (TASMOTA, "tele/plug7/LWT", "Offline", ("west", "plug7", "offline")),
+    (NUT_BRIDGE, "ups/east/state", '{"status": "OB DISCHRG", "runtime_min": 12}',
+     ("east", "ups", "on_battery")),
+])
+def test_mappings_read_foreign_shapes(m: TopicMapping, topic: str, payload: str,
+                                      want: tuple[str, str, str]) -> None:
+    r = apply_mapping(m, topic, payload.encode(), now=NOW, regions=REGIONS)
+    assert isinstance(r, Reading) and (r.region, r.sensor, r.state) == want
+    assert (r.ts, r.received) == (NOW, NOW)
+
+
+def test_a_mapping_reads_runtime_and_charge() -> None:
+    r = apply_mapping(NUT_BRIDGE, "ups/east/state", b'{"status": "OB", "runtime_min": 12}',
+                      now=NOW, regions=REGIONS)
+    assert isinstance(r, Reading) and r.runtime_s == 720
+    z = apply_mapping(Z2M, "zigbee2mqtt/s1", b'{"ac_power": true, "battery": 97}',
+                      now=NOW, regions=REGIONS)
+    assert isinstance(z, Reading) and z.charge_pct == 97 and z.runtime_s is None
+
+
+@pytest.mark.parametrize(("m", "topic", "payload", "reason"), [
+    (HA, "homeassistant/sensor/ups1_status/state", "Calibrating", "unmapped_value"),
+    (Z2M, "zigbee2mqtt/s1", "not json", "malformed"),
+    (Z2M, "zigbee2mqtt/s1", '{"battery": 50}', "malformed"),  # no ac_power
+    (NUT_BRIDGE, "ups/north/state", '{"status": "OL"}', "unknown_region"),
+    (NUT_BRIDGE, "ups/east/state", '{"status": "WAIT"}', "unmapped_value"),
+    (HA, "homeassistant/sensor/ups1_status/state", b"\xff\xfe", "malformed"),
+])
+def test_mappings_reject_what_they_cannot_read(m: TopicMapping, topic: str,
+                                               payload: str | bytes, reason: str) -> None:
+    raw = payload if isinstance(payload, bytes) else payload.encode()
+    r = apply_mapping(m, topic, raw, now=NOW, regions=REGIONS)
+    assert isinstance(r, Rejected) and r.reason == reason
+
+
+@given(st.binary(max_size=300))
+def test_a_mapping_never_raises_on_any_payload(payload: bytes) -> None:
+    for m in (HA, HA_FLAGS, Z2M, TASMOTA, NUT_BRIDGE):
+        r = apply_mapping(m, "zigbee2mqtt/x", payload, now=NOW, regions=REGIONS)
+        assert isinstance(r, Reading | Rejected)

@@ -45,6 +45,11 @@ class Reading:
     # When the sensor's Last Will arrived while it was in an outage state
     # (the state is kept; see rule 10).  None otherwise.
     lwt_at: float | None = None
+    # Where it came from: mqtt | nut | snmp (failoverctl power shows it).
+    source: str = "mqtt"
+    # What the device said besides the state (NUT flags, input voltage,
+    # alarms), for operators; never judged.
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,17 +68,64 @@ class RuntimeUpdate:
     received: float
 
 
+# NUT's ups.status flags (NUT developer guide, "ups.status"); the first four
+# decide the state, the others are shown but never judged.
+NUT_DECISIVE_FLAGS = frozenset({"FSD", "OB", "OL", "LB"})
+NUT_FLAGS = NUT_DECISIVE_FLAGS | frozenset({
+    "HB", "RB", "CHRG", "DISCHRG", "BYPASS", "CAL", "OFF", "OVER", "TRIM", "BOOST",
+    "ALARM", "WAIT", "TEST", "ECO", "NOCOMM"})
+
+
 def _nut_state(status: str) -> str | None:
+    """A state from NUT's flags, as upsmon reads them: FSD is a shutdown;
+    low battery counts only on battery (``OL LB`` is a UPS recharging after
+    an outage, on utility); no OL/OB/FSD (``OFF``, ``WAIT``, garbage) says
+    nothing."""
     flags = set(status.upper().split())
     if "FSD" in flags:
         return "shutdown_imminent"
-    if "LB" in flags:
-        return "low_battery"
     if "OB" in flags:
-        return "on_battery"
+        return "low_battery" if "LB" in flags else "on_battery"
     if "OL" in flags:
         return "utility_ok"
     return None
+
+
+def nut_unknown_flags(status: str) -> list[str]:
+    """Flags of ``ups.status`` we do not know (logged; they decide nothing)."""
+    return [f for f in status.upper().split() if f not in NUT_FLAGS]
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+def nut_reading(region: str, sensor: str, variables: Mapping[str, str], now: float
+                ) -> Reading | Rejected:
+    """A NUT UPS's variables (``LIST VAR``) → a reading, or why not.
+
+    ``ups.status`` gives the state (see :func:`_nut_state`);
+    ``battery.runtime`` (s) and ``battery.charge`` (%) ride along; input
+    voltage, alarms and the flags go into the detail.  NUT sends no clock:
+    the reading is timed by when we polled it."""
+    status = variables.get("ups.status")
+    if status is None:
+        return Rejected("malformed", "no ups.status")
+    state = _nut_state(status)
+    if state is None:
+        return Rejected("unknown_state", f"ups.status {status[:40]!r}")
+    detail = [f"ups.status {status}"]
+    for var, label in (("input.voltage", "input {} V"), ("ups.alarm", "alarm: {}")):
+        if variables.get(var):
+            detail.append(label.format(variables[var][:80]))
+    return Reading(region, sensor, state, now, now,
+                   _number(variables.get("battery.runtime")),
+                   _number(variables.get("battery.charge")),
+                   source="nut", detail=", ".join(detail))
 
 
 def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[str],
@@ -136,6 +188,108 @@ def _parse_nut(leaf: str, text: str, region: str, sensor: str, now: float
     if state is None:
         return Rejected("unknown_state", text[:40])
     return Reading(region, sensor, state, now, now)
+
+
+@dataclass(frozen=True)
+class TopicMapping:
+    """How to read a power state out of an MQTT shape that is not ours
+    (Home Assistant, Zigbee2MQTT, Tasmota, NUT bridges): which topics, which
+    region and sensor (literal, or ``{n}``: the topic's n-th level), where
+    the value is (a dotted path into a JSON payload, or the payload itself)
+    and what it means (a value → state table, or NUT ``ups.status`` flags)."""
+
+    topic: str
+    region: str
+    sensor: str
+    json_path: str | None = None
+    states: tuple[tuple[str, str], ...] = ()
+    nut_status: bool = False
+    runtime_path: str | None = None
+    runtime_scale: float = 1.0
+    charge_path: str | None = None
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching: ``+`` is one level, a final ``#`` the rest."""
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+_MISSING = object()
+
+
+def _at_path(data: object, path: str) -> object:
+    for part in path.split("."):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return _MISSING
+    return data
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value).strip()
+
+
+def _filled(template: str, levels: list[str]) -> str | None:
+    if template.startswith("{") and template.endswith("}") and template[1:-1].isdigit():
+        n = int(template[1:-1])
+        return levels[n] if n < len(levels) else None
+    return template
+
+
+def apply_mapping(m: TopicMapping, topic: str, payload: bytes, *, now: float,
+                  regions: Iterable[str], max_bytes: int = MAX_PAYLOAD) -> Reading | Rejected:
+    """One message on a mapped topic → a reading (timed by its arrival: these
+    shapes carry no trustworthy clock), or why not.  A value the table does
+    not know is a rejection, never a guess."""
+    if len(payload) > max_bytes:
+        return Rejected("oversized", f"{len(payload)} bytes")
+    levels = topic.split("/")
+    region, sensor = _filled(m.region, levels), _filled(m.sensor, levels)
+    if region is None or sensor is None or not sensor:
+        return Rejected("bad_topic", topic)
+    if region not in set(regions):
+        return Rejected("unknown_region", region)
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return Rejected("malformed", "not UTF-8")
+    data: object = text
+    if m.json_path is not None or m.runtime_path is not None or m.charge_path is not None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return Rejected("malformed", "not JSON")
+    value = _at_path(data, m.json_path) if m.json_path is not None else data
+    if value is _MISSING:
+        return Rejected("malformed", f"no {m.json_path} in the payload")
+    said = _as_text(value)
+    if m.nut_status:
+        state = _nut_state(said)
+    else:
+        state = next((st for v, st in m.states if v.lower() == said.lower()), None)
+    if state is None:
+        return Rejected("unmapped_value", said[:40])
+    numbers: dict[str, float | None] = {}
+    for name, path, scale in (("runtime", m.runtime_path, m.runtime_scale),
+                              ("charge", m.charge_path, 1.0)):
+        raw = _at_path(data, path) if path is not None else None
+        number = _number(_as_text(raw)) if raw is not None and raw is not _MISSING else None
+        numbers[name] = number * scale if number is not None else None
+    return Reading(region, sensor, state, now, now, numbers["runtime"], numbers["charge"],
+                   source="mqtt", detail=f"{m.json_path or 'payload'} = {said[:60]}")
 
 
 class SensorTable:
@@ -280,7 +434,7 @@ def reading_to_json(r: Reading, relayed_by: str) -> str:
     return json.dumps({"state": r.state, "ts": r.ts, "received": r.received,
                        "since": r.since, "runtime_s": r.runtime_s,
                        "charge_pct": r.charge_pct, "lwt_at": r.lwt_at,
-                       "relayed_by": relayed_by},
+                       "relayed_by": relayed_by, "source": r.source, "detail": r.detail},
                       separators=(",", ":"))
 
 
@@ -290,7 +444,8 @@ def reading_from_json(region: str, sensor: str, value: str) -> Reading:
         raise ValueError("not a power reading")
     return Reading(region, sensor, str(d["state"]), float(d["ts"]), float(d["received"]),
                    _opt(d.get("runtime_s")), _opt(d.get("charge_pct")), float(d["since"]),
-                   _opt(d.get("lwt_at")))
+                   _opt(d.get("lwt_at")), str(d.get("source") or "mqtt"),
+                   str(d.get("detail") or "")[:300])
 
 
 def _opt(v: object) -> float | None:

@@ -2,6 +2,7 @@
 
 Root tasks: ``watch`` (wakes the others on etcd changes), ``roles`` (local
 promote/demote), ``probes`` (health observations), ``mqtt`` (power feeds),
+``power-sources`` (NUT/SNMP devices of our region, relayed like MQTT feeds),
 ``api``, ``isolation`` (safety rule 4), ``session`` (lease + membership +
 election + coordinator, rebuilt whenever the lease is lost), ``reload``
 (SIGHUP), ``shutdown`` (SIGTERM/SIGINT), and under systemd ``sd-status``
@@ -41,6 +42,7 @@ from failoverd.etcd.mirror import KeyMirror
 from failoverd.faults import fault_point
 from failoverd.sensing.mqtt import PowerFeeds
 from failoverd.sensing.probes import Prober
+from failoverd.sensing.sources import PowerSources
 from failoverd.web.api import Api, serve_api
 
 log = structlog.get_logger("failoverd.daemon.wiring")
@@ -152,6 +154,7 @@ class Daemon:
         self.coordinator: Coordinator | None = None
         self.prober: Prober | None = None
         self.power: PowerFeeds | None = None
+        self.sources: PowerSources | None = None
         self.notifier = notifier or Notifier()
         self._registered = asyncio.Event()
 
@@ -181,6 +184,7 @@ class Daemon:
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
+        self.sources = PowerSources(self.power, lambda: self.settings)
         self.api = Api(self.store, self.keys, lambda: self.settings,
                        self.watcher.subscribe("control/results/"), lambda: dict(roles.epochs),
                        history=lambda limit: read_history(self.store, self.keys, limit))
@@ -196,6 +200,7 @@ class Daemon:
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
                 tg.create_task(self.power.run(), name="mqtt")
+                tg.create_task(self.sources.run(), name="power-sources")
                 tg.create_task(serve_api(self.api, self.settings.api), name="api")
                 tg.create_task(guard.run(), name="isolation")
                 tg.create_task(self._sessions(), name="session")
@@ -316,6 +321,8 @@ class Daemon:
         self.settings = new.model_copy(update=fixed)
         if self.prober is not None:
             self.prober.reload()
+        if self.sources is not None and _own_sources(old) != _own_sources(self.settings):
+            self.sources.reload()
         log.info("config reloaded", path=str(path))
         await self.history.record("config_reloaded", needs_restart=ignored)
         return True
@@ -436,3 +443,7 @@ class Daemon:
             self._policy_cached, self._policy_for = engine_policy(settings), settings
         return self._policy_cached
 
+
+def _own_sources(s: Settings) -> object:
+    """The power sources this member polls (its region's)."""
+    return next((r.power_sources for r in s.regions if r.name == s.region), [])

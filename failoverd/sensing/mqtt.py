@@ -27,7 +27,17 @@ import structlog
 from failoverd import __version__, metrics
 from failoverd.config import MqttSettings, Settings
 from failoverd.core.model import Keyspace
-from failoverd.core.power import Reading, Rejected, SensorTable, parse_message, reading_to_json
+from failoverd.core.power import (
+    Reading,
+    Rejected,
+    RuntimeUpdate,
+    SensorTable,
+    TopicMapping,
+    apply_mapping,
+    parse_message,
+    reading_to_json,
+    topic_matches,
+)
 from failoverd.core.store import Store, StoreError
 from failoverd.publishing import LeasedPublisher
 
@@ -123,7 +133,7 @@ async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5
                 host, port, username=broker.username, password=password,
                 identifier=identifier, tls_context=context, timeout=timeout_s,
                 logger=logger) as client:
-            for topic in broker.topics:
+            for topic in broker.subscriptions:
                 await client.subscribe(topic, qos=1)
     except (aiomqtt.MqttError, OSError, ValueError, TimeoutError) as exc:
         return mqtt_failure(exc, wire.last)
@@ -131,7 +141,9 @@ async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5
 
 
 class PowerFeeds:
-    """Power-sensor feeds from MQTT, relayed to etcd (the ``mqtt`` task).
+    """Power-sensor feeds from MQTT, relayed to etcd (the ``mqtt`` task);
+    polled power sources (:mod:`failoverd.sensing.sources`) relay through
+    :meth:`ingest` too, so every sensor follows the same freshness rules.
 
     Owns one aiomqtt client per configured broker (each with its own
     reconnect loop), the last reading per sensor, and this member's status
@@ -154,6 +166,8 @@ class PowerFeeds:
         self.connected: dict[str, bool] = {}
         self._relays = LeasedPublisher(store, lease_id, clock)
         self._last_log: dict[str, float] = {}
+        self._mappings_of: Settings | None = None
+        self._mappings: list[TopicMapping] = []
         self._suppressed: Counter[str] = Counter()
 
     async def run(self) -> None:
@@ -208,11 +222,11 @@ class PowerFeeds:
             will=aiomqtt.Will(topic, self.status("offline"), qos=1, retain=True),
             tls_context=context, keepalive=10, timeout=5, logger=_wire_logger(broker.url)[0],
         ) as client:
-            for t in broker.topics:
+            for t in broker.subscriptions:
                 await client.subscribe(t, qos=1)
             await client.publish(topic, self.status(), qos=1, retain=True)
             self.connected[broker.url] = True
-            log.info("mqtt connected", broker=broker.url, topics=broker.topics)
+            log.info("mqtt connected", broker=broker.url, topics=broker.subscriptions)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._status_loop(client, topic), name=f"mqtt-status-{port}")
                 async for message in client.messages:
@@ -226,12 +240,24 @@ class PowerFeeds:
             await asyncio.sleep(STATUS_EVERY_S)
             await client.publish(topic, self.status(), qos=1, retain=True)
 
+    def _mapping_for(self, s: Settings, topic: str) -> TopicMapping | None:
+        if s is not self._mappings_of:
+            self._mappings_of = s
+            self._mappings = [m.to_core() for b in s.mqtt for m in b.mappings]
+        return next((m for m in self._mappings if topic_matches(m.topic, topic)), None)
+
     async def handle(self, topic: str, payload: bytes) -> None:
-        """One message in; never raises for bad input."""
+        """One message in; never raises for bad input.  A topic that one of
+        the brokers' ``mappings`` matches is read by that mapping, anything
+        else as our own JSON or NUT-topic shape."""
         s = self._settings()
-        item = parse_message(topic, payload, now=self._clock(),
-                             regions=[r.name for r in s.regions],
-                             max_bytes=min(b.max_payload for b in s.mqtt) if s.mqtt else 4096)
+        regions = [r.name for r in s.regions]
+        max_bytes = min(b.max_payload for b in s.mqtt) if s.mqtt else 4096
+        mapping = self._mapping_for(s, topic)
+        item = (apply_mapping(mapping, topic, payload, now=self._clock(), regions=regions,
+                              max_bytes=max_bytes) if mapping is not None
+                else parse_message(topic, payload, now=self._clock(), regions=regions,
+                                   max_bytes=max_bytes))
         if isinstance(item, Rejected):
             self.rejected[item.reason] += 1
             metrics.MQTT_MESSAGES.labels("rejected", item.reason).inc()
@@ -239,6 +265,12 @@ class PowerFeeds:
             return
         self.accepted += 1
         metrics.MQTT_MESSAGES.labels("accepted", "").inc()
+        await self.ingest(item)
+
+    async def ingest(self, item: Reading | RuntimeUpdate) -> None:
+        """Fold a reading in (from MQTT or a polled power source) and relay
+        it if it changed what the sensor says; never raises for a store
+        error (logged; the next change or refresh writes it)."""
         reading = self.table.apply(item)
         if reading is not None:
             await self._relay(reading)
@@ -266,7 +298,7 @@ class PowerFeeds:
             return
         if written and (not isinstance(before, tuple) or before[0] != r.state):
             log.info("power reading", power_region=r.region, sensor=r.sensor, state=r.state,
-                     runtime_s=r.runtime_s)
+                     runtime_s=r.runtime_s, source=r.source, detail=r.detail or None)
 
     async def _resync_loop(self) -> None:
         """Re-relay everything under a new lease (new session)."""

@@ -1,0 +1,161 @@
+"""Polled power sources: NUT ``upsd`` (and SNMP) devices of this member's
+region, read every ``poll_interval_s`` and relayed like MQTT sensors.
+
+One task per source.  A poll that fails (unreachable, timeout, refused,
+garbage, a status that says nothing) is counted by reason and logged once
+when the reason changes — never a power verdict: the sensor just goes
+silent, and the engine's rule 10 judges silence (an outage state followed by
+silence turns critical after ``power_silence_during_outage_s``; a sensor last
+seen on utility becomes unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from failoverd import metrics
+from failoverd.config import NutSource, PowerSource, Settings
+from failoverd.core.power import Reading, Rejected, nut_reading, nut_unknown_flags
+from failoverd.sensing.mqtt import PowerFeeds
+from failoverd.sensing.nut import NutClient, NutError
+
+log = structlog.get_logger("failoverd.sensing.sources")
+
+
+@dataclass
+class SourceStatus:
+    """What ``failoverctl power`` and the status page show per source."""
+
+    kind: str
+    target: str
+    ok: bool = False
+    reason: str = "not polled yet"
+    last_ok: float | None = None
+    polls: int = 0
+    failures: int = 0
+    unknown_flags: tuple[str, ...] = ()
+
+
+class _Restart(Exception):
+    pass
+
+
+class PowerSources:
+    """Polls the power sources of this member's region (the
+    ``power-sources`` task).  Owns one client per source and its status;
+    relays through :class:`~failoverd.sensing.mqtt.PowerFeeds`.  Restarts
+    its pollers on :meth:`reload`."""
+
+    def __init__(self, feeds: PowerFeeds, settings: Callable[[], Settings],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._feeds = feeds
+        self._settings = settings
+        self._clock = clock
+        self._restart = asyncio.Event()
+        self.status: dict[str, SourceStatus] = {}
+
+    def reload(self) -> None:
+        self._restart.set()
+
+    async def run(self) -> None:
+        while True:
+            self._restart.clear()
+            s = self._settings()
+            region = next((r for r in s.regions if r.name == s.region), None)
+            sources = region.power_sources if region is not None else []
+            self.status = {src.sensor: SourceStatus(src.kind, _target(src)) for src in sources}
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for src in sources:
+                        tg.create_task(self._poll_loop(s.region, src),
+                                       name=f"power-source-{src.sensor}")
+                    tg.create_task(self._wait_restart(), name="power-sources-reload")
+            except* _Restart:
+                log.info("power sources reloaded", sources=len(sources))
+
+    async def _wait_restart(self) -> None:
+        await self._restart.wait()
+        raise _Restart
+
+    async def _poll_loop(self, region: str, src: PowerSource) -> None:
+        status = self.status[src.sensor]
+        client = await self._client(src, status)
+        # Members of one region poll the same device: spread them.
+        await asyncio.sleep(random.uniform(0, src.poll_interval_s / 2))
+        try:
+            while True:
+                started = time.monotonic()
+                outcome = await self._poll(client, region, src)
+                status.polls += 1
+                if isinstance(outcome, Reading):
+                    if not status.ok:
+                        log.info("power source answering", sensor=src.sensor, kind=src.kind,
+                                 target=status.target, tls=client.tls)
+                    status.ok, status.reason, status.last_ok = True, "", self._clock()
+                    metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "ok").inc()
+                    await self._feeds.ingest(outcome)
+                else:
+                    reason, detail = outcome
+                    status.failures += 1
+                    metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, reason).inc()
+                    if status.ok or status.reason != detail:
+                        # Once per change of what is wrong, not once per poll.
+                        log.warning("power source poll failed", sensor=src.sensor,
+                                    kind=src.kind, target=status.target, reason=reason,
+                                    error=detail)
+                    status.ok, status.reason = False, detail
+                metrics.POWER_SOURCE_UP.labels(src.sensor, src.kind).set(1 if status.ok else 0)
+                pause = src.poll_interval_s * random.uniform(0.9, 1.1)
+                await asyncio.sleep(max(pause - (time.monotonic() - started), 0))
+        finally:
+            client.close()
+
+    async def _poll(self, client: NutClient, region: str, src: NutSource
+                    ) -> Reading | tuple[str, str]:
+        """One poll: a reading, or (reason, detail) when it gave none."""
+        try:
+            async with asyncio.timeout(src.timeout_s):
+                found = await client.variables(src.ups)
+        except TimeoutError:
+            return "timeout", f"no answer within {src.timeout_s:g}s"
+        except NutError as exc:
+            return exc.reason, str(exc)
+        unknown = tuple(nut_unknown_flags(found.get("ups.status", "")))
+        status = self.status[src.sensor]
+        if unknown:
+            metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "unknown_flags").inc()
+            if unknown != status.unknown_flags:
+                log.warning("power source sent flags we do not know; they decide nothing",
+                            sensor=src.sensor, flags=list(unknown),
+                            status=found.get("ups.status"))
+        status.unknown_flags = unknown
+        item = nut_reading(region, src.sensor, found, self._clock())
+        if isinstance(item, Rejected):
+            return item.reason, item.detail
+        return item
+
+
+    async def _client(self, src: PowerSource, status: SourceStatus) -> NutClient:
+        """A client with the source's password, waiting (and saying why)
+        while its password file cannot be read."""
+        while True:
+            try:
+                password = src.password_file.read_text().strip() if src.password_file else None
+                return NutClient(src, password)
+            except OSError as exc:
+                detail = f"cannot read password_file: {exc.strerror}"
+                if status.reason != detail:
+                    log.error("power source not polled", sensor=src.sensor, error=detail)
+                status.ok, status.reason = False, detail
+                metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "config").inc()
+                await asyncio.sleep(max(src.poll_interval_s, 5.0))
+
+
+def _target(src: PowerSource) -> str:
+    return f"{src.ups}@{src.server}"

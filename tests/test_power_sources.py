@@ -1,0 +1,257 @@
+"""Polled power sources end to end: a real NUT ``upsd`` with ``dummy-ups``
+drivers, real etcd, real daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from devstack.stack import (
+    EtcdCluster,
+    LocalCluster,
+    Mosquitto,
+    NutServer,
+    call,
+    free_port,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+class NutStack:
+    def __init__(self, c: LocalCluster, nut: NutServer) -> None:
+        self.c, self.nut = c, nut
+
+    async def started(self) -> Any:
+        self.c.add("e1", "east")
+        self.c.add("w1", "west")
+        return await self.c.wait_active("app", "east", 10)
+
+    async def reading(self, sensor: str, state: str, timeout: float = 10,
+                      detail: str = "") -> Any:
+        """Wait until etcd holds ``sensor``'s relayed reading in ``state``
+        (with ``detail`` in its detail)."""
+        async def seen() -> Any:
+            for r in (await self.c.view()).power.get(("east", sensor), []):
+                if r.state == state and detail in r.detail:
+                    return r
+            return None
+        return await wait_until(seen, timeout, f"{sensor} relayed as {state} {detail}")
+
+    async def decided(self, text: str, after: float) -> None:
+        """Wait for a coordinator decision, logged after ``after``, whose
+        reason contains ``text``."""
+        async def seen() -> bool:
+            return any(e.get("event") == "decision" and text in e.get("reason", "")
+                       and _ts(e) >= after
+                       for d in self.c.daemons.values() for e in d.log_events())
+        await wait_until(seen, 10, f"a decision saying {text!r}")
+
+
+def _ts(e: dict[str, Any]) -> float:
+    return datetime.fromisoformat(e["timestamp"]).timestamp()
+
+
+@pytest.fixture
+async def nut_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+                    ) -> AsyncIterator[Callable[..., NutStack]]:
+    made: list[tuple[LocalCluster, NutServer]] = []
+
+    def make(sources: list[dict[str, Any]] | None = None, **policy: Any) -> NutStack:
+        nut = NutServer(tmp_path / "nut").start()
+        sources = sources if sources is not None else [
+            {"kind": "nut", "sensor": "ups1", "ups": "ups1", "server": nut.server,
+             "poll_interval_s": 0.5}]
+        pol = {"power_grace_s": 600, "sensor_stale_s": 3, "expected_failover_s": 5,
+               "power_runtime_margin_s": 10, **policy}
+        c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                         {"app": ["east", "west"]}, policy=pol,
+                         region_settings={"east": {"power_sources": sources}})
+        made.append((c, nut))
+        return NutStack(c, nut)
+    yield make
+    for c, nut in made:
+        await c.close()
+        nut.stop()
+
+
+async def test_nut_ups_on_battery_then_low_battery_evacuates(nut_stack):
+    """OL → OB DISCHRG (within the grace, with runtime to spare: nothing
+    moves) → OB LB (critical, as upsmon reads it): the region evacuates."""
+    s = nut_stack()
+    before = await s.started()
+    first = await s.reading("ups1", "utility_ok")
+    assert first.source == "nut" and first.charge_pct == 100 and "input 230.0 V" in first.detail
+    s.nut.set("ups1", **{"ups.status": "OB DISCHRG", "battery.runtime": 900,
+                         "battery.charge": 80, "input.voltage": 0})
+    on_battery = await s.reading("ups1", "on_battery")
+    assert on_battery.runtime_s is not None and on_battery.runtime_s <= 900
+    assert (await s.c.view()).active["app"].epoch == before.epoch
+    s.nut.set("ups1", **{"ups.status": "OB DISCHRG LB", "battery.runtime": 120,
+                         "battery.charge": 9})
+    after = await s.c.wait_active("app", "west", 10)
+    assert after.trigger == "power" and "ups1:low_battery" in after.reason
+
+
+async def test_nut_recharging_after_an_outage_is_not_critical(nut_stack):
+    """``OL CHRG LB``: the utility is back and the battery recharges — upsmon
+    does not shut down for it, and neither do we evacuate."""
+    s = nut_stack()
+    before = await s.started()
+    await s.reading("ups1", "utility_ok")
+    s.nut.set("ups1", **{"ups.status": "OL CHRG LB", "battery.charge": 12})
+    reading = await s.reading("ups1", "utility_ok", detail="OL CHRG LB")
+    await s.decided("power normal", after=reading.received)
+    view = await s.c.view()
+    assert view.active["app"].epoch == before.epoch
+
+
+async def test_rule_10_upsd_gone_during_an_outage_is_critical_after_the_bound(nut_stack):
+    """A UPS on battery whose upsd stops answering (the site's network died
+    with it) is critical after power_silence_during_outage_s, as upsmon
+    treats a UPS on battery that stops answering."""
+    s = nut_stack(sensor_stale_s=1, power_silence_during_outage_s=3)
+    before = await s.started()
+    s.nut.set("ups1", **{"ups.status": "OB DISCHRG", "battery.runtime": 3000})
+    await s.reading("ups1", "on_battery")
+    t0 = time.time()
+    s.nut.stop_upsd()
+    after = await s.c.wait_active("app", "west", 15)
+    assert after.epoch == before.epoch + 1
+    assert time.time() - t0 >= 3 - 0.6  # the bound, less one poll interval
+    assert "ups1:on_battery, silent" in after.reason
+    logged = [e for e in s.c.daemons["e1"].log_events()
+              if e.get("event") == "power source poll failed"]
+    assert logged and logged[0]["reason"] == "unreachable"
+
+
+async def _garbage_server() -> tuple[asyncio.Server, int]:
+    """Something on the NUT port that is not upsd."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readline():
+            writer.write(b"HTTP/1.0 400 Bad Request\r\n")
+            await writer.drain()
+        writer.close()
+    port = free_port()
+    return await asyncio.start_server(answer, "127.0.0.1", port), port
+
+
+async def test_bad_nut_answers_are_logged_once_counted_and_decide_nothing(nut_stack):
+    """An unknown UPS name, a server that is not upsd, TLS required from a
+    server without it, a port nobody listens on: each is one log line (not
+    one per poll), a metric by reason, no reading and no power verdict."""
+    server, garbage_port = await _garbage_server()
+    try:
+        def src(sensor: str, **kw: Any) -> dict[str, Any]:
+            return {"kind": "nut", "sensor": sensor, "ups": "ups1", "poll_interval_s": 0.3, **kw}
+        s = nut_stack(sources=[])
+        nut = s.nut.server
+        sources = [src("ghost", server=nut, ups="nope"),
+                   src("noise", server=f"127.0.0.1:{garbage_port}", tls="off"),
+                   src("plain", server=nut, tls="required"),
+                   src("nobody", server=f"127.0.0.1:{free_port()}")]
+        s.c.config = s.c.config_variant("bad", region_settings={
+            "east": {"power_sources": sources}})
+        before = await s.started()
+        expected = {"ghost": "unknown_ups", "noise": "malformed", "plain": "tls",
+                    "nobody": "unreachable"}
+        api = s.c.daemons["e1"].api
+
+        async def counted() -> dict[str, float] | None:
+            _, text = await call(api, "GET", "/metrics")
+            found = {m.group(1): float(m.group(3)) for m in re.finditer(
+                r'failoverd_power_source_polls_total\{kind="nut",result="([a-z_]+)",'
+                r'sensor="([a-z]+)"\} ([0-9.]+)', text) if expected.get(m.group(2)) == m.group(1)}
+            return found if len(found) == 4 and min(found.values()) >= 5 else None
+        await wait_until(counted, 15, "five failed polls of each bad source, by reason")
+        for sensor, reason in expected.items():
+            lines = [e for e in s.c.daemons["e1"].log_events()
+                     if e.get("event") == "power source poll failed"
+                     and e.get("sensor") == sensor]
+            assert len(lines) == 1, (sensor, lines)
+            assert lines[0]["reason"] == reason
+        view = await s.c.view()
+        assert not [k for k in view.power if k[0] == "east"]
+        assert view.active["app"].epoch == before.epoch
+    finally:
+        server.close()
+
+
+PLUG = """
+import asyncio, sys
+import aiomqtt
+
+async def main() -> None:
+    will = aiomqtt.Will("tele/plug7/LWT", "Offline", qos=1, retain=True)
+    async with aiomqtt.Client("127.0.0.1", int(sys.argv[1]), will=will, keepalive=5) as c:
+        await c.publish("tele/plug7/LWT", "Online", qos=1, retain=True)
+        print("online", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_mqtt_mappings_read_zigbee2mqtt_and_tasmota_through_a_real_broker(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """docs/power-sources.md's Tasmota and Zigbee2MQTT recipes on a real
+    mosquitto: a plug's Last Will (the broker publishes it when the plug
+    dies) and a Zigbee sensor's ``ac_power: false`` past the grace."""
+    broker = Mosquitto(tmp_path).start()
+    mappings = [
+        {"topic": "tele/+/LWT", "region": "west", "sensor": "{1}",
+         "states": {"Online": "utility_ok", "Offline": "offline"}},
+        {"topic": "zigbee2mqtt/+", "region": "east", "sensor": "{1}", "json_path": "ac_power",
+         "states": {"true": "utility_ok", "false": "utility_lost"}, "charge_path": "battery"},
+    ]
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"app": ["east", "west"]}, mqtt=[broker.url], mqtt_mappings=mappings,
+                     policy={"power_grace_s": 2, "sensor_stale_s": 3})
+    plug: subprocess.Popen[bytes] | None = None
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        before = await c.wait_active("app", "east", 10)
+        await wait_until(lambda: _mqtt_connected(c), 10, "both members on the broker")
+
+        async def relayed(region: str, sensor: str, state: str) -> Any:
+            found = (await c.view()).power.get((region, sensor), [])
+            return next((r for r in found if r.state == state), None)
+
+        plug = subprocess.Popen([sys.executable, "-c", PLUG, str(broker.port)],
+                                stdout=subprocess.PIPE)
+        await wait_until(lambda: relayed("west", "plug7", "utility_ok"), 10, "the plug online")
+        plug.kill()  # dies with the power: no DISCONNECT, so the broker sends its will
+        plug.wait()
+        await wait_until(lambda: relayed("west", "plug7", "offline"), 10, "the plug's will")
+
+        async def publish(payload: str) -> None:
+            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+                await client.publish("zigbee2mqtt/hall", payload, qos=1)
+        await publish('{"ac_power": true, "battery": 97}')
+        ok = await wait_until(lambda: relayed("east", "hall", "utility_ok"), 10, "hall on mains")
+        assert ok.charge_pct == 97 and ok.detail == "ac_power = true"
+        await publish('{"ac_power": false, "battery": 96}')
+        after = await c.wait_active("app", "west", 10)
+        assert after.epoch == before.epoch + 1 and "hall:utility_lost" in after.reason
+    finally:
+        if plug is not None and plug.poll() is None:
+            plug.kill()
+        await c.close()
+        broker.stop()
+
+
+async def _mqtt_connected(c: LocalCluster) -> bool:
+    return all(any(e.get("event") == "mqtt connected" for e in d.log_events())
+               for d in c.daemons.values())
