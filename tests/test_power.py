@@ -15,6 +15,7 @@ from failoverd.core.power import (
     SensorTable,
     TopicMapping,
     apply_mapping,
+    explain_sensor,
     merge,
     nut_reading,
     nut_unknown_flags,
@@ -344,3 +345,29 @@ def test_a_mapping_never_raises_on_any_payload(payload: bytes) -> None:
     for m in (HA, HA_FLAGS, Z2M, TASMOTA, NUT_BRIDGE):
         r = apply_mapping(m, "zigbee2mqtt/x", payload, now=NOW, regions=REGIONS)
         assert isinstance(r, Reading | Rejected)
+
+
+def _seen(state: str, *, silent: float = 0.0, since_ago: float = 0.0,
+          runtime: float | None = None, lwt: bool = False) -> Reading:
+    at = NOW - silent
+    return Reading("east", "s", state, at, at, runtime, None, NOW - since_ago,
+                   at if lwt else None)
+
+
+@pytest.mark.parametrize(("reading", "rule", "words"), [
+    (_seen("utility_ok"), "normal", "on utility"),
+    (_seen("utility_ok", silent=40), "stale", "says nothing"),
+    (_seen("on_generator"), "generator", "generator carries"),
+    (_seen("utility_lost", since_ago=5), "grace", "outage 5s of the 30s"),
+    (_seen("utility_lost", since_ago=45), "grace", "past power_grace_s 30s: critical"),
+    (_seen("on_battery", since_ago=5, runtime=100), "budget", "100s of battery left, under the "
+                                                              "300s failover budget"),
+    (_seen("on_battery", since_ago=5, runtime=900), "grace", "outage 5s"),
+    (_seen("generator_failed"), "critical", "generator_failed: critical"),
+    (_seen("on_battery", silent=70, since_ago=70, runtime=9000), "silence",
+     "silent 70s in an outage state"),
+    (_seen("on_generator", silent=5, lwt=True), "generator", "generator carries"),
+])
+def test_each_sensor_says_which_rule_applies(reading: Reading, rule: str, words: str) -> None:
+    v = explain_sensor(reading, NOW, grace_s=30, stale_s=30, silence_s=60, budget_s=300)
+    assert v.rule == rule and words in v.explanation, v

@@ -4,6 +4,7 @@ drivers, real etcd, real daemons."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import aiomqtt
 import pytest
 
 from devstack.stack import (
+    OPERATOR_TOKEN,
+    ROOT,
+    VIEWER_TOKEN,
     EtcdCluster,
     LocalCluster,
     Mosquitto,
@@ -24,7 +28,9 @@ from devstack.stack import (
     call,
     free_port,
     wait_until,
+    write_config,
 )
+from tests.test_statuspage import render
 
 pytestmark = pytest.mark.cluster
 
@@ -98,13 +104,26 @@ async def test_nut_ups_on_battery_then_low_battery_evacuates(nut_stack):
     on_battery = await s.reading("ups1", "on_battery")
     assert on_battery.runtime_s is not None and on_battery.runtime_s <= 900
     assert (await s.c.view()).active["app"].epoch == before.epoch
+    # What the operator sees: the sensor, its source, the rule, the verdict,
+    # and (asked of a member that polls it) how the polls go.
+    shown = await asyncio.to_thread(_ctl, "power", api=s.c.daemons["e1"].api)
+    assert shown.returncode == 0, shown.stderr
+    assert "REGION east: power on_battery" in shown.stdout
+    line = next(x for x in shown.stdout.splitlines() if x.strip().startswith("ups1"))
+    assert line.split()[:3] == ["ups1", "nut", "on_battery"] and " grace " in line
+    assert f"source ups1 (nut ups1@{s.nut.server}): reading relayed; answering" in shown.stdout
+    doc = json.loads((await asyncio.to_thread(
+        _ctl, "-o", "json", "power", api=s.c.daemons["w1"].api)).stdout)
+    assert doc["east"]["state"] == "on_battery"
+    assert doc["east"]["sensors"][0]["rule"] == "grace"
+    assert "poll" not in doc["east"]["sources"][0]  # west does not poll east's UPS
     s.nut.set("ups1", **{"ups.status": "OB DISCHRG LB", "battery.runtime": 120,
                          "battery.charge": 9})
     after = await s.c.wait_active("app", "west", 10)
     assert after.trigger == "power" and "ups1:low_battery" in after.reason
 
 
-async def test_nut_recharging_after_an_outage_is_not_critical(nut_stack):
+async def test_nut_recharging_after_an_outage_is_not_critical(nut_stack, tmp_path: Path):
     """``OL CHRG LB``: the utility is back and the battery recharges — upsmon
     does not shut down for it, and neither do we evacuate."""
     s = nut_stack()
@@ -115,6 +134,14 @@ async def test_nut_recharging_after_an_outage_is_not_critical(nut_stack):
     await s.decided("power normal", after=reading.received)
     view = await s.c.view()
     assert view.active["app"].epoch == before.epoch
+    # The status page shows the sensor, its source and the rule that applies.
+    dom = await asyncio.to_thread(render, f"{s.c.daemons['w1'].api}/#token={VIEWER_TOKEN}",
+                                  tmp_path)
+    m = re.search(r'<tr data-region="east" data-sensor="ups1">(.*?)</tr>', dom, re.S)
+    assert m, "no power row for ups1"
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", m.group(1), re.S)
+    assert cells[:4] == ["east", "ups1", "nut", "utility_ok"] and cells[6] == "normal", cells
+    assert "OL CHRG LB" in cells[7]
 
 
 async def test_rule_10_upsd_gone_during_an_outage_is_critical_after_the_bound(nut_stack):
@@ -134,6 +161,12 @@ async def test_rule_10_upsd_gone_during_an_outage_is_critical_after_the_bound(nu
     logged = [e for e in s.c.daemons["e1"].log_events()
               if e.get("event") == "power source poll failed"]
     assert logged and logged[0]["reason"] == "unreachable"
+
+
+def _ctl(*args: str, api: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "failoverd.cli.ctl", "--api", api,
+                           "--token", OPERATOR_TOKEN, *args], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, check=False)
 
 
 async def _garbage_server() -> tuple[asyncio.Server, int]:
@@ -255,3 +288,33 @@ async def test_mqtt_mappings_read_zigbee2mqtt_and_tasmota_through_a_real_broker(
 async def _mqtt_connected(c: LocalCluster) -> bool:
     return all(any(e.get("event") == "mqtt connected" for e in d.log_events())
                for d in c.daemons.values())
+
+
+async def test_check_config_connect_reads_each_nut_source_and_only_warns(
+        tmp_path: Path, etcd: EtcdCluster):
+    """check-config --connect polls each NUT source once: a working one says
+    what it read; an unreachable one is a warning (only the region's members
+    must reach it), not a failure."""
+    nut = NutServer(tmp_path / "nut").start()
+    dead = free_port()
+    try:
+        cfg = write_config(
+            tmp_path / "c.toml", cluster="cc", endpoints=etcd.endpoints,
+            regions={"east": 100, "west": 50}, groups={"app": ["east", "west"]},
+            state_dir=tmp_path / "state", region_settings={"east": {"power_sources": [
+                {"kind": "nut", "sensor": "ups1", "ups": "ups1", "server": nut.server},
+                {"kind": "nut", "sensor": "ups2", "ups": "ups2",
+                 "server": f"127.0.0.1:{dead}"}]}})
+        out = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "failoverd", "check-config", "--connect",
+                             str(cfg)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+            check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.splitlines()
+        assert (f"ok   nut ups1@{nut.server} (sensor ups1): ups.status 'OL' read as "
+                "utility_ok (plain text)") in lines
+        assert any(x.startswith(f"warn nut ups2@127.0.0.1:{dead} (sensor ups2): unreachable")
+                   for x in lines), lines
+        assert lines[-1] == "3 endpoint(s), 0 failed, 1 warning(s)"
+    finally:
+        nut.stop()

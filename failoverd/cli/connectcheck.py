@@ -7,7 +7,9 @@ Read-only everywhere: etcd gets one read under the cluster's prefix (so the
 user's role is checked too), each broker one connect and subscribe, HAProxy
 ``show servers state`` (every configured server must exist), DNS one
 TSIG-signed query of the fence record, webhooks a TCP connect, exec routes
-a look at the file.  Nothing is switched, published or posted.
+a look at the file, NUT sources one ``LIST VAR`` (a failure there is a
+warning: only the region's members must reach them).  Nothing is switched,
+published or posted.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ import dns.exception
 import dns.message
 import dns.rdatatype
 
-from failoverd.config import DnsRoute, ExecRoute, HaproxyRoute, Settings, WebhookRoute
+from failoverd.config import (
+    DnsRoute,
+    ExecRoute,
+    HaproxyRoute,
+    NutSource,
+    Settings,
+    WebhookRoute,
+)
 from failoverd.core.model import Keyspace
+from failoverd.core.power import Reading, nut_reading
 from failoverd.core.store import StoreError
 from failoverd.etcd.client import EtcdStore, etcd_failure
 from failoverd.sensing.mqtt import try_broker
+from failoverd.sensing.nut import NutClient, NutError
 from failoverd.traffic.routers import DnsRouter, HaproxyRouter, RouterError
 
 TIMEOUT_S = 5.0
@@ -38,9 +49,40 @@ class Result:
     what: str  # e.g. "etcd 10.0.0.1:2379"
     ok: bool
     detail: str
+    # A problem that does not fail the check (a power source only its
+    # region's members reach).
+    warning: bool = False
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
+        tag = "ok  " if self.ok else "warn" if self.warning else "FAIL"
+        return f"{tag} {self.what}: {self.detail}"
+
+
+async def _nut(src: NutSource) -> Result:
+    what = f"nut {src.ups}@{src.server} (sensor {src.sensor})"
+    password = None
+    if src.password_file is not None:
+        try:
+            password = src.password_file.read_text().strip()
+        except OSError as exc:
+            return Result(what, False, f"cannot read password_file: {exc.strerror}")
+    client = NutClient(src, password)
+    try:
+        async with asyncio.timeout(min(src.timeout_s * 2, TIMEOUT_S)):
+            found = await client.variables(src.ups)
+    except TimeoutError:
+        return Result(what, False, "no answer (only the region's members need to reach it)",
+                      warning=True)
+    except NutError as exc:
+        return Result(what, False, f"{exc.reason}: {exc}", warning=True)
+    finally:
+        client.close()
+    status = found.get("ups.status", "")
+    item = nut_reading("-", src.sensor, found, 0.0)
+    read = item.state if isinstance(item, Reading) else f"no reading ({item.detail})"
+    tls = "TLS" if client.tls else "plain text"
+    return Result(what, isinstance(item, Reading),
+                  f"ups.status {status!r} read as {read} ({tls})", warning=True)
 
 
 async def _etcd(settings: Settings, endpoint: str) -> Result:
@@ -137,4 +179,5 @@ async def connect_check(settings: Settings) -> list[Result]:
                 jobs.append(_webhook(route))
             else:
                 routes.append(_exec(route))
+    jobs += [_nut(src) for region in settings.regions for src in region.power_sources]
     return [*await asyncio.gather(*jobs), *routes]

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=15.0)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="regions, groups and the coordinator")
+    sub.add_parser("power", help="per region: every power sensor and source, the rule that "
+                   "applies to it, and what the engine concludes")
     h = sub.add_parser("history", help="audit events, newest first")
     h.add_argument("--limit", type=int, default=20)
     for name in ("switchover", "failover"):
@@ -97,6 +99,42 @@ def print_status(st: dict[str, Any]) -> None:
             print(f"{'':<12}└ {current['name']}: {current['detail']}")
 
 
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}s"
+
+
+def print_power(st: dict[str, Any]) -> None:
+    for name, r in st["regions"].items():
+        p = r["power"]
+        runtime = f", {p['runtime_s']:.0f}s left" if p.get("runtime_s") is not None else ""
+        print(f"REGION {name}: power {p['state']}{runtime}   (failover budget "
+              f"{p['budget_s']:.0f}s, power_quorum {p['quorum']})")
+        if p.get("evidence"):
+            print(f"  critical because: {', '.join(p['evidence'])}")
+        elif p.get("minority"):
+            print(f"  {len(p['minority'])} of {p['quorum']} sensors needed say critical: "
+                  f"{', '.join(p['minority'])}")
+        if p["sensors"]:
+            print(f"  {'SENSOR':<14}{'SOURCE':<7}{'STATE':<18}{'RUNTIME':<9}{'CHARGE':<8}"
+                  f"{'AGE':<7}{'RULE':<10}WHY")
+            for x in p["sensors"]:
+                charge = "-" if x["charge_pct"] is None else f"{x['charge_pct']:.0f}%"
+                print(f"  {x['sensor']:<14}{x['source']:<7}{x['state']:<18}"
+                      f"{_secs(x['runtime_s']):<9}{charge:<8}{_secs(x['age_s']):<7}"
+                      f"{x['rule']:<10}{x['explanation']}")
+                if x.get("detail"):
+                    print(f"  {'':<14}└ {x['detail']}")
+        else:
+            print("  no sensor has said anything")
+        for src in p.get("sources", []):
+            poll = src.get("poll")
+            how = ("polled elsewhere (by the region's members)" if poll is None
+                   else "answering" if poll["ok"] else f"failing: {poll['reason']}")
+            print(f"  source {src['sensor']} ({src['kind']} {src['target']}): "
+                  f"{'reading relayed' if src['reading'] else 'NO READING'}; {how}")
+        print()
+
+
 def print_history(events: list[dict[str, Any]]) -> None:
     for ev in events:
         ts = ev.get("ts")
@@ -130,7 +168,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
     c = args.command
-    if c == "status":
+    if c in {"status", "power"}:
         return "GET", "/v1/status", None
     if c == "history":
         return "GET", f"/v1/history?limit={args.limit}", None
@@ -190,11 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     code = exit_code(status)
     if args.output == "json":
+        if args.command == "power" and code == EXIT_OK:
+            data = {name: r["power"] for name, r in data["regions"].items()}
         print(json.dumps(data, indent=2))
     elif code != EXIT_OK:
         print(f"failoverctl: {data.get('error')}: {data.get('message')}", file=sys.stderr)
     elif args.command == "status":
         print_status(data)
+    elif args.command == "power":
+        print_power(data)
     elif args.command == "history":
         print_history(data["events"])
     else:

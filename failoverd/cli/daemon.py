@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             results = asyncio.run(connect_check(settings))
             for r in results:
                 print(r.line())
-            failed = sum(not r.ok for r in results)
-            print(f"{len(results)} endpoint(s), {failed} failed")
+            failed = sum(not r.ok and not r.warning for r in results)
+            warned = sum(not r.ok and r.warning for r in results)
+            print(f"{len(results)} endpoint(s), {failed} failed"
+                  + (f", {warned} warning(s)" if warned else ""))
             return 1 if failed else 0
         return 0
     from failoverd.daemon.wiring import Daemon  # noqa: PLC0415 - keeps check-config light

@@ -385,6 +385,52 @@ def _vote(r: Reading, now: float, *, grace_s: float, stale_s: float, silence_s: 
     return None
 
 
+@dataclass(frozen=True)
+class SensorView:
+    """One sensor as an operator sees it: what it said, how long ago, and
+    which rule applies to it now (``failoverctl power``, the status page)."""
+
+    sensor: str
+    source: str
+    state: str
+    age_s: float
+    runtime_s: float | None
+    charge_pct: float | None
+    rule: str  # normal | grace | budget | critical | silence | generator | stale
+    explanation: str
+    detail: str
+
+
+def explain_sensor(r: Reading, now: float, *, grace_s: float, stale_s: float,
+                   silence_s: float, budget_s: float) -> SensorView:
+    """Which rule applies to one sensor's reading now, in words."""
+    quiet = silent_s(r, now)
+    left = runtime_left(r, now)
+    vote = _vote(r, now, grace_s=grace_s, stale_s=stale_s, silence_s=silence_s)
+    if vote is None:
+        rule, why = "stale", (f"last seen {r.state} {quiet:.0f}s ago "
+                              f"(> sensor_stale_s {stale_s:g}s or its Last Will): says nothing")
+    elif vote[0] == "normal":
+        rule, why = "normal", "on utility"
+    elif vote[0] == "generator":
+        rule, why = "generator", "a generator carries the load"
+    elif vote[0] == "critical" and r.state in OUTAGE_ALL and quiet > silence_s:
+        rule, why = "silence", (f"silent {quiet:.0f}s in an outage state "
+                                f"(> power_silence_during_outage_s {silence_s:g}s): critical")
+    elif vote[0] == "critical" and r.state in CRITICAL_STATES:
+        rule, why = "critical", f"{r.state}: critical"
+    elif vote[0] == "critical":
+        rule, why = "grace", (f"outage {now - r.since:.0f}s, past power_grace_s "
+                              f"{grace_s:g}s: critical")
+    elif r.state == "on_battery" and left is not None and left < budget_s:
+        rule, why = "budget", (f"{left:.0f}s of battery left, under the {budget_s:.0f}s "
+                               "failover budget: the region is left")
+    else:
+        rule, why = "grace", f"outage {now - r.since:.0f}s of the {grace_s:g}s power_grace_s"
+    return SensorView(r.sensor, r.source, r.state, quiet, left, r.charge_pct, rule, why,
+                      r.detail)
+
+
 def region_power(readings: Iterable[Reading], now: float, *, grace_s: float,
                  stale_s: float, silence_s: float | None = None, quorum: int = 1
                  ) -> RegionPower:

@@ -63,6 +63,15 @@ class PowerSources:
     def reload(self) -> None:
         self._restart.set()
 
+    def poll_status(self) -> dict[str, dict[str, object]]:
+        """Per sensor, how this member's polls go (the API shows it)."""
+        now = self._clock()
+        return {sensor: {"ok": st.ok, "reason": st.reason, "polls": st.polls,
+                         "failures": st.failures,
+                         "last_ok_age_s": (round(now - st.last_ok, 1)
+                                           if st.last_ok is not None else None)}
+                for sensor, st in self.status.items()}
+
     async def run(self) -> None:
         while True:
             self._restart.clear()

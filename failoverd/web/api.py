@@ -16,8 +16,8 @@ import json
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
@@ -26,9 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from failoverd import __version__, metrics
-from failoverd.config import ApiSettings, Settings, engine_policy
-from failoverd.core.engine import power_of, region_health
+from failoverd.config import ApiSettings, RegionSettings, Settings, engine_policy
+from failoverd.core.engine import failover_budget_s, power_of, region_health
 from failoverd.core.model import ClusterView, Keyspace, OperatorRequest, parse_view
+from failoverd.core.power import explain_sensor, merge
 from failoverd.core.store import Compare, Delete, Store, StoreError
 from failoverd.web.statuspage import render_page
 
@@ -104,9 +105,11 @@ class Api:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  results_changed: asyncio.Event,
                  epochs: Callable[[], dict[str, int]] = dict,
-                 history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None
+                 history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None,
+                 polls: Callable[[], Mapping[str, Mapping[str, object]]] = dict
                  ) -> None:
         self._store = store
+        self._polls = polls
         self._history = history
         self._epochs = epochs
         self._keys = keys
@@ -191,7 +194,7 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(status_document(await self._view(), self._settings(),
-                                                 time.time()))
+                                                 time.time(), self._polls()))
 
     async def history(self, request: web.Request) -> web.Response:
         try:
@@ -343,18 +346,43 @@ class Api:
                 pass
 
 
-def status_document(view: ClusterView, s: Settings, now: float) -> dict[str, Any]:
+def power_document(view: ClusterView, s: Settings, region: RegionSettings, now: float,
+                   polls: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
+    """A region's power as the engine concludes it, every sensor with the
+    rule that applies to it, and the region's polled sources."""
+    policy = engine_policy(s)
+    p = power_of(view, policy, region.name, now)
+    budget = failover_budget_s(view, policy)
+    merged = merge({k: v for k, v in view.power.items() if k[0] == region.name})
+    sensors = [asdict(explain_sensor(r, now, grace_s=policy.power_grace_s,
+                                     stale_s=policy.sensor_stale_s,
+                                     silence_s=policy.power_silence_during_outage_s,
+                                     budget_s=budget))
+               for r in merged.get(region.name, [])]
+    heard = {x["sensor"] for x in sensors}
+    sources = [{"sensor": src.sensor, "kind": src.kind, "target": f"{src.ups}@{src.server}",
+                "reading": src.sensor in heard,
+                # Only the members of the region poll it: the one answering
+                # knows how its own polls go.
+                **({"poll": dict(polls[src.sensor])} if src.sensor in polls else {})}
+               for src in region.power_sources]
+    return {"state": p.state, "runtime_s": p.runtime_s, "detail": p.detail,
+            "evidence": list(p.evidence), "quorum": p.quorum, "minority": list(p.minority),
+            "budget_s": budget, "sensors": sensors, "sources": sources}
+
+
+def status_document(view: ClusterView, s: Settings, now: float,
+                    polls: Mapping[str, Mapping[str, object]] | None = None) -> dict[str, Any]:
     policy = engine_policy(s)
     regions: dict[str, Any] = {}
     for r in s.regions:
         h = region_health(view, policy, r.name)
-        p = power_of(view, policy, r.name, now)
         regions[r.name] = {
             "priority": r.priority,
             "members": [m.member for m in view.members_in(r.name)],
             "health": {"verdict": h.verdict, "ready": h.ready, "quorum": h.quorum,
                        "votes": dict(h.votes)},
-            "power": {"state": p.state, "runtime_s": p.runtime_s, "detail": p.detail},
+            "power": power_document(view, s, r, now, polls or {}),
             "drained": r.name in view.control.drained,
             "active_for": sorted(g for g, rec in view.active.items() if rec.region == r.name),
         }

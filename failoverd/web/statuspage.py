@@ -41,6 +41,9 @@ PAGE = """<!doctype html>
 <h2>Regions</h2>
 <table id="regions"><thead><tr><th>Region</th><th>Role</th><th>Health</th><th>Power</th>
  <th>Drained</th><th>Members</th></tr></thead><tbody></tbody></table>
+<h2>Power</h2>
+<table id="power"><thead><tr><th>Region</th><th>Sensor</th><th>Source</th><th>State</th>
+ <th>Runtime</th><th>Age</th><th>Rule</th><th>Why</th></tr></thead><tbody></tbody></table>
 <h2>Groups</h2>
 <table id="groups"><thead><tr><th>Group</th><th>Active</th><th>Epoch</th><th>Since</th>
  <th>Workflow</th><th>Reason</th></tr></thead><tbody></tbody></table>
@@ -92,6 +95,32 @@ function render(st, events) {
       " (" + Math.round(r.power.runtime_s) + "s)" : ""), r.power.state);
     cell(row, r.drained ? "drained" : "");
     cell(row, r.members.join(", ") || "none");
+  }
+  const power = $("power").tBodies[0]; power.replaceChildren();
+  for (const [name, r] of Object.entries(st.regions)) {
+    const p = r.power, heard = new Set(p.sensors.map((x) => x.sensor));
+    for (const x of p.sensors) {
+      const row = power.insertRow(); row.dataset.region = name; row.dataset.sensor = x.sensor;
+      cell(row, name); cell(row, x.sensor); cell(row, x.source); cell(row, x.state, x.state);
+      cell(row, x.runtime_s != null ? Math.round(x.runtime_s) + "s" : "—");
+      cell(row, Math.round(x.age_s) + "s");
+      cell(row, x.rule, x.rule === "critical" || x.rule === "silence" || x.rule === "budget"
+           ? "critical" : "");
+      cell(row, x.explanation + (x.detail ? " · " + x.detail : ""));
+    }
+    for (const src of p.sources.filter((x) => !heard.has(x.sensor))) {
+      const row = power.insertRow(); row.dataset.region = name; row.dataset.sensor = src.sensor;
+      cell(row, name); cell(row, src.sensor); cell(row, src.kind); cell(row, "no reading",
+           "unknown");
+      cell(row, "—"); cell(row, "—"); cell(row, "—");
+      cell(row, src.target + (src.poll && !src.poll.ok ? ": " + src.poll.reason : ""));
+    }
+    const row = power.insertRow(); row.dataset.region = name; row.className = "verdict";
+    cell(row, name); cell(row, "→ region"); cell(row, "");
+    cell(row, p.state, p.state); cell(row, p.runtime_s != null ?
+      Math.round(p.runtime_s) + "s" : "—"); cell(row, "");
+    cell(row, "quorum " + p.quorum); cell(row, (p.evidence.length ? "critical because: " +
+      p.evidence.join(", ") : p.detail) + " · failover budget " + Math.round(p.budget_s) + "s");
   }
   const groups = $("groups").tBodies[0]; groups.replaceChildren();
   for (const [name, g] of Object.entries(st.groups)) {
