@@ -373,6 +373,95 @@ class Mosquitto:
             self.proc = None
 
 
+class SnmpSim:
+    """The ``snmpsim`` responder (PyPI ``snmpsim``) on a free loopback UDP
+    port, serving real device recordings from ``snmpsim-data``: each named
+    recording is the community (v2c) or context (v3) ``name``.  The OIDs in
+    ``writable`` are served through snmpsim's ``writecache`` variation, so a
+    test changes a device's state with an SNMP SET (:meth:`set`)."""
+
+    V3_USER, V3_AUTH, V3_PRIV = "failoverd", "auth-secret-1", "priv-secret-1"
+
+    def __init__(self, workdir: Path, recordings: Mapping[str, str],
+                 writable: Iterable[str] = ()) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.recordings = dict(recordings)
+        self.writable = set(writable)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> SnmpSim:
+        import bz2  # noqa: PLC0415
+        import importlib.resources  # noqa: PLC0415
+
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        ups = importlib.resources.files("snmpsim_data") / "data" / "UPS"
+        for name, recording in self.recordings.items():
+            raw = (ups / recording).read_bytes()
+            text = (bz2.decompress(raw) if recording.endswith(".bz2") else raw).decode()
+            lines = []
+            for line in text.splitlines():
+                oid, _, rest = line.partition("|")
+                tag, _, value = rest.partition("|")
+                lines.append(f"{oid}|{tag}:writecache|value={value}" if oid in self.writable
+                             else line)
+            (data / f"{name}.snmprec").write_text("\n".join(lines) + "\n")
+        # snmpsim refuses to run as root unless it drops privileges, and an
+        # unprivileged user cannot import the Python it runs on here (under
+        # /root): the test sandbox runs it as is.
+        boot = ("import sys, contextlib, snmpsim.daemon as d; "
+                "d.PrivilegesOf = lambda *a, **k: contextlib.nullcontext(); "
+                "from snmpsim.commands.responder import main; sys.exit(main())")
+        argv = [sys.executable, "-c", boot, f"--cache-dir={self.workdir / 'cache'}",
+                "--v3-engine-id=auto", f"--v3-user={self.V3_USER}",
+                f"--v3-auth-key={self.V3_AUTH}", "--v3-auth-proto=SHA",
+                f"--v3-priv-key={self.V3_PRIV}", "--v3-priv-proto=AES",
+                f"--data-dir={data}", f"--agent-udpv4-endpoint={self.target}"]
+        self.proc = subprocess.Popen(argv, stdout=open(self.workdir / "snmpsim.log", "ab"),  # noqa: SIM115
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while "Listening at UDP" not in (self.workdir / "snmpsim.log").read_text(errors="replace"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("snmpsim did not start: see " + str(self.workdir))
+            time.sleep(0.05)
+        return self
+
+    async def set(self, community: str, oid: str, value: int) -> None:
+        """SNMP SET of an integer through the writecache variation."""
+        from pysnmp.hlapi.v3arch.asyncio import (  # noqa: PLC0415
+            CommunityData,
+            ContextData,
+            Integer,
+            ObjectIdentity,
+            ObjectType,
+            SnmpEngine,
+            UdpTransportTarget,
+            set_cmd,
+        )
+        engine = SnmpEngine()
+        try:
+            target = await UdpTransportTarget.create(("127.0.0.1", self.port), timeout=2,
+                                                     retries=2)
+            indication, status, _, _ = await set_cmd(
+                engine, CommunityData(community, mpModel=1), target, ContextData(),
+                ObjectType(ObjectIdentity(oid), Integer(value)))
+            if indication or status:
+                raise RuntimeError(f"SET {oid} = {value} failed: {indication or status}")
+        finally:
+            engine.close_dispatcher()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dict[str, int],
                  groups: dict[str, list[str]], state_dir: Path, hook: Path | None = None,
                  ttl: int = 2, policy: dict[str, Any] | None = None,

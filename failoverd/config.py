@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from failoverd.core.engine import GroupPolicy, Policy
-from failoverd.core.power import TopicMapping
+from failoverd.core.power import OidTable, TopicMapping
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -266,8 +266,89 @@ class NutSource(_Model):
     def host_port(self) -> tuple[str, int]:
         return split_host_port(self.server, 3493)
 
+    @property
+    def where(self) -> str:
+        """For people: ``ups1@host:3493``."""
+        return f"{self.ups}@{self.server}"
 
-PowerSource = Annotated[NutSource, Field(discriminator="kind")]
+
+Oid = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+){2,127}$")]
+
+
+class SnmpOids(_Model):
+    """A device outside the UPS-MIB: which OID holds its state and what each
+    value means (docs/power-sources.md has a worked example)."""
+
+    state: Oid
+    states: Annotated[dict[str, PowerStateName], Field(min_length=1)]
+    runtime: Oid | None = None
+    # Multiplier to seconds (0.01 for TimeTicks, 60 for minutes).
+    runtime_scale: PositiveFloat = 1.0
+    charge: Oid | None = None
+
+    def to_core(self) -> OidTable:
+        return OidTable(state=self.state, states=tuple(self.states.items()),
+                        runtime=self.runtime, runtime_scale=self.runtime_scale,
+                        charge=self.charge)
+
+
+class SnmpSource(_Model):
+    """An SNMP agent (a UPS, generator controller, ATS) polled by the
+    members of the source's region: v2c with a community, or v3 (USM)."""
+
+    kind: Literal["snmp"]
+    sensor: Name
+    target: HostPort
+    version: Literal["2c", "3"] = "2c"
+    # v2c: the community, inline or (better) in a file.
+    community: str | None = None
+    community_file: Path | None = None
+    # v3: a USM user; auth and priv keys in files.
+    user: str | None = None
+    auth_protocol: Literal["SHA", "SHA224", "SHA256", "SHA384", "SHA512", "MD5"] | None = None
+    auth_key_file: Path | None = None
+    priv_protocol: Literal["AES", "AES192", "AES256", "DES"] | None = None
+    priv_key_file: Path | None = None
+    context: str = ""
+    # "ups": RFC 1628's UPS-MIB; "oids": the table below.
+    mib: Literal["ups", "oids"] = "ups"
+    oids: SnmpOids | None = None
+    poll_interval_s: Annotated[float, Field(ge=0.2, le=300)] = 2.0
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.mib == "oids") != (self.oids is not None):
+            raise ValueError('mib = "oids" goes with an [oids] table (and only with one)')
+        if self.version == "2c":
+            if self.community is not None and self.community_file is not None:
+                raise ValueError("give community or community_file, not both")
+            if self.user is not None:
+                raise ValueError('user is for version = "3"')
+        else:
+            if self.user is None:
+                raise ValueError('version = "3" needs user')
+            if self.community is not None or self.community_file is not None:
+                raise ValueError('community is for version = "2c"')
+            if (self.auth_protocol is None) != (self.auth_key_file is None):
+                raise ValueError("auth_protocol and auth_key_file go together")
+            if (self.priv_protocol is None) != (self.priv_key_file is None):
+                raise ValueError("priv_protocol and priv_key_file go together")
+            if self.priv_protocol is not None and self.auth_protocol is None:
+                raise ValueError("privacy needs authentication (auth_protocol)")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.target, 161)
+
+    @property
+    def where(self) -> str:
+        """For people: ``host:161``."""
+        return self.target
+
+
+PowerSource = Annotated[NutSource | SnmpSource, Field(discriminator="kind")]
 
 
 class RegionSettings(_Model):
@@ -493,8 +574,10 @@ class Settings(_Model):
             for j, probe in enumerate(r.probes):
                 later.append((f"regions[{i}].probes[{j}].ca_file", probe.ca_file))
             for j, src in enumerate(r.power_sources):
-                later += [(f"regions[{i}].power_sources[{j}].password_file", src.password_file),
-                          (f"regions[{i}].power_sources[{j}].ca_file", src.ca_file)]
+                for attr in ("password_file", "ca_file", "community_file", "auth_key_file",
+                             "priv_key_file"):
+                    later.append((f"regions[{i}].power_sources[{j}].{attr}",
+                                  getattr(src, attr, None)))
 
         def unreadable(items: list[tuple[str, Path | None]]) -> list[str]:
             out = []

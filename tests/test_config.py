@@ -69,6 +69,15 @@ BASE = 'cluster = "c"\nmember = "m"\nregion = "east"\n[[regions]]\nname = "east"
     ('[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\nups = "u"\n'
      '[[regions.power_sources]]\nkind = "nut"\nsensor = "u"\nups = "v"\n',
      "regions[0]: power_sources: each source needs its own sensor name"),
+    ('[[regions.power_sources]]\nkind = "snmp"\nsensor = "u"\ntarget = "h"\nmib = "oids"\n',
+     'regions[0].power_sources[0]: mib = "oids" goes with an [oids] table'),
+    ('[[regions.power_sources]]\nkind = "snmp"\nsensor = "u"\ntarget = "h"\nversion = "3"\n',
+     'version = "3" needs user'),
+    ('[[regions.power_sources]]\nkind = "snmp"\nsensor = "u"\ntarget = "h"\nversion = "3"\n'
+     'user = "x"\npriv_protocol = "AES"\npriv_key_file = "/k"\n', "privacy needs authentication"),
+    ('[[regions.power_sources]]\nkind = "snmp"\nsensor = "u"\ntarget = "h"\nmib = "oids"\n'
+     '[regions.power_sources.oids]\nstate = "1.3.x"\nstates = { 1 = "utility_ok" }\n',
+     "regions[0].power_sources[0].oids.state"),
     ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/#/b"\nregion = "east"\n'
      'sensor = "s"\nnut_status = true\n', "mqtt[0].mappings[0]: topic 'a/#/b'"),
     ('[[mqtt]]\nurl = "mqtt://b"\n[[mqtt.mappings]]\ntopic = "a/b"\nregion = "east"\n'

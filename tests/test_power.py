@@ -9,6 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from failoverd.core.power import (
+    UPS_ALARMS_PRESENT,
+    UPS_BATTERY_STATUS,
+    UPS_CHARGE_REMAINING,
+    UPS_MINUTES_REMAINING,
+    UPS_OUTPUT_SOURCE,
+    UPS_SECONDS_ON_BATTERY,
+    OidTable,
     Reading,
     Rejected,
     RuntimeUpdate,
@@ -19,11 +26,13 @@ from failoverd.core.power import (
     merge,
     nut_reading,
     nut_unknown_flags,
+    oid_table_reading,
     parse_message,
     reading_from_json,
     reading_to_json,
     region_power,
     topic_matches,
+    ups_mib_reading,
 )
 from failoverd.sensing.nut import NutError, _unquote
 
@@ -371,3 +380,74 @@ def _seen(state: str, *, silent: float = 0.0, since_ago: float = 0.0,
 def test_each_sensor_says_which_rule_applies(reading: Reading, rule: str, words: str) -> None:
     v = explain_sensor(reading, NOW, grace_s=30, stale_s=30, silence_s=60, budget_s=300)
     assert v.rule == rule and words in v.explanation, v
+
+
+def _ups(source: int | None, battery: int | None = 2, minutes: int | None = 30,
+         charge: int | None = 100, on_battery_s: int | None = 0, alarms: int = 0
+         ) -> dict[str, int | None]:
+    return {UPS_OUTPUT_SOURCE: source, UPS_BATTERY_STATUS: battery,
+            UPS_MINUTES_REMAINING: minutes, UPS_CHARGE_REMAINING: charge,
+            UPS_SECONDS_ON_BATTERY: on_battery_s, UPS_ALARMS_PRESENT: alarms}
+
+
+ALARM = "1.3.6.1.2.1.33.1.6.3."
+
+
+@pytest.mark.parametrize(("values", "alarms", "state"), [
+    (_ups(3), [], "utility_ok"),
+    (_ups(4), [], "utility_ok"),  # bypass: the utility feeds the load
+    (_ups(6), [], "utility_ok"),  # booster (low input voltage, still mains)
+    (_ups(5, on_battery_s=40), [ALARM + "2"], "on_battery"),
+    (_ups(5, battery=3), [], "low_battery"),
+    (_ups(5, battery=4), [], "low_battery"),
+    (_ups(5, battery=2), [ALARM + "3"], "low_battery"),  # the alarm says so
+    (_ups(3, battery=3), [], "utility_ok"),  # low battery, recharging on mains
+    (_ups(5), [ALARM + "23"], "shutdown_imminent"),
+    (_ups(3), [ALARM + "22"], "shutdown_imminent"),  # shutdown pending
+])
+def test_ups_mib_objects_give_a_state(values: dict[str, int | None], alarms: list[str],
+                                      state: str) -> None:
+    r = ups_mib_reading("east", "ups2", values, alarms, NOW)
+    assert isinstance(r, Reading) and r.state == state and r.source == "snmp"
+
+
+def test_ups_mib_runtime_charge_and_detail() -> None:
+    r = ups_mib_reading("east", "ups2", _ups(5, minutes=12, charge=64, on_battery_s=95,
+                                             alarms=1), [ALARM + "2", ALARM + "6"], NOW)
+    assert isinstance(r, Reading) and (r.runtime_s, r.charge_pct) == (720, 64)
+    assert r.detail == "upsOutputSource battery; 95s on battery; alarms: inputBad, onBattery"
+    # Huawei's agent says -1 for estimates it does not have: left out.
+    unknown = ups_mib_reading("east", "ups2", _ups(3, minutes=-1, charge=-1), [], NOW)
+    assert isinstance(unknown, Reading) and unknown.runtime_s is None
+    assert unknown.charge_pct is None
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    (_ups(None), "malformed"), (_ups(2), "unknown_state"), (_ups(1), "unknown_state"),
+    (_ups(99), "unknown_state"),
+])
+def test_ups_mib_objects_that_say_nothing_are_rejected(values: dict[str, int | None],
+                                                      reason: str) -> None:
+    r = ups_mib_reading("east", "ups2", values, [], NOW)
+    assert isinstance(r, Rejected) and r.reason == reason
+
+
+# docs/power-sources.md's worked example: an APC UPS through PowerNet-MIB.
+APC = OidTable(state="1.3.6.1.4.1.318.1.1.1.4.1.1.0",
+               states=(("2", "utility_ok"), ("3", "on_battery"), ("4", "utility_ok"),
+                       ("12", "utility_ok"), ("6", "utility_ok"), ("9", "utility_ok"),
+                       ("11", "shutdown_imminent")),
+               runtime="1.3.6.1.4.1.318.1.1.1.2.2.3.0", runtime_scale=0.01,
+               charge="1.3.6.1.4.1.318.1.1.1.2.2.1.0")
+
+
+def test_an_oid_table_reads_a_vendor_mib() -> None:
+    r = oid_table_reading("east", "apc1", APC, {APC.state: "3", APC.runtime: "180000",
+                                                APC.charge: "87"}, NOW)
+    assert isinstance(r, Reading)
+    assert (r.state, r.runtime_s, r.charge_pct) == ("on_battery", 1800, 87)
+    assert r.detail == "1.3.6.1.4.1.318.1.1.1.4.1.1.0 = 3"
+    unknown = oid_table_reading("east", "apc1", APC, {APC.state: "7"}, NOW)
+    assert isinstance(unknown, Rejected) and unknown.reason == "unmapped_value"
+    missing = oid_table_reading("east", "apc1", APC, {APC.state: None}, NOW)
+    assert isinstance(missing, Rejected) and missing.reason == "malformed"

@@ -25,6 +25,7 @@ from devstack.stack import (
     LocalCluster,
     Mosquitto,
     NutServer,
+    SnmpSim,
     call,
     free_port,
     wait_until,
@@ -35,9 +36,18 @@ from tests.test_statuspage import render
 pytestmark = pytest.mark.cluster
 
 
-class NutStack:
-    def __init__(self, c: LocalCluster, nut: NutServer) -> None:
-        self.c, self.nut = c, nut
+class SourceStack:
+    """A cluster whose east region polls power sources (``nut`` when the
+    sources include the test's upsd)."""
+
+    def __init__(self, c: LocalCluster, nut: NutServer | None = None) -> None:
+        self.c = c
+        self._nut = nut
+
+    @property
+    def nut(self) -> NutServer:
+        assert self._nut is not None
+        return self._nut
 
     async def started(self) -> Any:
         self.c.add("e1", "east")
@@ -71,10 +81,10 @@ def _ts(e: dict[str, Any]) -> float:
 
 @pytest.fixture
 async def nut_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
-                    ) -> AsyncIterator[Callable[..., NutStack]]:
+                    ) -> AsyncIterator[Callable[..., SourceStack]]:
     made: list[tuple[LocalCluster, NutServer]] = []
 
-    def make(sources: list[dict[str, Any]] | None = None, **policy: Any) -> NutStack:
+    def make(sources: list[dict[str, Any]] | None = None, **policy: Any) -> SourceStack:
         nut = NutServer(tmp_path / "nut").start()
         sources = sources if sources is not None else [
             {"kind": "nut", "sensor": "ups1", "ups": "ups1", "server": nut.server,
@@ -85,7 +95,7 @@ async def nut_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
                          {"app": ["east", "west"]}, policy=pol,
                          region_settings={"east": {"power_sources": sources}})
         made.append((c, nut))
-        return NutStack(c, nut)
+        return SourceStack(c, nut)
     yield make
     for c, nut in made:
         await c.close()
@@ -311,10 +321,150 @@ async def test_check_config_connect_reads_each_nut_source_and_only_warns(
             check=False)
         assert out.returncode == 0, out.stdout + out.stderr
         lines = out.stdout.splitlines()
-        assert (f"ok   nut ups1@{nut.server} (sensor ups1): ups.status 'OL' read as "
-                "utility_ok (plain text)") in lines
+        assert (f"ok   nut ups1@{nut.server} (sensor ups1): ups.status OL, input 230.0 V "
+                "read as utility_ok (plain text)") in lines
         assert any(x.startswith(f"warn nut ups2@127.0.0.1:{dead} (sensor ups2): unreachable")
                    for x in lines), lines
         assert lines[-1] == "3 endpoint(s), 0 failed, 1 warning(s)"
     finally:
         nut.stop()
+
+
+OUTPUT_SOURCE, BATTERY_STATUS = "1.3.6.1.2.1.33.1.4.1.0", "1.3.6.1.2.1.33.1.2.1.0"
+RECORDINGS = {"eaton": "eaton-93e-80.snmprec.bz2", "huawei": "huawei-gse200m.snmprec.bz2"}
+
+
+@pytest.fixture
+async def snmp(tmp_path: Path) -> AsyncIterator[tuple[dict[str, SnmpSim], Path, Path]]:
+    """One responder per recording: snmpsim's writecache is keyed by OID
+    alone, so a SET on one recording would show in the other."""
+    sims = {name: SnmpSim(tmp_path / f"snmpsim-{name}", {name: recording},
+                          writable=[OUTPUT_SOURCE, BATTERY_STATUS]).start()
+            for name, recording in RECORDINGS.items()}
+    auth, priv = tmp_path / "auth.key", tmp_path / "priv.key"
+    auth.write_text(SnmpSim.V3_AUTH + "\n")
+    priv.write_text(SnmpSim.V3_PRIV + "\n")
+    yield sims, auth, priv
+    for sim in sims.values():
+        sim.stop()
+
+
+def _v3(sim: SnmpSim, auth: Path, priv: Path, **kw: Any) -> dict[str, Any]:
+    return {"kind": "snmp", "target": sim.target, "version": "3", "user": SnmpSim.V3_USER,
+            "auth_protocol": "SHA", "auth_key_file": str(auth), "priv_protocol": "AES",
+            "priv_key_file": str(priv), "poll_interval_s": 0.5, **kw}
+
+
+async def test_snmp_ups_mib_of_two_vendors_and_an_oid_table(
+        snmp, tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """Real recordings of an Eaton 93E (SNMPv2c) and a Huawei UPS2000
+    (SNMPv3 authPriv) read through RFC 1628, and the Eaton's output source
+    read again through a declared OID table: on battery changes nothing
+    within the grace; the Huawei's battery going low evacuates east."""
+    sims, auth, priv = snmp
+    sources = [
+        {"kind": "snmp", "sensor": "eaton", "target": sims["eaton"].target,
+         "community": "eaton", "poll_interval_s": 0.5},
+        _v3(sims["huawei"], auth, priv, sensor="huawei", context="huawei"),
+        {"kind": "snmp", "sensor": "eaton-oids", "target": sims["eaton"].target,
+         "community": "eaton",
+         "mib": "oids", "poll_interval_s": 0.5,
+         "oids": {"state": OUTPUT_SOURCE, "states": {"3": "utility_ok", "5": "on_battery"},
+                  "runtime": "1.3.6.1.2.1.33.1.2.3.0", "runtime_scale": 60}},
+    ]
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"app": ["east", "west"]},
+                     region_settings={"east": {"power_sources": sources}},
+                     policy={"power_grace_s": 600, "sensor_stale_s": 3})
+    s = SourceStack(c)
+    try:
+        before = await s.started()
+        eaton = await s.reading("eaton", "utility_ok")
+        assert eaton.source == "snmp" and eaton.charge_pct == 100 and eaton.runtime_s == 1092 * 60
+        assert "upsOutputSource normal" in eaton.detail
+        huawei = await s.reading("huawei", "utility_ok")
+        assert huawei.runtime_s is None  # the Huawei says -1: it does not know
+        await s.reading("eaton-oids", "utility_ok")
+        await sims["eaton"].set("eaton", OUTPUT_SOURCE, 5)
+        await s.reading("eaton", "on_battery")
+        oids = await s.reading("eaton-oids", "on_battery")
+        assert oids.runtime_s == 1092 * 60 and oids.detail == f"{OUTPUT_SOURCE} = 5"
+        assert (await c.view()).active["app"].epoch == before.epoch
+        await sims["huawei"].set("huawei", OUTPUT_SOURCE, 5)
+        await sims["huawei"].set("huawei", BATTERY_STATUS, 3)
+        after = await c.wait_active("app", "west", 15)
+        assert after.epoch == before.epoch + 1 and "huawei:low_battery" in after.reason
+        answering = [e for e in c.daemons["e1"].log_events()
+                     if e.get("event") == "power source answering"]
+        assert {(e["sensor"], e["via"]) for e in answering} >= {
+            ("eaton", "SNMPv2c"), ("huawei", "SNMPv3 authPriv")}
+    finally:
+        await c.close()
+
+
+async def test_bad_snmp_answers_are_logged_once_counted_and_decide_nothing(
+        snmp, tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """A wrong community (an agent does not answer those), a wrong SNMPv3
+    key, an OID the device does not have, a value the table does not list,
+    and something on the port that is not SNMP: one log line each, a metric
+    by reason, no reading, no verdict."""
+    sims, _, priv = snmp
+    sim = sims["eaton"]
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("not-the-key-at-all\n")
+    noise = await asyncio.get_running_loop().create_datagram_endpoint(
+        _Noise, local_addr=("127.0.0.1", free_port()))
+    noise_port = noise[0].get_extra_info("sockname")[1]
+    table = {"state": OUTPUT_SOURCE, "states": {"5": "on_battery"}}
+    sources = [
+        {"kind": "snmp", "sensor": "wrongcomm", "target": sim.target, "community": "nope",
+         "poll_interval_s": 0.3, "timeout_s": 0.5},
+        _v3(sim, wrong, priv, sensor="wrongkey", context="eaton", poll_interval_s=0.3),
+        {"kind": "snmp", "sensor": "nooid", "target": sim.target, "community": "eaton",
+         "mib": "oids", "poll_interval_s": 0.3,
+         "oids": {"state": "1.3.6.1.4.1.99999.1.0", "states": {"1": "utility_ok"}}},
+        {"kind": "snmp", "sensor": "unlisted", "target": sim.target, "community": "eaton",
+         "mib": "oids", "poll_interval_s": 0.3, "oids": table},
+        {"kind": "snmp", "sensor": "noise", "target": f"127.0.0.1:{noise_port}",
+         "poll_interval_s": 0.3, "timeout_s": 0.5},
+    ]
+    expected = {"wrongcomm": "timeout", "wrongkey": "auth", "nooid": "malformed",
+                "unlisted": "unmapped_value", "noise": "timeout"}
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"app": ["east", "west"]},
+                     region_settings={"east": {"power_sources": sources}})
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        before = await c.wait_active("app", "east", 10)
+        api = c.daemons["e1"].api
+
+        async def counted() -> dict[str, float] | None:
+            _, text = await call(api, "GET", "/metrics")
+            found = {m.group(2): float(m.group(3)) for m in re.finditer(
+                r'failoverd_power_source_polls_total\{kind="snmp",result="([a-z_]+)",'
+                r'sensor="([a-z]+)"\} ([0-9.]+)', text) if expected.get(m.group(2)) == m.group(1)}
+            return found if len(found) == len(expected) and min(found.values()) >= 3 else None
+        await wait_until(counted, 20, "three failed polls of each bad source, by reason")
+        for sensor, reason in expected.items():
+            lines = [e for e in c.daemons["e1"].log_events()
+                     if e.get("event") == "power source poll failed"
+                     and e.get("sensor") == sensor]
+            assert len(lines) == 1 and lines[0]["reason"] == reason, (sensor, lines)
+        view = await c.view()
+        assert not [k for k in view.power if k[0] == "east"]
+        assert view.active["app"].epoch == before.epoch
+    finally:
+        noise[0].close()
+        await c.close()
+
+
+class _Noise(asyncio.DatagramProtocol):
+    """Answers every datagram with bytes that are not SNMP."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert isinstance(self.transport, asyncio.DatagramTransport)
+        self.transport.sendto(b"\x30\x03garbage that is not BER", addr)

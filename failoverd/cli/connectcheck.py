@@ -7,8 +7,8 @@ Read-only everywhere: etcd gets one read under the cluster's prefix (so the
 user's role is checked too), each broker one connect and subscribe, HAProxy
 ``show servers state`` (every configured server must exist), DNS one
 TSIG-signed query of the fence record, webhooks a TCP connect, exec routes
-a look at the file, NUT sources one ``LIST VAR`` (a failure there is a
-warning: only the region's members must reach them).  Nothing is switched,
+a look at the file, power sources one poll (a failure there is a warning:
+only the region's members must reach them).  Nothing is switched,
 published or posted.
 """
 
@@ -29,16 +29,17 @@ from failoverd.config import (
     DnsRoute,
     ExecRoute,
     HaproxyRoute,
-    NutSource,
+    PowerSource,
     Settings,
     WebhookRoute,
 )
 from failoverd.core.model import Keyspace
-from failoverd.core.power import Reading, nut_reading
+from failoverd.core.power import Reading
 from failoverd.core.store import StoreError
 from failoverd.etcd.client import EtcdStore, etcd_failure
+from failoverd.sensing.device import DeviceError
 from failoverd.sensing.mqtt import try_broker
-from failoverd.sensing.nut import NutClient, NutError
+from failoverd.sensing.sources import make_device
 from failoverd.traffic.routers import DnsRouter, HaproxyRouter, RouterError
 
 TIMEOUT_S = 5.0
@@ -58,31 +59,28 @@ class Result:
         return f"{tag} {self.what}: {self.detail}"
 
 
-async def _nut(src: NutSource) -> Result:
-    what = f"nut {src.ups}@{src.server} (sensor {src.sensor})"
-    password = None
-    if src.password_file is not None:
-        try:
-            password = src.password_file.read_text().strip()
-        except OSError as exc:
-            return Result(what, False, f"cannot read password_file: {exc.strerror}")
-    client = NutClient(src, password)
+async def _power_source(src: PowerSource) -> Result:
+    """One poll of a NUT or SNMP source; a failure is a warning (only the
+    members of its region must reach it)."""
+    what = f"{src.kind} {src.where} (sensor {src.sensor})"
+    try:
+        device = make_device(src)
+    except OSError as exc:
+        return Result(what, False, f"cannot read a secret file: {exc.strerror} "
+                                   f"({exc.filename})")
     try:
         async with asyncio.timeout(min(src.timeout_s * 2, TIMEOUT_S)):
-            found = await client.variables(src.ups)
+            item = await device.poll("-", 0.0)
     except TimeoutError:
         return Result(what, False, "no answer (only the region's members need to reach it)",
                       warning=True)
-    except NutError as exc:
+    except DeviceError as exc:
         return Result(what, False, f"{exc.reason}: {exc}", warning=True)
     finally:
-        client.close()
-    status = found.get("ups.status", "")
-    item = nut_reading("-", src.sensor, found, 0.0)
-    read = item.state if isinstance(item, Reading) else f"no reading ({item.detail})"
-    tls = "TLS" if client.tls else "plain text"
-    return Result(what, isinstance(item, Reading),
-                  f"ups.status {status!r} read as {read} ({tls})", warning=True)
+        device.close()
+    if isinstance(item, Reading):
+        return Result(what, True, f"{item.detail} read as {item.state} ({device.describe()})")
+    return Result(what, False, f"no reading: {item.detail} ({device.describe()})", warning=True)
 
 
 async def _etcd(settings: Settings, endpoint: str) -> Result:
@@ -179,5 +177,5 @@ async def connect_check(settings: Settings) -> list[Result]:
                 jobs.append(_webhook(route))
             else:
                 routes.append(_exec(route))
-    jobs += [_nut(src) for region in settings.regions for src in region.power_sources]
+    jobs += [_power_source(src) for region in settings.regions for src in region.power_sources]
     return [*await asyncio.gather(*jobs), *routes]

@@ -128,6 +128,104 @@ def nut_reading(region: str, sensor: str, variables: Mapping[str, str], now: flo
                    source="nut", detail=", ".join(detail))
 
 
+# RFC 1628 UPS-MIB (1.3.6.1.2.1.33): the objects a power verdict needs.
+UPS_MIB = "1.3.6.1.2.1.33"
+# other(1) none(2) normal(3) bypass(4) battery(5) booster(6) reducer(7)
+UPS_OUTPUT_SOURCE = f"{UPS_MIB}.1.4.1.0"
+UPS_BATTERY_STATUS = f"{UPS_MIB}.1.2.1.0"  # unknown(1) normal(2) low(3) depleted(4)
+UPS_SECONDS_ON_BATTERY = f"{UPS_MIB}.1.2.2.0"
+UPS_MINUTES_REMAINING = f"{UPS_MIB}.1.2.3.0"
+UPS_CHARGE_REMAINING = f"{UPS_MIB}.1.2.4.0"
+UPS_ALARMS_PRESENT = f"{UPS_MIB}.1.6.1.0"
+UPS_ALARM_DESCR = f"{UPS_MIB}.1.6.2.1.2"  # the alarm table's column of well-known alarm OIDs
+UPS_MIB_OIDS = (UPS_OUTPUT_SOURCE, UPS_BATTERY_STATUS, UPS_SECONDS_ON_BATTERY,
+                UPS_MINUTES_REMAINING, UPS_CHARGE_REMAINING, UPS_ALARMS_PRESENT)
+# upsWellKnownAlarms (1.3.6.1.2.1.33.1.6.3.N): the ones that bear on power.
+UPS_ALARMS = {1: "batteryBad", 2: "onBattery", 3: "lowBattery", 4: "depletedBattery",
+              5: "tempBad", 6: "inputBad", 7: "outputBad", 8: "outputOverload",
+              9: "onBypass", 10: "bypassBad", 11: "outputOffAsRequested",
+              12: "upsOffAsRequested", 13: "chargerFailed", 14: "upsOutputOff",
+              15: "upsSystemOff", 16: "fanFailure", 17: "fuseFailure", 18: "generalFault",
+              19: "diagnosticTestFailed", 20: "communicationsLost", 21: "awaitingPower",
+              22: "shutdownPending", 23: "shutdownImminent", 24: "testInProgress"}
+
+
+def _alarm_name(oid: str) -> str:
+    prefix = f"{UPS_MIB}.1.6.3."
+    if oid.startswith(prefix) and oid[len(prefix):].isdigit():
+        return UPS_ALARMS.get(int(oid[len(prefix):]), f"alarm {oid[len(prefix):]}")
+    return oid
+
+
+def ups_mib_reading(region: str, sensor: str, values: Mapping[str, int | None],
+                    alarms: Iterable[str], now: float) -> Reading | Rejected:
+    """RFC 1628 objects (``UPS_MIB_OIDS`` → integer or None when the agent
+    has no such object) and the alarm table's well-known alarm OIDs → a
+    reading.  upsOutputSource gives the state (battery → on battery; normal,
+    bypass, booster, reducer → on utility); a low or depleted battery on
+    battery, or an alarm saying so, is low battery; shutdownImminent /
+    shutdownPending is an imminent shutdown.  Negative estimates (-1: the
+    agent does not know) are left out."""
+    source = values.get(UPS_OUTPUT_SOURCE)
+    if source is None:
+        return Rejected("malformed", "no upsOutputSource")
+    named = sorted({_alarm_name(a) for a in alarms})
+    battery = values.get(UPS_BATTERY_STATUS)
+    if {"shutdownImminent", "shutdownPending"} & set(named):
+        state = "shutdown_imminent"
+    elif source == 5:
+        low = battery in {3, 4} or {"lowBattery", "depletedBattery"} & set(named)
+        state = "low_battery" if low else "on_battery"
+    elif source in {3, 4, 6, 7}:
+        state = "utility_ok"
+    else:  # other(1), none(2: output off), or not in the MIB
+        return Rejected("unknown_state", f"upsOutputSource {source}")
+    minutes = values.get(UPS_MINUTES_REMAINING)
+    charge = values.get(UPS_CHARGE_REMAINING)
+    on_battery_s = values.get(UPS_SECONDS_ON_BATTERY)
+    names = {1: "other", 2: "none", 3: "normal", 4: "bypass", 5: "battery", 6: "booster",
+             7: "reducer"}
+    detail = [f"upsOutputSource {names.get(source, source)}"]
+    if on_battery_s:
+        detail.append(f"{on_battery_s}s on battery")
+    if named:
+        detail.append("alarms: " + ", ".join(named))
+    return Reading(region, sensor, state, now, now,
+                   float(minutes * 60) if minutes is not None and minutes >= 0 else None,
+                   float(charge) if charge is not None and 0 <= charge <= 100 else None,
+                   source="snmp", detail="; ".join(detail))
+
+
+@dataclass(frozen=True)
+class OidTable:
+    """A device outside the UPS-MIB (a generator controller, an ATS, a
+    vendor MIB), declared in config: which OID holds the state and what
+    each of its values means; optionally where the runtime and charge are."""
+
+    state: str
+    states: tuple[tuple[str, str], ...]
+    runtime: str | None = None
+    runtime_scale: float = 1.0
+    charge: str | None = None
+
+
+def oid_table_reading(region: str, sensor: str, table: OidTable,
+                      values: Mapping[str, str | None], now: float) -> Reading | Rejected:
+    """The declared OIDs' values (as text; None when absent) → a reading;
+    a state value the table does not list is rejected, never guessed."""
+    said = values.get(table.state)
+    if said is None:
+        return Rejected("malformed", f"no {table.state}")
+    state = next((st for v, st in table.states if v.lower() == said.strip().lower()), None)
+    if state is None:
+        return Rejected("unmapped_value", f"{table.state} = {said[:40]}")
+    runtime = _number(values.get(table.runtime)) if table.runtime else None
+    charge = _number(values.get(table.charge)) if table.charge else None
+    return Reading(region, sensor, state, now, now,
+                   runtime * table.runtime_scale if runtime is not None else None, charge,
+                   source="snmp", detail=f"{table.state} = {said[:60]}")
+
+
 def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[str],
                   max_bytes: int = MAX_PAYLOAD, max_future_s: float = MAX_FUTURE_S
                   ) -> Reading | RuntimeUpdate | Rejected:

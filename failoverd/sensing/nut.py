@@ -13,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+import structlog
+
+from failoverd import metrics
 from failoverd.config import NutSource
+from failoverd.core.power import Reading, Rejected, nut_reading, nut_unknown_flags
+from failoverd.sensing.device import DeviceError
+
+log = structlog.get_logger("failoverd.sensing.nut")
 
 # A UPS has a few dozen variables; a server streaming more is not a UPS.
 MAX_VARS = 2000
 MAX_LINE = 4096
 
 
-class NutError(Exception):
-    """A poll that gave no answer; ``reason`` is a short label (metrics)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+class NutError(DeviceError):
+    """A NUT poll that gave no usable answer."""
 
 
 def _unquote(text: str) -> str:
@@ -55,8 +58,8 @@ def _err(line: str) -> NutError:
 
 
 class NutClient:
-    """One connection to one ``upsd``, opened on first use and again after
-    any error.
+    """One connection to one ``upsd`` (a :class:`~failoverd.sensing.device.PowerDevice`),
+    opened on first use and again after any error.
 
     Errors: every failure raises :class:`NutError` (the connection is closed
     and re-opened by the next call): unreachable, timeouts (the caller
@@ -71,6 +74,23 @@ class NutClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.tls = False
+        self._unknown_flags: list[str] = []
+
+    def describe(self) -> str:
+        return "TLS" if self.tls else "plain text"
+
+    async def poll(self, region: str, now: float) -> Reading | Rejected:
+        """One ``LIST VAR`` read as upsmon would (a :class:`PowerDevice`)."""
+        src = self._source
+        found = await self.variables(src.ups)
+        unknown = nut_unknown_flags(found.get("ups.status", ""))
+        if unknown:
+            metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "unknown_flags").inc()
+            if unknown != self._unknown_flags:
+                log.warning("power source sent flags we do not know; they decide nothing",
+                            sensor=src.sensor, flags=unknown, status=found.get("ups.status"))
+        self._unknown_flags = unknown
+        return nut_reading(region, src.sensor, found, now)
 
     def close(self) -> None:
         """Drop the connection (no waiting: also called while cancelled)."""

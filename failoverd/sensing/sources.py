@@ -1,4 +1,4 @@
-"""Polled power sources: NUT ``upsd`` (and SNMP) devices of this member's
+"""Polled power sources: NUT ``upsd`` and SNMP devices of this member's
 region, read every ``poll_interval_s`` and relayed like MQTT sensors.
 
 One task per source.  A poll that fails (unreachable, timeout, refused,
@@ -21,9 +21,10 @@ import structlog
 
 from failoverd import metrics
 from failoverd.config import NutSource, PowerSource, Settings
-from failoverd.core.power import Reading, Rejected, nut_reading, nut_unknown_flags
+from failoverd.core.power import Reading, Rejected
+from failoverd.sensing.device import DeviceError, PowerDevice
 from failoverd.sensing.mqtt import PowerFeeds
-from failoverd.sensing.nut import NutClient, NutError
+from failoverd.sensing.nut import NutClient
 
 log = structlog.get_logger("failoverd.sensing.sources")
 
@@ -39,7 +40,9 @@ class SourceStatus:
     last_ok: float | None = None
     polls: int = 0
     failures: int = 0
-    unknown_flags: tuple[str, ...] = ()
+    # The reason label of the current failure ("" while answering): what
+    # is logged once per change.
+    kind_of_failure: str = ""
 
 
 class _Restart(Exception):
@@ -78,7 +81,8 @@ class PowerSources:
             s = self._settings()
             region = next((r for r in s.regions if r.name == s.region), None)
             sources = region.power_sources if region is not None else []
-            self.status = {src.sensor: SourceStatus(src.kind, _target(src)) for src in sources}
+            self.status = {src.sensor: SourceStatus(src.kind, src.where)
+                           for src in sources}
             try:
                 async with asyncio.TaskGroup() as tg:
                     for src in sources:
@@ -94,71 +98,62 @@ class PowerSources:
 
     async def _poll_loop(self, region: str, src: PowerSource) -> None:
         status = self.status[src.sensor]
-        client = await self._client(src, status)
+        device = await self._device(src, status)
         # Members of one region poll the same device: spread them.
         await asyncio.sleep(random.uniform(0, src.poll_interval_s / 2))
         try:
             while True:
                 started = time.monotonic()
-                outcome = await self._poll(client, region, src)
+                outcome = await self._poll(device, region, src)
                 status.polls += 1
                 if isinstance(outcome, Reading):
                     if not status.ok:
                         log.info("power source answering", sensor=src.sensor, kind=src.kind,
-                                 target=status.target, tls=client.tls)
+                                 target=status.target, via=device.describe())
                     status.ok, status.reason, status.last_ok = True, "", self._clock()
+                    status.kind_of_failure = ""
                     metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "ok").inc()
                     await self._feeds.ingest(outcome)
                 else:
                     reason, detail = outcome
                     status.failures += 1
                     metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, reason).inc()
-                    if status.ok or status.reason != detail:
+                    if status.ok or status.kind_of_failure != reason:
                         # Once per change of what is wrong, not once per poll.
                         log.warning("power source poll failed", sensor=src.sensor,
                                     kind=src.kind, target=status.target, reason=reason,
                                     error=detail)
-                    status.ok, status.reason = False, detail
+                    status.ok, status.reason, status.kind_of_failure = False, detail, reason
                 metrics.POWER_SOURCE_UP.labels(src.sensor, src.kind).set(1 if status.ok else 0)
                 pause = src.poll_interval_s * random.uniform(0.9, 1.1)
                 await asyncio.sleep(max(pause - (time.monotonic() - started), 0))
         finally:
-            client.close()
+            device.close()
 
-    async def _poll(self, client: NutClient, region: str, src: NutSource
+    async def _poll(self, device: PowerDevice, region: str, src: PowerSource
                     ) -> Reading | tuple[str, str]:
         """One poll: a reading, or (reason, detail) when it gave none."""
         try:
             async with asyncio.timeout(src.timeout_s):
-                found = await client.variables(src.ups)
+                item = await device.poll(region, self._clock())
         except TimeoutError:
             return "timeout", f"no answer within {src.timeout_s:g}s"
-        except NutError as exc:
+        except DeviceError as exc:
             return exc.reason, str(exc)
-        unknown = tuple(nut_unknown_flags(found.get("ups.status", "")))
-        status = self.status[src.sensor]
-        if unknown:
-            metrics.POWER_SOURCE_POLLS.labels(src.sensor, src.kind, "unknown_flags").inc()
-            if unknown != status.unknown_flags:
-                log.warning("power source sent flags we do not know; they decide nothing",
-                            sensor=src.sensor, flags=list(unknown),
-                            status=found.get("ups.status"))
-        status.unknown_flags = unknown
-        item = nut_reading(region, src.sensor, found, self._clock())
         if isinstance(item, Rejected):
             return item.reason, item.detail
         return item
 
-
-    async def _client(self, src: PowerSource, status: SourceStatus) -> NutClient:
-        """A client with the source's password, waiting (and saying why)
-        while its password file cannot be read."""
+    async def _device(self, src: PowerSource, status: SourceStatus) -> PowerDevice:
+        """The source's device, waiting (and saying why) while its secrets
+        cannot be read."""
         while True:
             try:
-                password = src.password_file.read_text().strip() if src.password_file else None
-                return NutClient(src, password)
+                # In a thread: the first SNMP device imports pysnmp and
+                # builds its engine (~0.6 s) — the loop must keep the lease.
+                return await asyncio.to_thread(make_device, src)
             except OSError as exc:
-                detail = f"cannot read password_file: {exc.strerror}"
+                detail = f"cannot read a secret file: {exc.strerror} ({exc.filename})"
                 if status.reason != detail:
                     log.error("power source not polled", sensor=src.sensor, error=detail)
                 status.ok, status.reason = False, detail
@@ -166,5 +161,15 @@ class PowerSources:
                 await asyncio.sleep(max(src.poll_interval_s, 5.0))
 
 
-def _target(src: PowerSource) -> str:
-    return f"{src.ups}@{src.server}"
+def make_device(src: PowerSource) -> PowerDevice:
+    """The client for ``src``; reads its secret files (``OSError``)."""
+    if isinstance(src, NutSource):
+        password = src.password_file.read_text().strip() if src.password_file else None
+        return NutClient(src, password)
+    # pysnmp costs 0.6 s and 18 MiB at import: only members that poll SNMP
+    # devices pay for it.
+    from failoverd.sensing.snmp import SnmpClient  # noqa: PLC0415
+
+    return SnmpClient(src)
+
+

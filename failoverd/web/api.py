@@ -360,7 +360,7 @@ def power_document(view: ClusterView, s: Settings, region: RegionSettings, now: 
                                      budget_s=budget))
                for r in merged.get(region.name, [])]
     heard = {x["sensor"] for x in sensors}
-    sources = [{"sensor": src.sensor, "kind": src.kind, "target": f"{src.ups}@{src.server}",
+    sources = [{"sensor": src.sensor, "kind": src.kind, "target": src.where,
                 "reading": src.sensor in heard,
                 # Only the members of the region poll it: the one answering
                 # knows how its own polls go.
