@@ -51,6 +51,7 @@ from devstack.stack import (
     HttpService,
     LocalCluster,
     Mosquitto,
+    NutServer,
     free_port,
     wait_until,
 )
@@ -60,7 +61,7 @@ REGIONS = {"east": 100, "west": 50, "central": 25}
 ADDRESS = {"east": "127.0.1.1", "west": "127.0.2.1", "central": "127.0.3.1"}
 NAME = "app.example.test."
 SENSOR_PERIOD_S = 5.0
-SCENARIOS = ("power", "health", "crash", "switchover")
+SCENARIOS = ("power", "nut", "health", "crash", "switchover")
 
 
 def say(msg: str = "") -> None:
@@ -95,9 +96,11 @@ async def _names_region(url: str, region: str) -> bool:
 class Stack:
     """Every process of the demo, and the demo's own record of what it did."""
 
-    def __init__(self, work: Path, ttl: int, groups: int = 3) -> None:
+    def __init__(self, work: Path, ttl: int, groups: int = 3, nut: bool = False) -> None:
         self.work = work
         self.ttl = ttl
+        # East's UPS behind a real NUT upsd (dummy-ups), polled by east-1.
+        self.nut = NutServer(work / "nut", ["ups1"]) if nut else None
         # "app" (HAProxy + DNS + verify) and app2..appN (a DNS name each).
         self.groups = ["app", *(f"app{i}" for i in range(2, groups + 1))]
         self.etcd = EtcdCluster(work, size=3)
@@ -124,6 +127,8 @@ class Stack:
 
     def _record_pids(self) -> None:
         procs = [m.proc for m in self.etcd.members] + [self.broker.proc, self.bind.proc]
+        if self.nut is not None:
+            procs += [self.nut.upsd, *self.nut.drivers.values()]
         procs += [self.haproxy.proc if self.haproxy else None]
         procs += [d.proc for d in (self.cluster.daemons.values() if self.cluster else [])]
         (self.work / "pids").write_text(
@@ -134,6 +139,10 @@ class Stack:
         self.etcd.start()
         say(f"==> mosquitto on {self.broker.url}")
         self.broker.start()
+        if self.nut is not None:
+            self.nut.start()
+            say(f"==> NUT upsd on {self.nut.server}: east's UPS 'ups1' (dummy-ups driver), "
+                "polled by east-1 as sensor nut-ups1")
         for r, app in self.apps.items():
             await app.start()
             say(f"==> app of {r:<8} on http://{app.address}/ (answers 'region {r}')")
@@ -193,10 +202,14 @@ class Stack:
                      f'zone = "example.test."\nname = "{g}"\nttl = 5\n'
                      f'tsig_key_file = "{bind.key_file}"\naddresses = {{ {addrs} }}\n')
                  for g in self.groups[1:]}
+        sources = ({"east": {"power_sources": [
+            {"kind": "nut", "sensor": "nut-ups1", "ups": "ups1", "server": self.nut.server,
+             "poll_interval_s": 0.5}]}} if self.nut is not None else None)
         return LocalCluster(self.work, "demo", self.etcd.endpoints, REGIONS,
                             {g: list(REGIONS) for g in self.groups}, ttl=self.ttl,
                             policy=policy, probes=probes, mqtt=[self.broker.url],
-                            group_toml=group_toml, group_tomls=extra, drain_s=1.0)
+                            group_toml=group_toml, group_tomls=extra, drain_s=1.0,
+                            region_settings=sources)
 
     async def all_settled(self, region: str) -> dict[str, float] | None:
         """Every group active in ``region`` with its saga done: when each was."""
@@ -278,7 +291,7 @@ class Stack:
             await self.cluster.close()
         for app in self.apps.values():
             await app.stop()
-        for thing in (self.haproxy, self.bind, self.broker):
+        for thing in (self.haproxy, self.bind, self.broker, self.nut):
             if thing is not None:
                 thing.stop()
         self.etcd.stop()
@@ -328,6 +341,11 @@ async def timeline(stack: Stack, since: float, t0: float) -> list[tuple[float, s
                               f"{st['duration_s']}s{extra}"))
     for d in stack.c.daemons.values():
         for e in d.log_events():
+            if e.get("event") == "power reading" and e.get("source") in {"nut", "snmp"}:
+                ts = datetime.fromisoformat(e["timestamp"]).timestamp()
+                if ts >= since:
+                    lines.append((ts, f"{e['member']} polled {e['sensor']} ({e['source']}): "
+                                      f"{e['state']} - {e.get('detail')}"))
             if e.get("event") == "decision" and e.get("level") == "info":
                 ts = datetime.fromisoformat(e["timestamp"]).timestamp()
                 if ts >= since:
@@ -398,6 +416,33 @@ async def scenario_power(stack: Stack) -> None:
     drain.cancel()
     lines = await timeline(stack, start, t0)
     summary("power", lines, t0, "east", "west", (before, epoch))
+    await evacuation_summary(stack, t0, done)
+
+
+async def scenario_nut(stack: Stack) -> None:
+    """East's UPS speaks NUT: utility lost → on battery → low battery, read
+    from a real upsd by east-1."""
+    assert stack.nut is not None
+    say("\n==> scenario: east's UPS (NUT upsd) - utility lost, on battery, low battery")
+    start = stack.mark("east: utility power lost; the UPS goes on battery (upsd: OB DISCHRG)")
+    await stack.sensor("east", "ats", "utility_lost")
+    stack.nut.set("ups1", **{"ups.status": "OB DISCHRG", "battery.runtime": 900,
+                             "battery.charge": 95, "input.voltage": 0.0})
+
+    async def held() -> bool:
+        return any(e.get("event") == "decision" and "power on_battery" in e.get("reason", "")
+                   for d in stack.c.daemons.values() for e in d.log_events())
+    await wait_until(held, 15, "the coordinator to hold east on battery")
+    before = (await stack.c.view()).active["app"].epoch
+    t0 = stack.mark("east UPS: battery low (upsd: OB DISCHRG LB, 120 s left)")
+    stack.nut.set("ups1", **{"ups.status": "OB DISCHRG LB", "battery.runtime": 120,
+                             "battery.charge": 11, "input.voltage": 0.0})
+    traffic = asyncio.create_task(stack.watch_traffic("west", 30))
+    epoch = await _failover_done(stack, "west", before, 20)
+    await traffic
+    done = await wait_until(lambda: stack.all_settled("west"), 60, "every group's saga")
+    lines = await timeline(stack, start, t0)
+    summary("nut", lines, t0, "east", "west", (before, epoch))
     await evacuation_summary(stack, t0, done)
 
 
@@ -487,7 +532,8 @@ async def scenario_crash(stack: Stack) -> None:
 
 
 PLAYS: dict[str, Callable[[Stack], Awaitable[None]]] = {
-    "power": scenario_power, "health": scenario_health, "crash": scenario_crash,
+    "power": scenario_power, "nut": scenario_nut, "health": scenario_health,
+    "crash": scenario_crash,
     "switchover": scenario_switchover,
 }
 
@@ -565,7 +611,7 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    stack = Stack(work, args.ttl, args.groups)
+    stack = Stack(work, args.ttl, args.groups, nut=args.scenario == "nut")
     rc = 0
 
     async def play() -> None:

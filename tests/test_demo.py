@@ -21,7 +21,7 @@ def _result(stdout: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("scenario", ["power", "health", "crash", "switchover"])
+@pytest.mark.parametrize("scenario", ["power", "nut", "health", "crash", "switchover"])
 def test_demo_scenario_moves_traffic_to_the_new_region(tmp_path: Path, scenario: str) -> None:
     out = subprocess.run([*DEMO, "--exit", "--scenario", scenario,
                           "--workdir", str(tmp_path / "demo")],
@@ -44,6 +44,18 @@ def test_demo_scenario_moves_traffic_to_the_new_region(tmp_path: Path, scenario:
         assert held < failed  # within the grace the coordinator held
         assert "east power critical (gen:generator_failed)" in out.stdout
         assert ms["decision committed"] < ms["old region drained (planned only)"]
+    if scenario == "nut":
+        # The upsd status changes as east-1 polled them, and the decision
+        # (the low-battery poll is logged once relayed: it may share the
+        # decision's millisecond).
+        lines = out.stdout.splitlines()
+        on_battery = next(i for i, s in enumerate(lines)
+                          if "polled nut-ups1 (nut): on_battery - ups.status OB DISCHRG" in s)
+        decided = next(i for i, s in enumerate(lines)
+                       if "east power critical (nut-ups1:low_battery)" in s)
+        assert on_battery < decided
+        assert "polled nut-ups1 (nut): low_battery - ups.status OB DISCHRG LB" in out.stdout
+        assert '"groups": 3' in out.stdout  # every group left east
     if scenario == "health":
         assert "east is down (quorum" in out.stdout
         assert ms["decision committed"] < ms["old region fenced (forced only)"]
