@@ -2,6 +2,12 @@
 region → active record committed → promote hook started.  Printed beside the
 floor measured raw in the same run: one MQTT publish→receive, two etcd
 put→watch-event hops and one etcd txn (what the path cannot avoid).
+
+Polled devices: a real NUT upsd (dummy-ups) and an snmpsim UPS (a real Eaton
+recording) per region, polled every ``DEVICE_POLL_S``; the active region's
+device goes to low battery → the promote hook in the other region.  Their
+floor is the polling: the device's own refresh (dummy-ups re-reads its file
+every second) plus our poll interval.
 """
 
 from __future__ import annotations
@@ -18,12 +24,21 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
-from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, wait_until
+from devstack.stack import (
+    EtcdCluster,
+    LocalCluster,
+    Mosquitto,
+    NutServer,
+    SnmpSim,
+    wait_until,
+)
 from failoverd.config import EtcdSettings
 from failoverd.core.store import Compare, Put
 from failoverd.etcd.client import EtcdStore
 
 REGIONS = {"east": 100, "west": 90}
+DEVICE_POLL_S = 1.0
+OUTPUT_SOURCE, BATTERY_STATUS = "1.3.6.1.2.1.33.1.4.1.0", "1.3.6.1.2.1.33.1.2.1.0"
 
 
 async def _floor(etcd: EtcdCluster, broker: Mosquitto, trials: int) -> dict[str, float]:
@@ -122,9 +137,106 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
             f"target p99 < {(2 * raw * 1000 + 50):.1f} ms")
     return [row("power event: MQTT publish -> record committed", to_commit, note),
             row("power event: MQTT publish -> promote hook started", to_hook,
-                note + " (drain_s = 0; a planned switchover adds drain_s here)")]
+                note + " (drain_s = 0; a planned switchover adds drain_s here)"),
+            *await run_devices(min(trials, 10), ttl)]
 
 
-async def _normal(c: LocalCluster) -> bool:
+class _Devices:
+    """One UPS per region behind one kind of device server."""
+
+    def __init__(self, kind: str, work: Path) -> None:
+        self.kind = kind
+        self.nut = NutServer(work / "nut", list(REGIONS)) if kind == "nut" else None
+        self.snmp = ({r: SnmpSim(work / f"snmp-{r}", {r: "eaton-93e-80.snmprec.bz2"},
+                                 writable=[OUTPUT_SOURCE, BATTERY_STATUS]) for r in REGIONS}
+                     if kind == "snmp" else {})
+
+    def start(self) -> dict[str, dict[str, object]]:
+        """Start the servers; each region's power_sources."""
+        if self.nut is not None:
+            self.nut.start()
+            return {r: {"power_sources": [{"kind": "nut", "sensor": "ups", "ups": r,
+                                           "server": self.nut.server,
+                                           "poll_interval_s": DEVICE_POLL_S}]}
+                    for r in REGIONS}
+        for sim in self.snmp.values():
+            sim.start()
+        return {r: {"power_sources": [{"kind": "snmp", "sensor": "ups", "target": sim.target,
+                                       "community": r, "poll_interval_s": DEVICE_POLL_S}]}
+                for r, sim in self.snmp.items()}
+
+    async def set(self, region: str, low: bool) -> float:
+        """Put the region's UPS on low battery (or back on utility); when."""
+        if self.nut is not None:
+            self.nut.set(region, **({"ups.status": "OB DISCHRG LB", "battery.runtime": 60}
+                                    if low else {"ups.status": "OL", "battery.runtime": 1800}))
+            return time.time()
+        sim = self.snmp[region]
+        await sim.set(region, BATTERY_STATUS, 3 if low else 2)
+        await sim.set(region, OUTPUT_SOURCE, 5 if low else 3)
+        return time.time()  # the agent answers with the new state from here
+
+    def stop(self) -> None:
+        if self.nut is not None:
+            self.nut.stop()
+        for sim in self.snmp.values():
+            sim.stop()
+
+
+async def _device_trials(kind: str, trials: int, ttl: int) -> list[float]:
+    """Device state change → promote hook started, ``trials`` times, the
+    group moving back and forth between the two regions."""
+    work = Path(tempfile.mkdtemp(prefix=f"failoverd-bench-power-{kind}-"))
+    etcd = EtcdCluster(work, size=3)
+    etcd.start()
+    devices = _Devices(kind, work)
+    c = LocalCluster(work, f"bench-{kind}", etcd.endpoints, REGIONS,
+                     {"app": list(REGIONS)}, ttl=ttl, drain_s=0,
+                     region_settings=devices.start(),
+                     policy={"cooldown_s": 0, "max_evacuations_per_hour": 10_000,
+                             "max_auto_failovers_per_group_per_hour": 10_000,
+                             "bootstrap_grace_s": 1, "power_grace_s": 600})
+    to_hook: list[float] = []
+
+    async def settled(epoch: int) -> bool:
+        kv = await c.store.get(c.keys.workflow("app"))
+        wf = json.loads(kv.value) if kv else {}
+        return wf.get("epoch") == epoch and wf.get("state") == "done"
+
+    async def hooked(epoch: int) -> list[dict]:
+        return [h for h in c.hooks() if h["epoch"] == epoch and h["role"] == "active"]
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        await c.wait_active("app", "east", 20)
+        for _ in range(trials):
+            rec = (await c.view()).active["app"]
+            await wait_until(lambda e=rec.epoch: settled(e), 30, "the last failover's saga")
+            await wait_until(lambda: _normal(c, len(REGIONS)), 30, "power normal everywhere")
+            t0 = await devices.set(rec.region, low=True)
+            hooks = await wait_until(lambda e=rec.epoch + 1: hooked(e), 30, "promote hook",
+                                     interval=0.005)
+            to_hook.append(hooks[0]["t"] - t0)
+            await devices.set(rec.region, low=False)
+    finally:
+        await c.close()
+        devices.stop()
+        etcd.stop()
+    return to_hook
+
+
+async def run_devices(trials: int, ttl: int) -> list[dict[str, object]]:
+    rows = []
+    for kind in ("nut", "snmp"):
+        to_hook = await _device_trials(kind, trials, ttl)
+        refresh = "dummy-ups re-reads its file every 1 s + " if kind == "nut" else ""
+        rows.append(row(f"power event: {kind.upper()} device low battery -> promote hook",
+                        to_hook, f"floor: {refresh}poll_interval_s {DEVICE_POLL_S:g} s "
+                                 "(a change waits for the next poll)"))
+    return rows
+
+
+async def _normal(c: LocalCluster, sensors: int = 0) -> bool:
     v = await c.view()
-    return bool(v.power) and all(r.state == "utility_ok" for rs in v.power.values() for r in rs)
+    return (len(v.power) >= sensors and bool(v.power)
+            and all(r.state == "utility_ok" for rs in v.power.values() for r in rs))
