@@ -229,10 +229,15 @@ class NutServer:
     with one ``dummy-ups`` driver per UPS reading a ``.dev`` file that
     :meth:`set` rewrites (the driver re-reads it when it changes)."""
 
-    def __init__(self, workdir: Path, upses: Iterable[str] = ("ups1",)) -> None:
+    def __init__(self, workdir: Path, upses: Iterable[str] = ("ups1",), tls: bool = False
+                 ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.upses = list(upses)
+        # STARTTLS with a self-signed certificate for 127.0.0.1 (its PEM is
+        # ``ca_file``), in the NSS database Debian's upsd is built against.
+        self.tls = tls
+        self.ca_file = workdir / "upsd-cert.pem"
         self.upsd: subprocess.Popen[bytes] | None = None
         self.drivers: dict[str, subprocess.Popen[bytes]] = {}
         self._mtimes: dict[str, int] = {}
@@ -264,7 +269,10 @@ class NutServer:
         (self.workdir / "ups.conf").write_text("".join(
             f"[{u}]\n  driver = dummy-ups\n  port = {self.workdir / (u + '.dev')}\n"
             "  pollinterval = 1\n" for u in self.upses))
-        (self.workdir / "upsd.conf").write_text(f"LISTEN 127.0.0.1 {self.port}\n")
+        conf = f"LISTEN 127.0.0.1 {self.port}\n"
+        if self.tls:
+            conf += self._certificate()
+        (self.workdir / "upsd.conf").write_text(conf)
         users = self.workdir / "upsd.users"
         users.write_text("[monitor]\n  password = s3cret\n  upsmon secondary\n")
         users.chmod(0o600)
@@ -289,6 +297,25 @@ class NutServer:
             answer = conn.makefile().readline()
         prefix = f"VAR {ups} ups.status "
         return answer[len(prefix):].strip().strip('"') if answer.startswith(prefix) else ""
+
+    def _certificate(self) -> str:
+        """A self-signed certificate in an NSS database; upsd.conf lines."""
+        w, nss = self.workdir, self.workdir / "nss"
+        nss.mkdir(exist_ok=True)
+        (w / "nss-password").write_text("nss-db-password\n")
+        for argv in (
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", str(w / "upsd-key.pem"), "-out", str(self.ca_file),
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            ["openssl", "pkcs12", "-export", "-in", str(self.ca_file), "-inkey",
+             str(w / "upsd-key.pem"), "-out", str(w / "upsd.p12"), "-name", "upsd",
+             "-passout", "pass:p12"],
+            ["certutil", "-N", "-d", f"sql:{nss}", "-f", str(w / "nss-password")],
+            ["pk12util", "-i", str(w / "upsd.p12"), "-d", f"sql:{nss}", "-W", "p12",
+             "-k", str(w / "nss-password")],
+        ):
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        return f'CERTPATH {nss}\nCERTIDENT "upsd" "nss-db-password"\n'
 
     def start_driver(self, ups: str) -> None:
         # -D: stay in the foreground (we own the process); -u root: the

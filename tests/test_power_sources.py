@@ -468,3 +468,39 @@ class _Noise(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert isinstance(self.transport, asyncio.DatagramTransport)
         self.transport.sendto(b"\x30\x03garbage that is not BER", addr)
+
+
+async def test_nut_starttls_is_used_when_offered_and_verified(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """An upsd that offers STARTTLS (Debian's, NSS-backed, with a
+    self-signed certificate): with its certificate as ca_file the polls go
+    over TLS; without it the certificate does not verify and the source
+    gives no reading — never a silent fall back to plain text."""
+    nut = NutServer(tmp_path / "nut", tls=True).start()
+    sources = [
+        {"kind": "nut", "sensor": "secure", "ups": "ups1", "server": nut.server,
+         "ca_file": str(nut.ca_file), "poll_interval_s": 0.5},
+        {"kind": "nut", "sensor": "unverified", "ups": "ups1", "server": nut.server,
+         "poll_interval_s": 0.5},
+    ]
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"app": ["east", "west"]},
+                     region_settings={"east": {"power_sources": sources}})
+    s = SourceStack(c, nut)
+    try:
+        await s.started()
+        await s.reading("secure", "utility_ok")
+        events = c.daemons["e1"].log_events()
+        assert any(e.get("event") == "power source answering" and e.get("sensor") == "secure"
+                   and e.get("via") == "TLS" for e in events)
+
+        async def refused() -> list[dict[str, Any]]:
+            return [e for e in c.daemons["e1"].log_events()
+                    if e.get("event") == "power source poll failed"
+                    and e.get("sensor") == "unverified"]
+        failed = await wait_until(refused, 10, "the unverifiable upsd refused")
+        assert failed[0]["reason"] == "tls" and "CERTIFICATE_VERIFY_FAILED" in failed[0]["error"]
+        assert ("east", "unverified") not in (await c.view()).power
+    finally:
+        await c.close()
+        nut.stop()
