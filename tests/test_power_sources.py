@@ -193,7 +193,8 @@ async def _garbage_server() -> tuple[asyncio.Server, int]:
 async def test_bad_nut_answers_are_logged_once_counted_and_decide_nothing(nut_stack):
     """An unknown UPS name, a server that is not upsd, TLS required from a
     server without it, a port nobody listens on: each is one log line (not
-    one per poll), a metric by reason, no reading and no power verdict."""
+    one per poll), a metric by reason, no reading and no power verdict.  A
+    flag we do not know decides nothing either: logged once, counted."""
     server, garbage_port = await _garbage_server()
     try:
         def src(sensor: str, **kw: Any) -> dict[str, Any]:
@@ -203,7 +204,10 @@ async def test_bad_nut_answers_are_logged_once_counted_and_decide_nothing(nut_st
         sources = [src("ghost", server=nut, ups="nope"),
                    src("noise", server=f"127.0.0.1:{garbage_port}", tls="off"),
                    src("plain", server=nut, tls="required"),
-                   src("nobody", server=f"127.0.0.1:{free_port()}")]
+                   src("nobody", server=f"127.0.0.1:{free_port()}"),
+                   src("odd", server=nut)]
+        # A flag from a newer NUT (or a vendor): read, logged once, counted.
+        s.nut.set("ups1", **{"ups.status": "OL SOMETHINGNEW"})
         s.c.config = s.c.config_variant("bad", region_settings={
             "east": {"power_sources": sources}})
         before = await s.started()
@@ -224,8 +228,18 @@ async def test_bad_nut_answers_are_logged_once_counted_and_decide_nothing(nut_st
                      and e.get("sensor") == sensor]
             assert len(lines) == 1, (sensor, lines)
             assert lines[0]["reason"] == reason
+        odd = await s.reading("odd", "utility_ok")
+        assert "OL SOMETHINGNEW" in odd.detail
+        _, text = await call(api, "GET", "/metrics")
+        m = re.search(r'failoverd_power_source_polls_total\{kind="nut",result="unknown_flags",'
+                      r'sensor="odd"\} ([0-9.]+)', text)
+        assert m and float(m.group(1)) >= 3
+        flagged = [e for e in s.c.daemons["e1"].log_events()
+                   if e.get("event") == "power source sent flags we do not know; they decide "
+                   "nothing"]
+        assert len(flagged) == 1 and flagged[0]["flags"] == ["SOMETHINGNEW"]
         view = await s.c.view()
-        assert not [k for k in view.power if k[0] == "east"]
+        assert [k for k in view.power if k[0] == "east"] == [("east", "odd")]
         assert view.active["app"].epoch == before.epoch
     finally:
         server.close()
