@@ -335,15 +335,7 @@ class NutServer:
             ["/lib/nut/upsd", "-D", "-u", "root"], env=self._env,
             stdout=open(self.workdir / "upsd.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.upsd.poll() is not None:
-                    raise RuntimeError("upsd did not start") from None
-                time.sleep(0.02)
+        _await_listening(self.port, self.upsd, "upsd")
 
     def stop_upsd(self) -> None:
         if self.upsd is not None:
@@ -383,15 +375,8 @@ class Mosquitto:
         self.proc = subprocess.Popen([binary, "-c", str(conf)],
                                      stdout=open(self.workdir / "mosquitto.log", "ab"),  # noqa: SIM115
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("mosquitto did not start") from None
-                time.sleep(0.02)
+        _await_listening(self.port, self.proc, "mosquitto")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -931,6 +916,16 @@ def _connects(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _await_listening(port: int, proc: subprocess.Popen[bytes], what: str,
+                     timeout: float = 10.0) -> None:
+    """Until ``proc`` accepts TCP on loopback ``port``; it must not exit."""
+    deadline = time.monotonic() + timeout
+    while not _connects(port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
 
 
 class Bind:

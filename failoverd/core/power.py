@@ -226,6 +226,16 @@ def oid_table_reading(region: str, sensor: str, table: OidTable,
                    source="snmp", detail=f"{table.state} = {said[:60]}")
 
 
+def _payload_text(region: str, regions: Iterable[str], payload: bytes) -> str | Rejected:
+    """A message's text, if its region is one of ours and it is UTF-8."""
+    if region not in set(regions):
+        return Rejected("unknown_region", region)
+    try:
+        return payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return Rejected("malformed", "not UTF-8")
+
+
 def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[str],
                   max_bytes: int = MAX_PAYLOAD, max_future_s: float = MAX_FUTURE_S
                   ) -> Reading | RuntimeUpdate | Rejected:
@@ -241,12 +251,9 @@ def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[s
     if len(parts) < (3 if nut else 2):
         return Rejected("bad_topic", topic)
     region, sensor = (parts[-3], parts[-2]) if nut else (parts[-2], parts[-1])
-    if region not in set(regions):
-        return Rejected("unknown_region", region)
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return Rejected("malformed", "not UTF-8")
+    text = _payload_text(region, regions, payload)
+    if isinstance(text, Rejected):
+        return text
     if nut:
         return _parse_nut(parts[-1], text, region, sensor, now)
     try:
@@ -358,12 +365,9 @@ def apply_mapping(m: TopicMapping, topic: str, payload: bytes, *, now: float,
     region, sensor = _filled(m.region, levels), _filled(m.sensor, levels)
     if region is None or sensor is None or not sensor:
         return Rejected("bad_topic", topic)
-    if region not in set(regions):
-        return Rejected("unknown_region", region)
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return Rejected("malformed", "not UTF-8")
+    text = _payload_text(region, regions, payload)
+    if isinstance(text, Rejected):
+        return text
     data: object = text
     if m.json_path is not None or m.runtime_path is not None or m.charge_path is not None:
         try:
