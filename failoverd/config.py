@@ -459,6 +459,14 @@ class PolicySettings(_Model):
     # A sensor last seen in an outage state keeps it through silence, and
     # after this long silent the region counts as power critical (rule 10).
     power_silence_during_outage_s: PositiveFloat = 30.0
+    # A sensor's runtime/charge changes are relayed to etcd at most this
+    # often (its state changes, and a runtime crossing the failover budget,
+    # at once): a UPS reporting every 100 ms costs one write a second.
+    relay_min_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # Distinct sensor names a member accepts per region from MQTT (a
+    # misconfigured bridge, or anyone with publish rights, must not fill
+    # etcd); configured power_sources are always accepted.
+    max_sensors_per_region: Annotated[int, Field(ge=1, le=10_000)] = 64
     # Sagas the coordinator runs at once (an evacuation starts one per group).
     max_concurrent_sagas: Annotated[int, Field(ge=1, le=4096)] = 64
     # Promote/demote hooks a member runs at once.

@@ -23,6 +23,17 @@ class _Published:
     value: str
     at: float
     lease: int
+    minor: Hashable = None
+
+
+@dataclass
+class _Pending:
+    """A minor change held back by ``min_interval_s``: written when due."""
+
+    value: str
+    identity: Hashable
+    minor: Hashable
+    due: float
 
 
 class LeasedPublisher:
@@ -40,27 +51,62 @@ class LeasedPublisher:
         self._lease_id = lease_id
         self._clock = clock
         self._last: dict[str, _Published] = {}
+        self._pending: dict[str, _Pending] = {}
+
+    def minor(self, key: str) -> Hashable:
+        """The ``minor`` part last written for ``key`` (None: never)."""
+        last = self._last.get(key)
+        return last.minor if last is not None else None
 
     def identity(self, key: str) -> Hashable | None:
         """What ``key`` said when it was last written (None: never)."""
         last = self._last.get(key)
         return last.identity if last is not None else None
 
-    async def publish(self, key: str, value: str, identity: Hashable, refresh_s: float) -> bool:
+    async def publish(self, key: str, value: str, identity: Hashable, refresh_s: float,
+                      minor: Hashable = None, min_interval_s: float = 0.0) -> bool:
         """Write ``value`` unless the same ``identity`` was written under the
-        current lease less than ``refresh_s`` ago; True if written.  Nothing
-        is written without a lease (a new session re-publishes)."""
+        current lease less than ``refresh_s`` ago; True if written.
+
+        ``minor`` is what may change without counting as news (a battery
+        runtime ticking down): a change of it alone is written at most once
+        per ``min_interval_s`` — the newest value, when due, by
+        :meth:`flush` — so a flood of minor changes costs one write per
+        interval.  Nothing is written without a lease (a new session
+        re-publishes)."""
         lease = self._lease_id()
         if lease is None:
             return False
         now = self._clock()
         last = self._last.get(key)
-        if (last is not None and last.lease == lease and last.identity == identity
-                and now - last.at < refresh_s):
-            return False
-        await self._store.put(key, value, lease)
-        self._last[key] = _Published(identity, value, now, lease)
+        if last is not None and last.lease == lease and last.identity == identity:
+            if last.minor == minor and now - last.at < refresh_s:
+                self._pending.pop(key, None)  # back to what etcd holds
+                return False
+            if last.minor != minor and now - last.at < min_interval_s:
+                self._pending[key] = _Pending(value, identity, minor, last.at + min_interval_s)
+                return False
+        await self._write(key, value, identity, minor, lease)
         return True
+
+    async def flush(self) -> int:
+        """Write the held-back minor changes that are due; how many."""
+        lease = self._lease_id()
+        if lease is None or not self._pending:
+            return 0
+        now = self._clock()
+        written = 0
+        for key, p in list(self._pending.items()):
+            if p.due <= now:
+                await self._write(key, p.value, p.identity, p.minor, lease)
+                written += 1
+        return written
+
+    async def _write(self, key: str, value: str, identity: Hashable, minor: Hashable,
+                     lease: int) -> None:
+        await self._store.put(key, value, lease)
+        self._last[key] = _Published(identity, value, self._clock(), lease, minor)
+        self._pending.pop(key, None)
 
     async def resync(self) -> int:
         """Write every key again whose last write was under an older lease
@@ -71,7 +117,10 @@ class LeasedPublisher:
         written = 0
         for key, last in list(self._last.items()):
             if last.lease != lease:
-                await self._store.put(key, last.value, lease)
-                self._last[key] = _Published(last.identity, last.value, self._clock(), lease)
+                pending = self._pending.get(key)
+                if pending is not None:  # the newest word, not the last written
+                    await self._write(key, pending.value, pending.identity, pending.minor, lease)
+                else:
+                    await self._write(key, last.value, last.identity, last.minor, lease)
                 written += 1
         return written

@@ -15,7 +15,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, wait_until
+from devstack.stack import VIEWER_TOKEN, EtcdCluster, LocalCluster, Mosquitto, call, wait_until
 
 pytestmark = pytest.mark.cluster
 TOPIC = "failoverd/power/east"
@@ -263,3 +263,93 @@ async def test_broker_down_ten_seconds_members_reconnect_within_two_seconds(powe
     await s.state("gen", "generator_failed")
     after = await s.c.wait_active("app", "west", 10)
     assert after.epoch == before.epoch + 1
+
+
+class _Writes:
+    """Counts etcd writes under a prefix (each put is one watch event)."""
+
+    def __init__(self, c: LocalCluster, prefix: str) -> None:
+        self.c, self.prefix = c, prefix
+        self.by_key: dict[str, int] = {}
+        self.last: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Writes:
+        start = (await self.c.store.get_prefix(self.prefix)).revision + 1
+        ready = asyncio.Event()
+
+        async def run() -> None:
+            ready.set()
+            async for batch in self.c.store.watch(self.prefix, start):
+                for ev in batch:
+                    if not ev.deleted:
+                        self.by_key[ev.key] = self.by_key.get(ev.key, 0) + 1
+                        self.last[ev.key] = ev.value
+        self._task = asyncio.create_task(run())
+        await ready.wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_a_sensor_flooding_runtimes_costs_one_etcd_write_per_second(power_stack):
+    """A UPS reporting a new runtime every few milliseconds for 3 s: each
+    member relays it at most once per relay_min_interval_s (1 s), and the
+    newest runtime still reaches etcd."""
+    s = power_stack(power_grace_s=600)
+    await s.started()
+    await s.state("ups1", "on_battery", runtime_s=20_000)
+    prefix = s.c.keys.power("east", "ups1", "")
+    await wait_until(lambda: _relayed_by(s, "ups1", 2), 10, "both members relaying ups1")
+    async with _Writes(s.c, prefix) as writes:
+        t0 = time.monotonic()
+        async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
+            runtime = 19_999
+            while time.monotonic() - t0 < 3:
+                await client.publish(f"{TOPIC}/ups1", json.dumps(
+                    {"state": "on_battery", "runtime_s": runtime, "ts": time.time()}), qos=0)
+                runtime -= 1
+                await asyncio.sleep(0.002)
+        sent = 19_999 - runtime
+        last = runtime + 1
+
+        async def newest_relayed() -> bool:
+            return len(writes.last) == 2 and all(
+                json.loads(v)["runtime_s"] == last for v in writes.last.values())
+        await wait_until(newest_relayed, 5, "the newest runtime relayed by both members")
+    assert sent >= 500
+    # 3 s of flood: the first change at once, then one a second, then the
+    # trailing newest value — whatever the message rate.
+    assert all(n <= 5 for n in writes.by_key.values()), (sent, writes.by_key)
+
+
+async def test_sensor_names_past_max_sensors_per_region_are_refused(power_stack):
+    """A bridge publishing 60 distinct sensor names for west: the first
+    max_sensors_per_region (5) are relayed, the rest are counted, logged
+    and never written to etcd; the API says so."""
+    s = power_stack(max_sensors_per_region=5)
+    await s.started()
+    async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
+        for i in range(60):
+            await client.publish(f"failoverd/power/west/s{i:02d}",
+                                 json.dumps({"state": "utility_ok", "ts": time.time()}), qos=1)
+
+    async def refused() -> dict | None:
+        _, st = await call(s.c.daemons["e1"].api, "GET", "/v1/status", VIEWER_TOKEN)
+        r = st["regions"]["west"]["power"]["refused"]
+        return st if r["messages"] >= 55 else None
+    st = await wait_until(refused, 15, "55 messages refused by e1")
+    assert len(st["regions"]["west"]["power"]["refused"]["names"]) == 10  # a few, named
+    keys = [kv.key for kv in (await s.c.store.get_prefix(s.c.keys.prefix + "power/west/")).kvs]
+    sensors = {k.split("/")[-2] for k in keys}
+    assert len(sensors) == 5 and len(keys) == 10, keys  # 5 sensors x 2 relaying members
+    logged = [e for e in s.c.daemons["e1"].log_events()
+              if e.get("event") == "mqtt message rejected"
+              and e.get("reason") == "too_many_sensors"]
+    assert 1 <= len(logged) <= 2  # rate-limited: once per 10 s
+
+
+async def _relayed_by(s: PowerStack, sensor: str, members: int) -> bool:
+    return len((await s.c.view()).power.get(("east", sensor), [])) >= members

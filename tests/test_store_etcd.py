@@ -457,6 +457,35 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     assert not await pub.publish(a, "x", "gone", refresh_s=10)  # no lease: nothing
 
 
+async def test_minor_changes_are_coalesced_to_one_write_per_interval(
+        store: EtcdStore, cluster_name: str) -> None:
+    """A battery runtime changing on every message costs one etcd write per
+    min_interval_s, and the newest value is written when due even if no
+    further message comes; a change of state is written at once."""
+    from failoverd.publishing import LeasedPublisher  # noqa: PLC0415
+
+    key = Keyspace(cluster_name).power("east", "ups1", "m1")
+    now = [1000.0]
+    lease = (await store.grant(5))[0]
+    pub = LeasedPublisher(store, lambda: lease, lambda: now[0])
+    assert await pub.publish(key, "ob-600", "on_battery", 10, minor=600, min_interval_s=1)
+    written = (await store.get(key)).mod_revision
+    for runtime in range(599, 500, -1):  # 99 messages within 0.99 s
+        now[0] += 0.01
+        assert not await pub.publish(key, f"ob-{runtime}", "on_battery", 10, minor=runtime,
+                                     min_interval_s=1)
+    assert (await store.get(key)).mod_revision == written  # nothing written yet
+    assert await pub.flush() == 0  # not due: 0.99 s since the write
+    now[0] += 0.02
+    assert await pub.flush() == 1
+    assert (await store.get(key)).value == "ob-501"  # the newest, once
+    assert await pub.flush() == 0
+    # A state change is news: written at once, inside the interval.
+    now[0] += 0.1
+    assert await pub.publish(key, "lb-500", "low_battery", 10, minor=500, min_interval_s=1)
+    assert (await store.get(key)).value == "lb-500"
+
+
 async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
         store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
     """A member's ack that etcd refuses (a timeout while the etcd leader

@@ -126,6 +126,10 @@ def print_power(st: dict[str, Any]) -> None:
                     print(f"  {'':<14}└ {x['detail']}")
         else:
             print("  no sensor has said anything")
+        refused = p.get("refused") or {}
+        if refused.get("messages"):
+            print(f"  REFUSED: {refused['messages']} message(s) from sensors past "
+                  f"max_sensors_per_region, e.g. {', '.join(refused['names'])}")
         for src in p.get("sources", []):
             poll = src.get("poll")
             how = ("polled elsewhere (by the region's members)" if poll is None

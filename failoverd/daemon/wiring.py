@@ -188,7 +188,7 @@ class Daemon:
         self.api = Api(self.store, self.keys, lambda: self.settings,
                        self.watcher.subscribe("control/results/"), lambda: dict(roles.epochs),
                        history=lambda limit: read_history(self.store, self.keys, limit),
-                       polls=self.sources.poll_status)
+                       polls=self.sources.poll_status, refused=self.power.refused)
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
                                lambda: self._live_lease() is not None)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)

@@ -44,6 +44,7 @@ from failoverd.publishing import LeasedPublisher
 log = structlog.get_logger("failoverd.sensing.mqtt")
 
 LOG_EVERY_S = 10.0
+REFUSED_NAMES_KEPT = 10
 STATUS_EVERY_S = 5.0
 # A power event published while we reconnect waits for us: reconnect within
 # about a second of the broker's return (x 0.5-1.5 jitter), whatever the
@@ -168,6 +169,11 @@ class PowerFeeds:
         self._last_log: dict[str, float] = {}
         self._mappings_of: Settings | None = None
         self._mappings: list[TopicMapping] = []
+        self._sensors_per_region: dict[str, int] = {}
+        # Sensor names refused by max_sensors_per_region (a few, and how many
+        # messages), per region: failoverctl power and the status page say so.
+        self.refused_sensors: dict[str, set[str]] = {}
+        self.refused_counts: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
 
     async def run(self) -> None:
@@ -240,6 +246,12 @@ class PowerFeeds:
             await asyncio.sleep(STATUS_EVERY_S)
             await client.publish(topic, self.status(), qos=1, retain=True)
 
+    def refused(self) -> dict[str, dict[str, object]]:
+        """Per region, how many messages came from sensor names refused by
+        ``max_sensors_per_region``, and some of those names."""
+        return {region: {"messages": n, "names": sorted(self.refused_sensors.get(region, ()))}
+                for region, n in self.refused_counts.items()}
+
     def _mapping_for(self, s: Settings, topic: str) -> TopicMapping | None:
         if s is not self._mappings_of:
             self._mappings_of = s
@@ -258,6 +270,8 @@ class PowerFeeds:
                               max_bytes=max_bytes) if mapping is not None
                 else parse_message(topic, payload, now=self._clock(), regions=regions,
                                    max_bytes=max_bytes))
+        if not isinstance(item, Rejected):
+            item = self._admit(s, item)
         if isinstance(item, Rejected):
             self.rejected[item.reason] += 1
             metrics.MQTT_MESSAGES.labels("rejected", item.reason).inc()
@@ -267,11 +281,35 @@ class PowerFeeds:
         metrics.MQTT_MESSAGES.labels("accepted", "").inc()
         await self.ingest(item)
 
+    def _admit(self, s: Settings, item: Reading | RuntimeUpdate
+               ) -> Reading | RuntimeUpdate | Rejected:
+        """A sensor we already know, or room for a new one in its region
+        (``max_sensors_per_region``): a flood of names must not become a
+        flood of etcd keys, nor push out the sensors we had."""
+        key = (item.region, item.sensor)
+        if key in self.table.readings:
+            return item
+        known = self._sensors_per_region.get(item.region, 0)
+        if known < s.policy.max_sensors_per_region:
+            return item
+        refused = self.refused_sensors.setdefault(item.region, set())
+        if len(refused) < REFUSED_NAMES_KEPT:
+            refused.add(item.sensor)
+        self.refused_counts[item.region] += 1
+        return Rejected("too_many_sensors",
+                        f"{item.region} has {known} sensors (max_sensors_per_region); "
+                        f"{item.sensor!r} refused")
+
     async def ingest(self, item: Reading | RuntimeUpdate) -> None:
         """Fold a reading in (from MQTT or a polled power source) and relay
         it if it changed what the sensor says; never raises for a store
         error (logged; the next change or refresh writes it)."""
+        key = (item.region, item.sensor)
+        new = key not in self.table.readings
         reading = self.table.apply(item)
+        if new and key in self.table.readings:
+            self._sensors_per_region[item.region] = (
+                self._sensors_per_region.get(item.region, 0) + 1)
         if reading is not None:
             await self._relay(reading)
 
@@ -285,13 +323,24 @@ class PowerFeeds:
         self._last_log[item.reason] = now
 
     async def _relay(self, r: Reading) -> None:
-        key = self._keys.power(r.region, r.sensor, self._settings().member)
-        said = (r.state, r.since, r.runtime_s, r.lwt_at)
+        s = self._settings()
+        key = self._keys.power(r.region, r.sensor, s.member)
+        said = (r.state, r.since, r.lwt_at)
         before = self._relays.identity(key)
+        # Runtime and charge alone are news at most once per
+        # relay_min_interval_s — at once when the runtime just fell under
+        # the failover budget (configured; the coordinator's learned one
+        # can only be judged by it).
+        budget = s.policy.expected_failover_s + s.policy.power_runtime_margin_s
+        relayed = self._relays.minor(key)
+        was = relayed[0] if isinstance(relayed, tuple) else None
+        crossing = (r.runtime_s is not None and r.runtime_s < budget
+                    and (was is None or was >= budget))
         try:
             written = await self._relays.publish(
-                key, reading_to_json(r, self._settings().member), said,
-                self._settings().policy.sensor_stale_s / 3)
+                key, reading_to_json(r, s.member), said, s.policy.sensor_stale_s / 3,
+                minor=(r.runtime_s, r.charge_pct, r.detail),
+                min_interval_s=0.0 if crossing else s.policy.relay_min_interval_s)
         except StoreError as exc:
             log.warning("cannot relay power reading", region=r.region, sensor=r.sensor,
                         error=str(exc))
@@ -306,5 +355,6 @@ class PowerFeeds:
             await asyncio.sleep(0.5)
             try:
                 await self._relays.resync()
+                await self._relays.flush()  # coalesced runtime/charge changes now due
             except StoreError as exc:
                 log.warning("cannot relay power readings again", error=str(exc))

@@ -106,10 +106,12 @@ class Api:
                  results_changed: asyncio.Event,
                  epochs: Callable[[], dict[str, int]] = dict,
                  history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None,
-                 polls: Callable[[], Mapping[str, Mapping[str, object]]] = dict
+                 polls: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
+                 refused: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
                  ) -> None:
         self._store = store
         self._polls = polls
+        self._refused = refused
         self._history = history
         self._epochs = epochs
         self._keys = keys
@@ -194,7 +196,7 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(status_document(await self._view(), self._settings(),
-                                                 time.time(), self._polls()))
+                                                 time.time(), self._polls(), self._refused()))
 
     async def history(self, request: web.Request) -> web.Response:
         try:
@@ -347,7 +349,8 @@ class Api:
 
 
 def power_document(view: ClusterView, s: Settings, region: RegionSettings, now: float,
-                   polls: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
+                   polls: Mapping[str, Mapping[str, object]],
+                   refused: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A region's power as the engine concludes it, every sensor with the
     rule that applies to it, and the region's polled sources."""
     policy = engine_policy(s)
@@ -368,11 +371,14 @@ def power_document(view: ClusterView, s: Settings, region: RegionSettings, now: 
                for src in region.power_sources]
     return {"state": p.state, "runtime_s": p.runtime_s, "detail": p.detail,
             "evidence": list(p.evidence), "quorum": p.quorum, "minority": list(p.minority),
-            "budget_s": budget, "sensors": sensors, "sources": sources}
+            "budget_s": budget, "sensors": sensors, "sources": sources,
+            # Sensor names this member refused (max_sensors_per_region).
+            "refused": dict(refused or {"messages": 0, "names": []})}
 
 
 def status_document(view: ClusterView, s: Settings, now: float,
-                    polls: Mapping[str, Mapping[str, object]] | None = None) -> dict[str, Any]:
+                    polls: Mapping[str, Mapping[str, object]] | None = None,
+                    refused: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     policy = engine_policy(s)
     regions: dict[str, Any] = {}
     for r in s.regions:
@@ -382,7 +388,8 @@ def status_document(view: ClusterView, s: Settings, now: float,
             "members": [m.member for m in view.members_in(r.name)],
             "health": {"verdict": h.verdict, "ready": h.ready, "quorum": h.quorum,
                        "votes": dict(h.votes)},
-            "power": power_document(view, s, r, now, polls or {}),
+            "power": power_document(view, s, r, now, polls or {},
+                                    (refused or {}).get(r.name)),
             "drained": r.name in view.control.drained,
             "active_for": sorted(g for g, rec in view.active.items() if rec.region == r.name),
         }

@@ -115,6 +115,13 @@ function render(st, events) {
       cell(row, "—"); cell(row, "—"); cell(row, "—");
       cell(row, src.target + (src.poll && !src.poll.ok ? ": " + src.poll.reason : ""));
     }
+    if (p.refused && p.refused.messages) {
+      const row = power.insertRow(); row.dataset.region = name; row.className = "refused";
+      cell(row, name); cell(row, "refused"); cell(row, ""); cell(row, "", "critical");
+      cell(row, ""); cell(row, ""); cell(row, "");
+      cell(row, p.refused.messages + " message(s) from sensors past max_sensors_per_region, " +
+           "e.g. " + p.refused.names.join(", "));
+    }
     const row = power.insertRow(); row.dataset.region = name; row.className = "verdict";
     cell(row, name); cell(row, "→ region"); cell(row, "");
     cell(row, p.state, p.state); cell(row, p.runtime_s != null ?
