@@ -99,6 +99,11 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = field(default_factory=free_port)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def endpoint(self) -> str:
@@ -142,7 +147,7 @@ class EtcdCluster:
             "--initial-cluster", self._initial, "--initial-cluster-state", state,
             "--initial-cluster-token", f"failoverd-test-{self.members[0].client_port}",
             "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote=true",
-            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+            "--listen-metrics-urls", f"http://127.0.0.1:{m.metrics_port}",
             "--log-level", "warn", *self.extra_args,
         ]
         m.proc = subprocess.Popen(argv, stdout=open(m.log_path, "ab"),  # noqa: SIM115

@@ -86,6 +86,13 @@ class ApiSettings(_Model):
     peer_source_address: IPvAnyAddress | None = None
     tokens: list[ApiToken] = Field(default_factory=list)
     metrics_public: bool = True
+    # Requests per second per token (per client address without one), with
+    # bursts up to rate_burst; past it, 429 with Retry-After.  /healthz and
+    # /readyz are never limited (peers and systemd ask them).
+    rate_per_token: Annotated[float, Field(gt=0, le=100_000)] = 20.0
+    rate_burst: Annotated[int, Field(ge=1, le=100_000)] = 40
+    # Requests handled at once; more wait up to 1 s, then 503 with Retry-After.
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = 32
     # HTTPS when both are set (PEM files).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

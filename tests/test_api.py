@@ -17,13 +17,14 @@ import pytest
 from devstack.stack import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
+    EtcdCluster,
     LocalCluster,
     call,
     free_port,
     wait_until,
 )
 from failoverd.config import ApiSettings
-from failoverd.web.api import ROUTES, Api, openapi_document, serve_api
+from failoverd.web.api import ROUTES, Api, RateLimiter, openapi_document, serve_api
 
 pytestmark = pytest.mark.cluster
 REGIONS = {"east": 100, "west": 50, "central": 25}  # as in the api_cluster fixture
@@ -227,3 +228,67 @@ async def test_api_over_tls(tmp_path: Path) -> None:
 
 async def _ready(api: Api) -> bool:
     return api.ready
+
+
+def test_the_rate_limiter_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.wait_s("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.wait_s("a") == pytest.approx(0.5)  # empty: one more in 1/rate
+    assert limiter.wait_s("b") == 0.0  # keys are separate
+    now[0] += 0.5
+    assert limiter.wait_s("a") == 0.0
+    assert limiter.wait_s("a") > 0
+    now[0] += 100  # refills up to the burst, not beyond
+    assert [limiter.wait_s("a") for _ in range(4)][-1] > 0
+
+
+async def _etcd_ranges(etcd: EtcdCluster) -> float:
+    """Range (read) calls etcd has served, from its own metrics."""
+    async with aiohttp.ClientSession() as s, s.get(etcd.members[0].metrics_url) as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("grpc_server_handled_total")
+               and 'grpc_method="Range"' in line)
+
+
+async def test_a_busy_dashboard_is_rate_limited_and_reads_no_etcd(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str):
+    """200 status requests from one token: the first rate_burst are served
+    from the member's watch-fed view (no etcd read per request), the rest get
+    429 with Retry-After; another token and /healthz are not held back."""
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"app": ["east", "west"]})
+    c.config = c.config_variant("limited", api_settings={"rate_per_token": 2, "rate_burst": 20})
+    try:
+        c.add("e1", "east")
+        c.add("w1", "west")
+        await c.wait_active("app", "east", 10)
+        api = c.daemons["e1"].api
+        await wait_until(lambda: _api_ready(api), 10, "e1's API ready")
+        before = await _etcd_ranges(etcd)
+        headers = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+        async with aiohttp.ClientSession() as s:
+            async def one(path: str, h: dict[str, str]) -> tuple[int, str | None]:
+                async with s.get(api + path, headers=h) as r:
+                    await r.read()
+                    return r.status, r.headers.get("Retry-After")
+            answers = await asyncio.gather(*(one("/v1/status", headers) for _ in range(200)))
+            ops = await one("/v1/status", {"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+            health = await asyncio.gather(*(one("/healthz", {}) for _ in range(100)))
+        ranges = await _etcd_ranges(etcd) - before
+        codes = [code for code, _ in answers]
+        assert 20 <= codes.count(200) <= 24, codes  # the burst, and what refilled meanwhile
+        assert codes.count(429) == 200 - codes.count(200)
+        assert all(int(after) >= 1 for code, after in answers if code == 429)
+        assert ops[0] == 200 and all(code == 200 for code, _ in health)
+        assert ranges < 20, ranges  # background reads only, not one per request
+    finally:
+        await c.close()
+
+
+async def _api_ready(api: str) -> bool:
+    try:
+        return (await call(api, "GET", "/readyz"))[0] == 200
+    except aiohttp.ClientError:
+        return False

@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from failoverd import __version__, metrics
 from failoverd.config import ConfigError, Overrides, Settings, engine_policy, load_settings
 from failoverd.core.engine import Policy
-from failoverd.core.model import Keyspace, MemberRecord, ViewIndex
+from failoverd.core.model import ClusterView, Keyspace, MemberRecord, ViewIndex
 from failoverd.core.store import Store, StoreError
 from failoverd.daemon.coordinator import Coordinator, NotCoordinator
 from failoverd.daemon.isolation import IsolationGuard
@@ -188,7 +188,8 @@ class Daemon:
         self.api = Api(self.store, self.keys, lambda: self.settings,
                        self.watcher.subscribe("control/results/"), lambda: dict(roles.epochs),
                        history=lambda limit: read_history(self.store, self.keys, limit),
-                       polls=self.sources.poll_status, refused=self.power.refused)
+                       polls=self.sources.poll_status, refused=self.power.refused,
+                       cached_view=self._mirror_view)
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
                                lambda: self._live_lease() is not None)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
@@ -431,6 +432,11 @@ class Daemon:
         coord = self.coordinator
         if coord is not None:
             coord.note_changes(keys)
+
+    def _mirror_view(self) -> ClusterView | None:
+        """The watch-fed view, once the mirror has loaded (the API's reads)."""
+        mirror = self.watcher.mirror
+        return mirror.view() if mirror.ready.is_set() else None
 
     def _live_lease(self) -> int | None:
         lease = self.lease

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import ssl
 import time
@@ -40,6 +41,40 @@ REQUEST_DEADLINE_S = 10.0
 ROLE_RANK = {"viewer": 1, "operator": 2}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# Routes no limit applies to: rule 4's peer check and systemd ask them, and
+# they read nothing from etcd.
+UNLIMITED = frozenset({"/healthz", "/readyz"})
+LIMITED_KEYS_MAX = 10_000
+
+
+class RateLimiter:
+    """A token bucket per key (a token's name, or a client address).
+
+    :meth:`wait_s` takes one request's token and says 0, or how long until
+    the key may ask again.  Keeps at most ``LIMITED_KEYS_MAX`` keys (the
+    least recently seen go first): addresses are remote-chosen."""
+
+    def __init__(self, rate: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst = rate, burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def wait_s(self, key: str) -> float:
+        now = self._clock()
+        tokens, at = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
+        while len(self._buckets) > LIMITED_KEYS_MAX:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
 
 
 class Body(BaseModel):
@@ -107,10 +142,14 @@ class Api:
                  epochs: Callable[[], dict[str, int]] = dict,
                  history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None,
                  polls: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
-                 refused: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
+                 refused: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
+                 cached_view: Callable[[], ClusterView | None] = lambda: None
                  ) -> None:
         self._store = store
         self._polls = polls
+        self._cached_view = cached_view
+        self._limiter: RateLimiter | None = None
+        self._in_flight: asyncio.Semaphore | None = None
         self._refused = refused
         self._history = history
         self._epochs = epochs
@@ -123,7 +162,7 @@ class Api:
     # -- plumbing ---------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY,
-                              middlewares=[self._errors, self._auth])
+                              middlewares=[self._errors, self._limits, self._auth])
         handlers: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/status"): self.status,
             ("GET", "/v1/history"): self.history,
@@ -161,6 +200,41 @@ class Api:
         metrics.API_REQUESTS.labels(name, str(resp.status)).inc()
         return resp
 
+    @web.middleware
+    async def _limits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Per-token (else per-address) rate limit and a bound on requests
+        in flight: a busy dashboard or a script in a loop must not take the
+        control loop's CPU or etcd's time."""
+        if request.path in UNLIMITED:
+            return await handler(request)
+        api = self._settings().api
+        if self._limiter is None or (self._limiter.rate, self._limiter.burst) != (
+                api.rate_per_token, api.rate_burst):
+            self._limiter = RateLimiter(api.rate_per_token, api.rate_burst)
+        who = self._role_of(request)
+        key = f"token {who[0]}" if who else f"address {request.remote}"
+        wait = self._limiter.wait_s(key)
+        if wait > 0:
+            resp = error(429, "too_many_requests",
+                         f"over {api.rate_per_token:g} requests/s for {key}; "
+                         f"retry in {wait:.1f}s")
+            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return resp
+        if self._in_flight is None:
+            self._in_flight = asyncio.Semaphore(api.max_concurrent_requests)
+        try:
+            async with asyncio.timeout(1.0):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            resp = error(503, "busy", f"{api.max_concurrent_requests} requests in flight "
+                                      "(api.max_concurrent_requests)")
+            resp.headers["Retry-After"] = "1"
+            return resp
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight.release()
+
     def _role_of(self, request: web.Request) -> tuple[str, str] | None:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
@@ -191,6 +265,12 @@ class Api:
 
     # -- reads ------------------------------------------------------------
     async def _view(self) -> ClusterView:
+        """The member's watch-fed view when it has one (no etcd read per
+        request: a dashboard polling every member must not load etcd), else
+        a snapshot."""
+        cached = self._cached_view()
+        if cached is not None:
+            return cached
         snap = await self._store.snapshot(self._keys.prefix, exclude=("history/",))
         return parse_view(self._keys, snap)
 
@@ -434,6 +514,8 @@ def openapi_document() -> dict[str, Any]:
             op["responses"] |= {"400": err, "404": err, "409": err, "413": err, "503": err}
         if r.path == "/readyz":
             op["responses"]["503"] = err
+        if r.path not in UNLIMITED:  # api.rate_per_token, api.max_concurrent_requests
+            op["responses"] |= {"429": err, "503": err}
         params: list[dict[str, Any]] = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
             for p in ("group", "region") if "{" + p + "}" in r.path]
