@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import chaos, evacuate, footprint, health, power, routers, takeover
+from bench import chaos, evacuate, footprint, health, load, power, routers, takeover
 
 
 async def main() -> int:
@@ -18,7 +18,7 @@ async def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
     ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint",
-                                       "evacuate", "chaos"), action="append",
+                                       "evacuate", "load", "chaos"), action="append",
                     help="chaos runs only when named (it takes ~45 s per schedule)")
     ap.add_argument("--schedules", type=int, default=200, help="chaos: how many schedules")
     ap.add_argument("--first-seed", type=int, default=1000, help="chaos: the first seed")
@@ -26,6 +26,8 @@ async def main() -> int:
                     help="evacuate: group counts to measure (default 10, 100, 1000)")
     ap.add_argument("--footprint-s", type=float, default=60.0,
                     help="how long the footprint is sampled (default 60 s)")
+    ap.add_argument("--load-s", type=float, default=30.0,
+                    help="load: how long the spam and the dashboard run (default 30 s)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
@@ -37,6 +39,8 @@ async def main() -> int:
         rows += await footprint.run(args.trials, args.ttl, args.footprint_s)
     if not args.only or "evacuate" in args.only:
         rows += await evacuate.run(args.ttl, args.groups or [10, 100, 1000])
+    if not args.only or "load" in args.only:
+        rows += await load.run(min(args.trials, 10), args.ttl, args.load_s)
     if args.only and "chaos" in args.only:
         rows += await chaos.run(args.schedules, args.first_seed)
     if args.json:
