@@ -130,8 +130,9 @@ def nut_reading(region: str, sensor: str, variables: Mapping[str, str], now: flo
 
 # RFC 1628 UPS-MIB (1.3.6.1.2.1.33): the objects a power verdict needs.
 UPS_MIB = "1.3.6.1.2.1.33"
-# other(1) none(2) normal(3) bypass(4) battery(5) booster(6) reducer(7)
 UPS_OUTPUT_SOURCE = f"{UPS_MIB}.1.4.1.0"
+UPS_OUTPUT_SOURCES = {1: "other", 2: "none", 3: "normal", 4: "bypass", 5: "battery",
+                      6: "booster", 7: "reducer"}
 UPS_BATTERY_STATUS = f"{UPS_MIB}.1.2.1.0"  # unknown(1) normal(2) low(3) depleted(4)
 UPS_SECONDS_ON_BATTERY = f"{UPS_MIB}.1.2.2.0"
 UPS_MINUTES_REMAINING = f"{UPS_MIB}.1.2.3.0"
@@ -183,9 +184,7 @@ def ups_mib_reading(region: str, sensor: str, values: Mapping[str, int | None],
     minutes = values.get(UPS_MINUTES_REMAINING)
     charge = values.get(UPS_CHARGE_REMAINING)
     on_battery_s = values.get(UPS_SECONDS_ON_BATTERY)
-    names = {1: "other", 2: "none", 3: "normal", 4: "bypass", 5: "battery", 6: "booster",
-             7: "reducer"}
-    detail = [f"upsOutputSource {names.get(source, source)}"]
+    detail = [f"upsOutputSource {UPS_OUTPUT_SOURCES.get(source, source)}"]
     if on_battery_s:
         detail.append(f"{on_battery_s}s on battery")
     if named:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from failoverd import __version__, metrics
 from failoverd.config import ApiSettings, RegionSettings, Settings, engine_policy
-from failoverd.core.engine import failover_budget_s, power_of, region_health
+from failoverd.core.engine import Policy, failover_budget_s, power_of, region_health
 from failoverd.core.model import ClusterView, Keyspace, OperatorRequest, parse_view
 from failoverd.core.power import explain_sensor, merge
 from failoverd.core.store import Compare, Delete, Store, StoreError
@@ -149,7 +149,7 @@ class Api:
         self._polls = polls
         self._cached_view = cached_view
         self._limiter: RateLimiter | None = None
-        self._in_flight: asyncio.Semaphore | None = None
+        self._in_flight: tuple[int, asyncio.Semaphore] | None = None
         self._refused = refused
         self._history = history
         self._epochs = epochs
@@ -211,7 +211,7 @@ class Api:
         if self._limiter is None or (self._limiter.rate, self._limiter.burst) != (
                 api.rate_per_token, api.rate_burst):
             self._limiter = RateLimiter(api.rate_per_token, api.rate_burst)
-        who = self._role_of(request)
+        who = request["who"] = self._role_of(request)  # _auth reads it: one hash
         key = f"token {who[0]}" if who else f"address {request.remote}"
         wait = self._limiter.wait_s(key)
         if wait > 0:
@@ -220,11 +220,13 @@ class Api:
                          f"retry in {wait:.1f}s")
             resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return resp
-        if self._in_flight is None:
-            self._in_flight = asyncio.Semaphore(api.max_concurrent_requests)
+        if self._in_flight is None or self._in_flight[0] != api.max_concurrent_requests:
+            self._in_flight = (api.max_concurrent_requests,
+                               asyncio.Semaphore(api.max_concurrent_requests))
+        slots = self._in_flight[1]  # released to the one it was taken from
         try:
             async with asyncio.timeout(1.0):
-                await self._in_flight.acquire()
+                await slots.acquire()
         except TimeoutError:
             resp = error(503, "busy", f"{api.max_concurrent_requests} requests in flight "
                                       "(api.max_concurrent_requests)")
@@ -233,7 +235,7 @@ class Api:
         try:
             return await handler(request)
         finally:
-            self._in_flight.release()
+            slots.release()
 
     def _role_of(self, request: web.Request) -> tuple[str, str] | None:
         header = request.headers.get("Authorization", "")
@@ -255,7 +257,7 @@ class Api:
         if need == "metrics":
             need = None if self._settings().api.metrics_public else "viewer"
         if need is not None:
-            who = self._role_of(request)
+            who = request["who"] if "who" in request else self._role_of(request)
             if who is None:
                 return error(401, "unauthorized", "a valid bearer token is required")
             if ROLE_RANK[who[1]] < ROLE_RANK[need]:
@@ -428,12 +430,11 @@ class Api:
                 pass
 
 
-def power_document(view: ClusterView, s: Settings, region: RegionSettings, now: float,
+def power_document(view: ClusterView, policy: Policy, region: RegionSettings, now: float,
                    polls: Mapping[str, Mapping[str, object]],
                    refused: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A region's power as the engine concludes it, every sensor with the
     rule that applies to it, and the region's polled sources."""
-    policy = engine_policy(s)
     p = power_of(view, policy, region.name, now)
     budget = failover_budget_s(view, policy)
     merged = merge({k: v for k, v in view.power.items() if k[0] == region.name})
@@ -468,7 +469,7 @@ def status_document(view: ClusterView, s: Settings, now: float,
             "members": [m.member for m in view.members_in(r.name)],
             "health": {"verdict": h.verdict, "ready": h.ready, "quorum": h.quorum,
                        "votes": dict(h.votes)},
-            "power": power_document(view, s, r, now, polls or {},
+            "power": power_document(view, policy, r, now, polls or {},
                                     (refused or {}).get(r.name)),
             "drained": r.name in view.control.drained,
             "active_for": sorted(g for g, rec in view.active.items() if rec.region == r.name),
