@@ -102,6 +102,11 @@ async def nut_stack(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
         nut.stop()
 
 
+async def _status_power(s: SourceStack, member: str, state: str) -> bool:
+    _, st = await call(s.c.daemons[member].api, "GET", "/v1/status", VIEWER_TOKEN)
+    return bool(st["regions"]["east"]["power"]["state"] == state)
+
+
 async def test_nut_ups_on_battery_then_low_battery_evacuates(nut_stack):
     """OL → OB DISCHRG (within the grace, with runtime to spare: nothing
     moves) → OB LB (critical, as upsmon reads it): the region evacuates."""
@@ -115,7 +120,11 @@ async def test_nut_ups_on_battery_then_low_battery_evacuates(nut_stack):
     assert on_battery.runtime_s is not None and on_battery.runtime_s <= 900
     assert (await s.c.view()).active["app"].epoch == before.epoch
     # What the operator sees: the sensor, its source, the rule, the verdict,
-    # and (asked of a member that polls it) how the polls go.
+    # and (asked of a member that polls it) how the polls go. The status is
+    # served from each member's watch-fed mirror, a watch hop behind etcd.
+    for member in ("e1", "w1"):
+        await wait_until(lambda m=member: _status_power(s, m, "on_battery"), 5,
+                         f"{member}'s status to show east on battery", interval=0.1)
     shown = await asyncio.to_thread(_ctl, "power", api=s.c.daemons["e1"].api)
     assert shown.returncode == 0, shown.stderr
     assert "REGION east: power on_battery" in shown.stdout
