@@ -10,6 +10,7 @@ every kind of fact, instead of one hand-rolled copy per sensor kind.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -24,13 +25,24 @@ class _Published:
     at: float
     lease: int
     minor: Hashable = None
+    # This write's share of the refresh period (REFRESH_SPREAD..1): keys
+    # first written together (a bridge coming up, a new session) must not
+    # refresh together forever, each burst a queue in etcd in front of a
+    # power event.
+    spread: float = 1.0
+
+
+REFRESH_SPREAD = 0.75
+# A value, or how to render it: a flood of held-back minor changes should
+# not render a document per message that is never written.
+Value = str | Callable[[], str]
 
 
 @dataclass
 class _Pending:
     """A minor change held back by ``min_interval_s``: written when due."""
 
-    value: str
+    value: Value
     identity: Hashable
     minor: Hashable
     due: float
@@ -46,7 +58,9 @@ class LeasedPublisher:
     """
 
     def __init__(self, store: Store, lease_id: Callable[[], int | None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
         self._store = store
         self._lease_id = lease_id
         self._clock = clock
@@ -63,10 +77,12 @@ class LeasedPublisher:
         last = self._last.get(key)
         return last.identity if last is not None else None
 
-    async def publish(self, key: str, value: str, identity: Hashable, refresh_s: float,
+    async def publish(self, key: str, value: Value, identity: Hashable, refresh_s: float,
                       minor: Hashable = None, min_interval_s: float = 0.0) -> bool:
-        """Write ``value`` unless the same ``identity`` was written under the
-        current lease less than ``refresh_s`` ago; True if written.
+        """Write ``value`` (a string, or a function that renders it when it
+        is written) unless the same ``identity`` was written under the
+        current lease less than ``refresh_s`` ago (less a random quarter at
+        most, so that refreshes spread out); True if written.
 
         ``minor`` is what may change without counting as news (a battery
         runtime ticking down): a change of it alone is written at most once
@@ -80,7 +96,7 @@ class LeasedPublisher:
         now = self._clock()
         last = self._last.get(key)
         if last is not None and last.lease == lease and last.identity == identity:
-            if last.minor == minor and now - last.at < refresh_s:
+            if last.minor == minor and now - last.at < refresh_s * last.spread:
                 self._pending.pop(key, None)  # back to what etcd holds
                 return False
             if last.minor != minor and now - last.at < min_interval_s:
@@ -102,10 +118,12 @@ class LeasedPublisher:
                 written += 1
         return written
 
-    async def _write(self, key: str, value: str, identity: Hashable, minor: Hashable,
+    async def _write(self, key: str, value: Value, identity: Hashable, minor: Hashable,
                      lease: int) -> None:
-        await self._store.put(key, value, lease)
-        self._last[key] = _Published(identity, value, self._clock(), lease, minor)
+        text = value if isinstance(value, str) else value()
+        await self._store.put(key, text, lease)
+        self._last[key] = _Published(identity, text, self._clock(), lease, minor,
+                                     self._rng.uniform(REFRESH_SPREAD, 1.0))
         self._pending.pop(key, None)
 
     async def resync(self) -> int:

@@ -8,6 +8,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,6 +113,27 @@ async def test_drain_removes_a_region_from_candidacy(api_cluster: LocalCluster):
     st = await wait_until(status_shows_central, 5, "the failover in the status",
                           interval=0.1)
     assert st["regions"]["west"]["drained"] is True
+
+
+async def test_status_is_built_once_a_second_and_afresh_after_a_change(
+        api_cluster: LocalCluster):
+    """A dashboard wall polling a member gets the same document for up to a
+    second (no build per request); an operator's change through the API
+    makes the next read a new build."""
+    api = api_cluster.daemons["c1"].api
+    first = (await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+    again = (await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+    assert again["as_of"] == first["as_of"] and again["revision"] == first["revision"]
+    assert time.time() - first["as_of"] < 1.5
+    status, _ = await call(api, "POST", "/v1/pause", OPERATOR_TOKEN)
+    assert status == 200
+    fresh = (await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+    assert fresh["as_of"] > first["as_of"]
+
+    async def paused() -> bool:
+        return bool((await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]["paused"])
+    await wait_until(paused, 5, "the pause in the status", interval=0.1)
+    assert (await call(api, "POST", "/v1/resume", OPERATOR_TOKEN))[0] == 200
 
 
 async def test_safety_rule_9_bad_requests_get_json_errors_and_change_nothing(

@@ -17,7 +17,7 @@ import pytest
 from devstack.stack import free_port, make_ca, make_cert, write_config
 from failoverd.config import Overrides, load_settings
 from failoverd.core.model import Keyspace
-from failoverd.sensing.mqtt import PowerFeeds, mqtt_failure
+from failoverd.sensing.mqtt import MAIN_LANE, PowerFeeds, mqtt_failure
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ async def _connect_error(feeds: PowerFeeds) -> BaseException | None:
     broker = feeds._settings().mqtt[0]
     try:
         async with asyncio.timeout(8):
-            await feeds._connection(broker)
+            await feeds._connection(broker, MAIN_LANE, broker.subscriptions, set())
     except BaseException as exc:  # the error is what we test
         if isinstance(exc, BaseExceptionGroup):
             return exc.exceptions[0]
@@ -101,7 +101,7 @@ async def test_mqtt_client_certificate_connects_and_failures_are_named(
         tmp_path: Path, tls_broker: dict) -> None:
     ok = _feeds(tmp_path, tls_broker, ca=tls_broker["ca"], cert=tls_broker["client"])
     broker = ok._settings().mqtt[0]
-    task = asyncio.create_task(ok._connection(broker))
+    task = asyncio.create_task(ok._connection(broker, MAIN_LANE, broker.subscriptions, set()))
     try:
         for _ in range(300):
             if ok.connected.get(broker.url):

@@ -332,27 +332,65 @@ async def test_a_sensor_flooding_runtimes_costs_one_etcd_write_per_second(power_
 async def test_sensor_names_past_max_sensors_per_region_are_refused(power_stack):
     """A bridge publishing 60 distinct sensor names for west: the first
     max_sensors_per_region (5) are relayed, the rest are counted, logged
-    and never written to etcd; the API says so."""
+    and never written to etcd; the API says so.  Once west is full, each
+    member subscribes to west's known sensors only, so a further flood of
+    new names is filtered out by the broker while the known sensors still
+    get through."""
     s = power_stack(max_sensors_per_region=5)
     await s.started()
-    async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
-        for i in range(60):
-            await client.publish(f"failoverd/power/west/s{i:02d}",
-                                 json.dumps({"state": "utility_ok", "ts": time.time()}), qos=1)
 
-    async def refused() -> dict | None:
-        _, st = await call(s.c.daemons["e1"].api, "GET", "/v1/status", VIEWER_TOKEN)
+    async def publish_names(names: list[str], state: str = "utility_ok") -> None:
+        async with aiomqtt.Client("127.0.0.1", s.broker.port) as client:
+            for name in names:
+                await client.publish(f"failoverd/power/west/{name}",
+                                     json.dumps({"state": state, "ts": time.time()}), qos=1)
+
+    await publish_names([f"s{i:02d}" for i in range(5)])
+    await wait_until(lambda: _relayed_as(s, "west", "s04", "utility_ok", 2), 10,
+                     "five west sensors relayed")
+    await publish_names([f"s{i:02d}" for i in range(5, 60)])
+
+    async def refused(member: str) -> dict | None:
+        _, st = await call(s.c.daemons[member].api, "GET", "/v1/status", VIEWER_TOKEN)
         r = st["regions"]["west"]["power"]["refused"]
-        return st if r["messages"] >= 55 else None
-    st = await wait_until(refused, 15, "55 messages refused by e1")
-    assert len(st["regions"]["west"]["power"]["refused"]["names"]) == 10  # a few, named
+        return r if r["messages"] >= 1 and r["narrowed"] else None
+    for member in ("e1", "w1"):
+        r = await wait_until(lambda m=member: refused(m), 15,
+                             f"{member} refusing west names, narrowed", interval=0.2)
+        assert 1 <= len(r["names"]) <= 10 and all(n >= "s05" for n in r["names"])  # named
+    before = {m: await _refusals(s, m) for m in s.c.daemons}
+
+    # Narrowed: 60 more new names never reach the members; a known sensor
+    # does (and, one connection keeping its order, after all of them).
+    await publish_names([f"t{i:02d}" for i in range(60)])
+    await publish_names(["s00"], state="utility_lost")
+    await wait_until(lambda: _relayed_as(s, "west", "s00", "utility_lost", 2), 10,
+                     "s00's new state relayed by both members")
+    assert {m: await _refusals(s, m) for m in s.c.daemons} == before
     keys = [kv.key for kv in (await s.c.store.get_prefix(s.c.keys.prefix + "power/west/")).kvs]
     sensors = {k.split("/")[-2] for k in keys}
     assert len(sensors) == 5 and len(keys) == 10, keys  # 5 sensors x 2 relaying members
-    logged = [e for e in s.c.daemons["e1"].log_events()
-              if e.get("event") == "mqtt message rejected"
-              and e.get("reason") == "too_many_sensors"]
-    assert 1 <= len(logged) <= 2  # rate-limited: once per 10 s
+    for d in s.c.daemons.values():
+        events = d.log_events()
+        logged = [e for e in events if e.get("event") == "mqtt message rejected"
+                  and e.get("reason") == "too_many_sensors"]
+        assert 1 <= len(logged) <= 2  # rate-limited: once per 10 s
+        assert any(e.get("event") == "mqtt lane narrowed to the region's known sensors"
+                   and e.get("power_region") == "west" for e in events)
+
+
+async def _refusals(s: PowerStack, member: str) -> float:
+    """Messages ``member`` refused for too many sensor names (its metrics)."""
+    _, text = await call(s.c.daemons[member].api, "GET", "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("failoverd_mqtt_messages_total{")
+               and 'reason="too_many_sensors"' in line)
+
+
+async def _relayed_as(s: PowerStack, region: str, sensor: str, state: str, members: int
+                      ) -> bool:
+    readings = (await s.c.view()).power.get((region, sensor), [])
+    return sum(r.state == state for r in readings) >= members
 
 
 async def _relayed_by(s: PowerStack, sensor: str, members: int) -> bool:

@@ -457,6 +457,33 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     assert not await pub.publish(a, "x", "gone", refresh_s=10)  # no lease: nothing
 
 
+async def test_refreshes_of_keys_written_together_spread_out(
+        store: EtcdStore, cluster_name: str) -> None:
+    """Sixty keys written in the same instant (a bridge coming up) are not
+    all rewritten in the same instant a refresh period later: each write
+    refreshes somewhere in the last quarter of its period, so the burst
+    that would queue in etcd in front of a power event is spread."""
+    import random  # noqa: PLC0415
+
+    from failoverd.publishing import REFRESH_SPREAD, LeasedPublisher  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    now = [1000.0]
+    lease = (await store.grant(5))[0]
+    pub = LeasedPublisher(store, lambda: lease, lambda: now[0], random.Random(7))
+    names = [keys.power("east", f"s{i}", "m1") for i in range(60)]
+    for k in names:
+        assert await pub.publish(k, "ok", "ok", refresh_s=10)
+    now[0] += 10 * REFRESH_SPREAD - 0.01  # before any may refresh
+    assert not any([await pub.publish(k, "ok", "ok", refresh_s=10) for k in names])
+    now[0] += 1.25  # three quarters of the way through the spread window
+    refreshed = [await pub.publish(k, "ok", "ok", refresh_s=10) for k in names]
+    assert 20 < sum(refreshed) < 60, sum(refreshed)
+    now[0] += 1.5  # past the whole period: every key is refreshed
+    assert all([await pub.publish(k, "ok", "ok", refresh_s=10)
+                for k, done in zip(names, refreshed, strict=True) if not done])
+
+
 async def test_minor_changes_are_coalesced_to_one_write_per_interval(
         store: EtcdStore, cluster_name: str) -> None:
     """A battery runtime changing on every message costs one etcd write per

@@ -129,7 +129,9 @@ def print_power(st: dict[str, Any]) -> None:
         refused = p.get("refused") or {}
         if refused.get("messages"):
             print(f"  REFUSED: {refused['messages']} message(s) from sensors past "
-                  f"max_sensors_per_region, e.g. {', '.join(refused['names'])}")
+                  f"max_sensors_per_region, e.g. {', '.join(refused['names'])}"
+                  + ("; now subscribed to the known sensors' topics only"
+                     if refused.get("narrowed") else ""))
         for src in p.get("sources", []):
             poll = src.get("poll")
             how = ("polled elsewhere (by the region's members)" if poll is None

@@ -235,6 +235,19 @@ def _payload_text(region: str, regions: Iterable[str], payload: bytes) -> str | 
         return Rejected("malformed", "not UTF-8")
 
 
+NUT_LEAVES = ("/ups.status", "/battery.runtime")
+
+
+def topic_sensor(topic: str) -> tuple[str, str] | None:
+    """(region, sensor) named by a topic of our own shape —
+    ``…/<region>/<sensor>`` or NUT's ``…/<region>/<sensor>/ups.status`` —
+    or None when it has too few levels."""
+    parts = topic.split("/")
+    if topic.endswith(NUT_LEAVES):
+        return (parts[-3], parts[-2]) if len(parts) >= 3 else None
+    return (parts[-2], parts[-1]) if len(parts) >= 2 else None
+
+
 def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[str],
                   max_bytes: int = MAX_PAYLOAD, max_future_s: float = MAX_FUTURE_S
                   ) -> Reading | RuntimeUpdate | Rejected:
@@ -245,16 +258,16 @@ def parse_message(topic: str, payload: bytes, *, now: float, regions: Iterable[s
     """
     if len(payload) > max_bytes:
         return Rejected("oversized", f"{len(payload)} bytes")
-    parts = topic.split("/")
-    nut = parts[-1] in {"ups.status", "battery.runtime"}
-    if len(parts) < (3 if nut else 2):
+    named = topic_sensor(topic)
+    if named is None:
         return Rejected("bad_topic", topic)
-    region, sensor = (parts[-3], parts[-2]) if nut else (parts[-2], parts[-1])
+    region, sensor = named
+    nut = topic.endswith(NUT_LEAVES)
     text = _payload_text(region, regions, payload)
     if isinstance(text, Rejected):
         return text
     if nut:
-        return _parse_nut(parts[-1], text, region, sensor, now)
+        return _parse_nut(topic.rsplit("/", 1)[-1], text, region, sensor, now)
     try:
         data = json.loads(text)
     except ValueError:

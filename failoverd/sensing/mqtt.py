@@ -1,9 +1,16 @@
 """MQTT power feeds: subscribe, parse, relay to etcd; publish our own status.
 
-One task per broker (``[[mqtt]]``), each a reconnect loop with jittered
-exponential backoff that re-subscribes (QoS 1) on every connection and
-publishes ``{"state": "online", …}`` retained on the member's status topic,
-with a Last Will that sets it ``offline``.  Accepted readings are relayed to
+Per broker (``[[mqtt]]``), one connection per *lane*: the default topic
+``failoverd/power/#`` is subscribed as ``failoverd/power/<region>/#`` on a
+connection per region, and a mapping with a fixed region rides on that
+region's lane; everything else shares the ``main`` lane.  MQTT delivers a
+connection's messages in order, so a flood of one region's topics (a bridge
+replaying its buffer, a misconfigured sensor) would otherwise queue every
+other region's power events behind it — or have the broker drop them when
+our queue there is full.  Each lane is a reconnect loop with jittered
+exponential backoff that re-subscribes (QoS 1) on every connection; the
+``main`` lane publishes ``{"state": "online", …}`` retained on the member's
+status topic, with a Last Will that sets it ``offline``.  Accepted readings are relayed to
 ``power/<region>/<sensor>/<member>`` under the member's lease — at once when
 they change, at most every ``sensor_stale_s / 3`` otherwise.  Bad messages
 are counted by reason and logged at most once per ``LOG_EVERY_S`` per reason;
@@ -16,10 +23,12 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiomqtt
 import structlog
@@ -37,6 +46,7 @@ from failoverd.core.power import (
     parse_message,
     reading_to_json,
     topic_matches,
+    topic_sensor,
 )
 from failoverd.core.store import Store, StoreError
 from failoverd.publishing import LeasedPublisher
@@ -50,6 +60,102 @@ STATUS_EVERY_S = 5.0
 # about a second of the broker's return (x 0.5-1.5 jitter), whatever the
 # outage lasted.  A refused connection costs the broker next to nothing.
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 1.0
+# Our own topic shape, whose region is the level after this prefix: it is
+# split into a lane per region.
+POWER_TOPIC_PREFIX = "failoverd/power/"
+MAIN_LANE = "main"
+# Messages read from a lane's socket but not handled yet.  Past this the
+# oldest is dropped (counted, logged): a flood must not grow our memory, and
+# the newest readings are the ones worth having — a power event that arrives
+# during a flood is not held behind more than this many older messages.
+LANE_QUEUE_MAX = 2_000
+DRAIN_BATCH = 64
+# A lane's socket receive buffer.  Left to the kernel it grows to megabytes
+# on a fast link: a flood then sits in our own socket, 100,000 messages and
+# many seconds of reading deep, with every core busy.  Capped, the broker
+# holds what we cannot read yet and drops the surplus (QoS 0 first).
+LANE_RCVBUF = 64 * 1024
+# How long a lane waits for the broker to acknowledge a changed
+# subscription; the connection stays up either way.
+SWAP_ACK_S = 30.0
+
+
+class _LaneQueue(asyncio.Queue[aiomqtt.Message]):
+    """A lane's bounded message queue: when full it drops its oldest message,
+    not the newest.  The client library builds it (``queue_type``); the
+    ``made`` hook hands us the instance, so the reader can drain a backlog
+    in one go instead of one library task per message."""
+
+    made: Callable[[_LaneQueue], None] = staticmethod(lambda q: None)
+    dropped: Callable[[], None] = staticmethod(lambda: None)
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        type(self).made(self)
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.full():
+            self.get_nowait()
+            type(self).dropped()
+        super().put_nowait(item)
+
+
+def _lane_queue(made: Callable[[_LaneQueue], None], dropped: Callable[[], None]
+                ) -> type[_LaneQueue]:
+    return type("LaneQueue", (_LaneQueue,), {"made": staticmethod(made),
+                                             "dropped": staticmethod(dropped)})
+
+
+async def _swap_subscriptions(client: aiomqtt.Client, new: list[str], old: list[str]) -> bool:
+    """Subscribe to ``new`` and drop ``old`` on one connection, both sent at
+    once: the broker handles a connection's packets in order, so the new
+    filters hold before the old go, and the acknowledgements may sit behind
+    a flood we are still reading — waiting for the first before sending the
+    second would keep the flood on.  An unacknowledged change (timeout)
+    keeps the connection.  False, with ``old`` subscribed again, when the
+    broker refuses a new filter (an ACL)."""
+    # Tasks start in creation order: SUBSCRIBE leaves before UNSUBSCRIBE.
+    sub = asyncio.ensure_future(client.subscribe([(t, 1) for t in new], timeout=SWAP_ACK_S))
+    unsub = asyncio.ensure_future(client.unsubscribe(old, timeout=SWAP_ACK_S))
+    granted, _ = await asyncio.gather(sub, unsub, return_exceptions=True)
+    if isinstance(granted, BaseException):
+        if not isinstance(granted, aiomqtt.MqttError):
+            raise granted
+        log.info("mqtt subscription change not acknowledged yet", error=str(granted))
+        return True
+    if any(_refused_code(g) for g in granted):
+        log.warning("mqtt subscription refused by the broker; keeping the old filters",
+                    topics=new[:4])
+        await client.subscribe([(t, 1) for t in old], timeout=SWAP_ACK_S)
+        return False
+    return True
+
+
+def _refused_code(granted: object) -> bool:
+    value = getattr(granted, "value", granted)
+    return isinstance(value, int) and value >= 0x80
+
+
+def subscription_lanes(broker: MqttSettings, regions: list[str]) -> dict[str, list[str]]:
+    """Lane name → the topic filters its connection subscribes to.
+
+    ``failoverd/power/#`` becomes one ``failoverd/power/<region>/#`` per
+    region, and a mapping whose region is a literal name joins that region's
+    lane; other topics (a custom layout, mappings that take the region from
+    a topic level) stay on ``main``, which always exists (it carries the
+    member's status and Last Will).  A sensor's messages all travel on one
+    lane, so their order is kept."""
+    lanes: dict[str, list[str]] = {MAIN_LANE: []}
+    for topic in broker.topics:
+        if topic == POWER_TOPIC_PREFIX + "#":
+            for region in regions:
+                lanes.setdefault(region, []).append(f"{POWER_TOPIC_PREFIX}{region}/#")
+        else:
+            lanes[MAIN_LANE].append(topic)
+    for mapping in broker.mappings:
+        lane = mapping.region if mapping.region in regions else MAIN_LANE
+        lanes.setdefault(lane, []).append(mapping.topic)
+    return {name: list(dict.fromkeys(topics)) for name, topics in lanes.items()}
 
 
 class _WireErrors(logging.Handler):
@@ -141,6 +247,15 @@ async def try_broker(broker: MqttSettings, identifier: str, timeout_s: float = 5
     return ""
 
 
+@dataclass(frozen=True)
+class _ParseInputs:
+    """What parsing a message needs from the settings."""
+
+    regions: list[str]
+    max_bytes: int
+    mappings: list[TopicMapping]
+
+
 class PowerFeeds:
     """Power-sensor feeds from MQTT, relayed to etcd (the ``mqtt`` task);
     polled power sources (:mod:`failoverd.sensing.sources`) relay through
@@ -165,25 +280,57 @@ class PowerFeeds:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.connected: dict[str, bool] = {}
+        self._lanes_up: dict[str, set[str]] = {}
+        self._lane_count: dict[str, int] = {}
+        self._lane_tasks: dict[tuple[int, str, tuple[str, ...]], asyncio.Task[None]] = {}
+        self._tasks: asyncio.TaskGroup | None = None
         self._relays = LeasedPublisher(store, lease_id, clock)
         self._last_log: dict[str, float] = {}
-        self._mappings_of: Settings | None = None
-        self._mappings: list[TopicMapping] = []
+        self._inputs_of: Settings | None = None
+        self._parse_inputs = _ParseInputs([], 0, [])
+        self._accepted_metric = metrics.MQTT_MESSAGES.labels("accepted", "")
         self._sensors_per_region: dict[str, int] = {}
         # Sensor names refused by max_sensors_per_region (a few, and how many
         # messages), per region: failoverctl power and the status page say so.
         self.refused_sensors: dict[str, set[str]] = {}
         self.refused_counts: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
+        # Regions whose lane subscribes to its known sensors' topics only
+        # (the region is full and refused a name); the event is set when a
+        # region first refuses a name or a reload may have changed the
+        # bound, then replaced.
+        self.narrowed: set[str] = set()
+        self._fullness = asyncio.Event()
 
     async def run(self) -> None:
-        brokers = self._settings().mqtt
-        if not brokers:
-            await asyncio.Event().wait()  # nothing to do; keep the task shape
         async with asyncio.TaskGroup() as tg:
-            for i, broker in enumerate(brokers):
-                tg.create_task(self._broker_loop(broker), name=f"mqtt-{i}")
+            self._tasks = tg
+            self.reload()
             tg.create_task(self._resync_loop(), name="mqtt-relay")
+
+    def reload(self) -> None:
+        """Follow the settings' regions (a reload may add or remove one):
+        start the lanes that are new, stop the ones that are gone; the rest
+        keep their connections (and re-judge whether they are narrowed)."""
+        if self._tasks is None:
+            return
+        self._announce_fullness()
+        s = self._settings()
+        regions = [r.name for r in s.regions]
+        wanted: dict[tuple[int, str, tuple[str, ...]], MqttSettings] = {}
+        for i, broker in enumerate(s.mqtt):
+            lanes = subscription_lanes(broker, regions)
+            self._lane_count[broker.url] = len(lanes)
+            for lane, topics in lanes.items():
+                wanted[(i, lane, tuple(topics))] = broker
+        for key in set(self._lane_tasks) - set(wanted):
+            self._lane_tasks.pop(key).cancel()
+            self._lanes_up.get(s.mqtt[key[0]].url, set()).discard(key[1])
+        for key, broker in wanted.items():
+            if key not in self._lane_tasks:
+                i, lane, filters = key
+                self._lane_tasks[key] = self._tasks.create_task(
+                    self._broker_loop(broker, lane, list(filters)), name=f"mqtt-{i}-{lane}")
 
     def status(self, state: str = "online") -> str:
         s = self._settings()
@@ -196,50 +343,119 @@ class PowerFeeds:
         s = self._settings()
         return broker.status_topic or f"failoverd/status/{s.cluster}/{s.member}"
 
-    async def _broker_loop(self, broker: MqttSettings) -> None:
+    async def _broker_loop(self, broker: MqttSettings, lane: str, topics: list[str]) -> None:
         backoff = BACKOFF_MIN_S
+        up = self._lanes_up.setdefault(broker.url, set())
         while True:
             error: BaseException | None = None
             try:
-                await self._connection(broker)
+                await self._connection(broker, lane, topics, up)
             # The connection runs a TaskGroup, so errors arrive grouped.
             except* (aiomqtt.MqttError, OSError, ValueError) as group:
                 error = group.exceptions[0]
-            if self.connected.get(broker.url):
+            if lane in up:
                 backoff = BACKOFF_MIN_S  # we were connected: start the backoff over
+            up.discard(lane)
             self.connected[broker.url] = False
             wait = backoff * random.uniform(0.5, 1.5)
             wire = _wire_logger(broker.url)[1]
-            log.warning("mqtt disconnected; reconnecting", broker=broker.url,
+            log.warning("mqtt disconnected; reconnecting", broker=broker.url, lane=lane,
                         reason=mqtt_failure(error, wire.last), error=str(error),
                         detail=wire.last[:200] or None, retry_in_s=round(wait, 2))
             wire.last = ""
             await asyncio.sleep(wait)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _connection(self, broker: MqttSettings) -> None:
+    async def _connection(self, broker: MqttSettings, lane: str, topics: list[str],
+                          up: set[str]) -> None:
         host, port, _ = broker.host_port
         s = self._settings()
+        main = lane == MAIN_LANE
         topic = self._status_topic(broker)
         password, context = broker_credentials(broker)
+        identifier = f"failoverd-{s.cluster}-{s.member}-{port}"
+        queues: list[_LaneQueue] = []
         async with aiomqtt.Client(
             host, port, username=broker.username, password=password,
-            identifier=f"failoverd-{s.cluster}-{s.member}-{port}",
-            will=aiomqtt.Will(topic, self.status("offline"), qos=1, retain=True),
+            identifier=identifier if main else f"{identifier}-{lane}",
+            will=aiomqtt.Will(topic, self.status("offline"), qos=1, retain=True) if main else None,
             tls_context=context, keepalive=10, timeout=5, logger=_wire_logger(broker.url)[0],
+            queue_type=_lane_queue(queues.append, lambda: self._dropped(broker.url, lane)),
+            max_queued_incoming_messages=LANE_QUEUE_MAX,
+            socket_options=((socket.SOL_SOCKET, socket.SO_RCVBUF, LANE_RCVBUF),),
         ) as client:
-            for t in broker.subscriptions:
+            for t in topics:
                 await client.subscribe(t, qos=1)
-            await client.publish(topic, self.status(), qos=1, retain=True)
-            self.connected[broker.url] = True
-            log.info("mqtt connected", broker=broker.url, topics=broker.subscriptions)
+            if main:
+                await client.publish(topic, self.status(), qos=1, retain=True)
+            up.add(lane)
+            if len(up) >= self._lane_count.get(broker.url, 1):  # every lane: readings flow
+                self.connected[broker.url] = True
+                log.info("mqtt connected", broker=broker.url, topics=broker.subscriptions,
+                         lanes=sorted(up))
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._status_loop(client, topic), name=f"mqtt-status-{port}")
-                async for message in client.messages:
-                    payload = message.payload
-                    raw = (payload if isinstance(payload, bytes)
-                           else b"" if payload is None else str(payload).encode())
-                    await self.handle(message.topic.value, raw)
+                if main:
+                    tg.create_task(self._status_loop(client, topic), name=f"mqtt-status-{port}")
+                wide = f"{POWER_TOPIC_PREFIX}{lane}/#"
+                if wide in topics:
+                    tg.create_task(self._narrow_when_full(client, lane, wide),
+                                   name=f"mqtt-narrow-{port}-{lane}")
+                queue = queues[0]
+                # The library's iterator waits for a message (and notices a
+                # lost connection); up to DRAIN_BATCH queued behind it are
+                # handled in the same step: a task per message would let a
+                # flood outrun us three to one, and an unbounded step would
+                # hold the other lanes and the watch back.
+                async for first in client.messages:
+                    message = first
+                    for _ in range(DRAIN_BATCH):
+                        payload = message.payload
+                        raw = (payload if isinstance(payload, bytes)
+                               else b"" if payload is None else str(payload).encode())
+                        await self.handle(message.topic.value, raw)
+                        if queue.empty():
+                            break
+                        message = queue.get_nowait()
+
+    def _announce_fullness(self) -> None:
+        event, self._fullness = self._fullness, asyncio.Event()
+        event.set()
+
+    async def _narrow_when_full(self, client: aiomqtt.Client, region: str, wide: str) -> None:
+        """Once ``region`` has max_sensors_per_region sensors and a further
+        name was refused (a topic explosion, seen and reported), no new
+        name can be admitted: subscribe to the known sensors' topics instead
+        of the region's wildcard, so that the broker filters the explosion
+        out instead of it costing us a read and a parse per message.  Subscribe
+        before unsubscribing: no reading of a known sensor falls in a gap.
+        Widen again if the bound is raised (a reload)."""
+        exact: list[str] = []
+        try:
+            while True:
+                changed = self._fullness
+                s = self._settings()
+                full = (self._sensors_per_region.get(region, 0) >= s.policy.max_sensors_per_region
+                        and self.refused_counts[region] > 0)
+                if full and not exact:
+                    sensors = sorted(sensor for r, sensor in self.table.readings if r == region)
+                    exact = [t for sensor in sensors for t in (
+                        f"{POWER_TOPIC_PREFIX}{region}/{sensor}",
+                        f"{POWER_TOPIC_PREFIX}{region}/{sensor}/+")]
+                    if await _swap_subscriptions(client, exact, [wide]):
+                        self.narrowed.add(region)
+                        log.warning("mqtt lane narrowed to the region's known sensors",
+                                    power_region=region, sensors=len(sensors),
+                                    max_sensors_per_region=s.policy.max_sensors_per_region)
+                    else:
+                        exact = []
+                elif not full and exact:
+                    await _swap_subscriptions(client, [wide], exact)
+                    exact = []
+                    self.narrowed.discard(region)
+                    log.info("mqtt lane widened again", power_region=region)
+                await changed.wait()
+        finally:
+            self.narrowed.discard(region)  # a new connection starts wide
 
     async def _status_loop(self, client: aiomqtt.Client, topic: str) -> None:
         while True:
@@ -249,56 +465,67 @@ class PowerFeeds:
     def refused(self) -> dict[str, dict[str, object]]:
         """Per region, how many messages came from sensor names refused by
         ``max_sensors_per_region``, and some of those names."""
-        return {region: {"messages": n, "names": sorted(self.refused_sensors.get(region, ()))}
+        return {region: {"messages": n, "names": sorted(self.refused_sensors.get(region, ())),
+                         "narrowed": region in self.narrowed}
                 for region, n in self.refused_counts.items()}
 
-    def _mapping_for(self, s: Settings, topic: str) -> TopicMapping | None:
-        if s is not self._mappings_of:
-            self._mappings_of = s
-            self._mappings = [m.to_core() for b in s.mqtt for m in b.mappings]
-        return next((m for m in self._mappings if topic_matches(m.topic, topic)), None)
+    def _inputs(self, s: Settings) -> _ParseInputs:
+        # Rebuilt only when the settings object changes (a reload): every
+        # message asks for it, and a flood is 10,000 messages a second.
+        if s is not self._inputs_of:
+            self._inputs_of = s
+            self._parse_inputs = _ParseInputs(
+                regions=[r.name for r in s.regions],
+                max_bytes=min(b.max_payload for b in s.mqtt) if s.mqtt else 4096,
+                mappings=[m.to_core() for b in s.mqtt for m in b.mappings])
+        return self._parse_inputs
 
     async def handle(self, topic: str, payload: bytes) -> None:
         """One message in; never raises for bad input.  A topic that one of
         the brokers' ``mappings`` matches is read by that mapping, anything
         else as our own JSON or NUT-topic shape."""
         s = self._settings()
-        regions = [r.name for r in s.regions]
-        max_bytes = min(b.max_payload for b in s.mqtt) if s.mqtt else 4096
-        mapping = self._mapping_for(s, topic)
-        item = (apply_mapping(mapping, topic, payload, now=self._clock(), regions=regions,
-                              max_bytes=max_bytes) if mapping is not None
-                else parse_message(topic, payload, now=self._clock(), regions=regions,
-                                   max_bytes=max_bytes))
+        inputs = self._inputs(s)
+        mapping = next((m for m in inputs.mappings if topic_matches(m.topic, topic)), None)
+        named = topic_sensor(topic) if mapping is None else None
+        # A name past the cardinality bound is refused before its payload is
+        # parsed: that is most of a topic explosion's cost.
+        refused = self._refusal(s, *named) if named is not None else None
+        item = (refused if refused is not None
+                else apply_mapping(mapping, topic, payload, now=self._clock(),
+                                   regions=inputs.regions, max_bytes=inputs.max_bytes)
+                if mapping is not None
+                else parse_message(topic, payload, now=self._clock(), regions=inputs.regions,
+                                   max_bytes=inputs.max_bytes))
         if not isinstance(item, Rejected):
-            item = self._admit(s, item)
+            item = self._refusal(s, item.region, item.sensor) or item
         if isinstance(item, Rejected):
             self.rejected[item.reason] += 1
             metrics.MQTT_MESSAGES.labels("rejected", item.reason).inc()
             self._log_rejected(item, topic)
             return
         self.accepted += 1
-        metrics.MQTT_MESSAGES.labels("accepted", "").inc()
+        self._accepted_metric.inc()
         await self.ingest(item)
 
-    def _admit(self, s: Settings, item: Reading | RuntimeUpdate
-               ) -> Reading | RuntimeUpdate | Rejected:
-        """A sensor we already know, or room for a new one in its region
-        (``max_sensors_per_region``): a flood of names must not become a
-        flood of etcd keys, nor push out the sensors we had."""
-        key = (item.region, item.sensor)
-        if key in self.table.readings:
-            return item
-        known = self._sensors_per_region.get(item.region, 0)
+    def _refusal(self, s: Settings, region: str, sensor: str) -> Rejected | None:
+        """None for a sensor we already know, or when its region has room
+        for a new one (``max_sensors_per_region``): a flood of names must not
+        become a flood of etcd keys, nor push out the sensors we had."""
+        if (region, sensor) in self.table.readings:
+            return None
+        known = self._sensors_per_region.get(region, 0)
         if known < s.policy.max_sensors_per_region:
-            return item
-        refused = self.refused_sensors.setdefault(item.region, set())
+            return None
+        refused = self.refused_sensors.setdefault(region, set())
         if len(refused) < REFUSED_NAMES_KEPT:
-            refused.add(item.sensor)
-        self.refused_counts[item.region] += 1
+            refused.add(sensor)
+        self.refused_counts[region] += 1
+        if self.refused_counts[region] == 1:
+            self._announce_fullness()  # the lane may narrow now
         return Rejected("too_many_sensors",
-                        f"{item.region} has {known} sensors (max_sensors_per_region); "
-                        f"{item.sensor!r} refused")
+                        f"{region} has {known} sensors (max_sensors_per_region); "
+                        f"{sensor!r} refused")
 
     async def ingest(self, item: Reading | RuntimeUpdate) -> None:
         """Fold a reading in (from MQTT or a polled power source) and relay
@@ -312,6 +539,12 @@ class PowerFeeds:
                 self._sensors_per_region.get(item.region, 0) + 1)
         if reading is not None:
             await self._relay(reading)
+
+    def _dropped(self, url: str, lane: str) -> None:
+        self.rejected["lane_full"] += 1
+        metrics.MQTT_MESSAGES.labels("rejected", "lane_full").inc()
+        self._log_rejected(Rejected("lane_full", f"lane {lane} of {url} has {LANE_QUEUE_MAX} "
+                                    "messages waiting; the oldest dropped"), f"lane {lane}")
 
     def _log_rejected(self, item: Rejected, topic: str) -> None:
         now = self._clock()
@@ -338,7 +571,7 @@ class PowerFeeds:
                     and (was is None or was >= budget))
         try:
             written = await self._relays.publish(
-                key, reading_to_json(r, s.member), said, s.policy.sensor_stale_s / 3,
+                key, lambda: reading_to_json(r, s.member), said, s.policy.sensor_stale_s / 3,
                 minor=(r.runtime_s, r.charge_pct, r.detail),
                 min_interval_s=0.0 if crossing else s.policy.relay_min_interval_s)
         except StoreError as exc:

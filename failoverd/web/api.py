@@ -47,6 +47,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # they read nothing from etcd.
 UNLIMITED = frozenset({"/healthz", "/readyz"})
 LIMITED_KEYS_MAX = 10_000
+# How long a built status document is served again while nothing changed.
+STATUS_REUSE_S = 1.0
 
 
 class RateLimiter:
@@ -148,6 +150,7 @@ class Api:
         self._store = store
         self._polls = polls
         self._cached_view = cached_view
+        self._status_built: tuple[Settings, float, bytes] | None = None
         self._limiter: RateLimiter | None = None
         self._in_flight: tuple[int, asyncio.Semaphore] | None = None
         self._refused = refused
@@ -198,6 +201,8 @@ class Api:
         except StoreError as exc:
             resp = error(503, "store_unavailable", str(exc))
         metrics.API_REQUESTS.labels(name, str(resp.status)).inc()
+        if request.method != "GET":
+            self._status_built = None  # the writer's next status read is fresh
         return resp
 
     @web.middleware
@@ -277,8 +282,21 @@ class Api:
         return parse_view(self._keys, snap)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(status_document(await self._view(), self._settings(),
-                                                 time.time(), self._polls(), self._refused()))
+        """The status document, built at most once per STATUS_REUSE_S: a
+        dashboard wall polling every member must not cost the control loop
+        a build per request (sensor readings alone change many times a
+        second).  A change made through this API, or a reload, builds it
+        afresh: an operator reads their own write."""
+        settings = self._settings()
+        now = time.monotonic()
+        reuse = self._status_built
+        if reuse is not None and reuse[0] is settings and now < reuse[1]:
+            body = reuse[2]
+        else:
+            body = json.dumps(status_document(await self._view(), settings, time.time(),
+                                              self._polls(), self._refused())).encode()
+            self._status_built = (settings, now + STATUS_REUSE_S, body)
+        return web.Response(body=body, content_type="application/json")
 
     async def history(self, request: web.Request) -> web.Response:
         try:
@@ -497,6 +515,10 @@ def status_document(view: ClusterView, s: Settings, now: float,
                          "at": i.at, "reason": i.reason, "groups": i.groups, "held": i.held}
                         for i in sorted(view.control.incidents, key=lambda i: -i.at)
                         if now - i.at < 3600],
+        # When this document was built, from which etcd revision: it is
+        # served again for up to a second (Api.status).
+        "as_of": now,
+        "revision": view.revision,
     }
 
 

@@ -120,7 +120,8 @@ function render(st, events) {
       cell(row, name); cell(row, "refused"); cell(row, ""); cell(row, "", "critical");
       cell(row, ""); cell(row, ""); cell(row, "");
       cell(row, p.refused.messages + " message(s) from sensors past max_sensors_per_region, " +
-           "e.g. " + p.refused.names.join(", "));
+           "e.g. " + p.refused.names.join(", ") +
+           (p.refused.narrowed ? "; now subscribed to the known sensors' topics only" : ""));
     }
     const row = power.insertRow(); row.dataset.region = name; row.className = "verdict";
     cell(row, name); cell(row, "→ region"); cell(row, "");
