@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from failoverd.core.store import Store
+from failoverd.core.store import Put, Store
 
 
 @dataclass
@@ -33,6 +33,8 @@ class _Published:
 
 
 REFRESH_SPREAD = 0.75
+# Puts per transaction when flushing (etcd's --max-txn-ops defaults to 128).
+FLUSH_TXN_OPS = 100
 # A value, or how to render it: a flood of held-back minor changes should
 # not render a document per message that is never written.
 Value = str | Callable[[], str]
@@ -78,45 +80,61 @@ class LeasedPublisher:
         return last.identity if last is not None else None
 
     async def publish(self, key: str, value: Value, identity: Hashable, refresh_s: float,
-                      minor: Hashable = None, min_interval_s: float = 0.0) -> bool:
+                      minor: Hashable = None, min_interval_s: float = 0.0,
+                      batch: bool = False) -> bool:
         """Write ``value`` (a string, or a function that renders it when it
         is written) unless the same ``identity`` was written under the
         current lease less than ``refresh_s`` ago (less a random quarter at
         most, so that refreshes spread out); True if written.
 
         ``minor`` is what may change without counting as news (a battery
-        runtime ticking down): a change of it alone is written at most once
-        per ``min_interval_s`` — the newest value, when due, by
-        :meth:`flush` — so a flood of minor changes costs one write per
-        interval.  Nothing is written without a lease (a new session
-        re-publishes)."""
+        runtime ticking down): with ``min_interval_s``, a change of it alone
+        is written by :meth:`flush` — the newest value, at most once per
+        interval, batched with the other keys due — so a flood of minor
+        changes costs one write per interval and few etcd entries.  With
+        ``batch``, news that is not urgent (a new sensor saying all is well)
+        waits for the next :meth:`flush` too.  Nothing is written without a
+        lease (a new session re-publishes)."""
         lease = self._lease_id()
         if lease is None:
             return False
         now = self._clock()
         last = self._last.get(key)
+        if batch and (last is None or last.lease != lease or last.identity != identity):
+            self._pending[key] = _Pending(value, identity, minor, now)
+            return False
         if last is not None and last.lease == lease and last.identity == identity:
             if last.minor == minor and now - last.at < refresh_s * last.spread:
                 self._pending.pop(key, None)  # back to what etcd holds
                 return False
-            if last.minor != minor and now - last.at < min_interval_s:
-                self._pending[key] = _Pending(value, identity, minor, last.at + min_interval_s)
+            if last.minor != minor and min_interval_s > 0:
+                # Held for flush(), which writes every due one in one txn: a
+                # flood of runtimes over many sensors is a few etcd entries
+                # a second, not one per sensor.
+                self._pending[key] = _Pending(value, identity, minor,
+                                              max(last.at + min_interval_s, now))
                 return False
         await self._write(key, value, identity, minor, lease)
         return True
 
     async def flush(self) -> int:
-        """Write the held-back minor changes that are due; how many."""
+        """Write the held-back minor changes that are due, FLUSH_TXN_OPS to
+        a transaction; how many."""
         lease = self._lease_id()
         if lease is None or not self._pending:
             return 0
         now = self._clock()
-        written = 0
-        for key, p in list(self._pending.items()):
-            if p.due <= now:
-                await self._write(key, p.value, p.identity, p.minor, lease)
-                written += 1
-        return written
+        due = [(key, p) for key, p in self._pending.items() if p.due <= now]
+        for i in range(0, len(due), FLUSH_TXN_OPS):
+            chunk = [(key, p, p.value if isinstance(p.value, str) else p.value())
+                     for key, p in due[i:i + FLUSH_TXN_OPS]]
+            await self._store.txn([], [Put(key, text, lease) for key, _, text in chunk])
+            at = self._clock()
+            for key, p, text in chunk:
+                self._last[key] = _Published(p.identity, text, at, lease, p.minor,
+                                             self._rng.uniform(REFRESH_SPREAD, 1.0))
+                self._pending.pop(key, None)
+        return len(due)
 
     async def _write(self, key: str, value: Value, identity: Hashable, minor: Hashable,
                      lease: int) -> None:

@@ -513,6 +513,52 @@ async def test_minor_changes_are_coalesced_to_one_write_per_interval(
     assert (await store.get(key)).value == "lb-500"
 
 
+async def test_minor_changes_of_many_sensors_are_flushed_in_one_transaction(
+        store: EtcdStore, cluster_name: str) -> None:
+    """Sixty sensors whose runtimes all change: once due, they are written
+    by one flush in one transaction (one etcd entry, one revision), not
+    sixty puts queueing in etcd in front of a power event."""
+    from failoverd.publishing import LeasedPublisher  # noqa: PLC0415
+
+    keys = [Keyspace(cluster_name).power("east", f"ups{i}", "m1") for i in range(60)]
+    now = [1000.0]
+    lease = (await store.grant(5))[0]
+    pub = LeasedPublisher(store, lambda: lease, lambda: now[0])
+    for k in keys:
+        assert await pub.publish(k, "ol-900", "utility_ok", 10, minor=900, min_interval_s=1)
+    now[0] += 2.0  # past the interval: still held for the flush
+    for k in keys:
+        assert not await pub.publish(k, "ol-890", "utility_ok", 10, minor=890,
+                                     min_interval_s=1)
+    assert await pub.flush() == 60
+    written = [await store.get(k) for k in keys]
+    assert {kv.value for kv in written} == {"ol-890"}
+    assert len({kv.mod_revision for kv in written}) == 1
+    assert {kv.lease for kv in written} == {lease}
+    assert await pub.flush() == 0
+
+
+async def test_quiet_news_waits_for_the_batch_and_urgent_news_overtakes_it(
+        store: EtcdStore, cluster_name: str) -> None:
+    """A new sensor saying all is well is written with the next flush (one
+    txn for a bridge's worth of sensors); if it turns critical before that,
+    the critical reading is written at once and the held one never is."""
+    from failoverd.publishing import LeasedPublisher  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    ok, bad = keys.power("east", "ups1", "m1"), keys.power("east", "ups2", "m1")
+    lease = (await store.grant(5))[0]
+    pub = LeasedPublisher(store, lambda: lease)
+    assert not await pub.publish(ok, "ol", "utility_ok", 10, batch=True)
+    assert not await pub.publish(bad, "ol", "utility_ok", 10, batch=True)
+    assert await store.get(ok) is None
+    assert await pub.publish(bad, "gen-failed", "generator_failed", 10)
+    assert (await store.get(bad)).value == "gen-failed"
+    assert await pub.flush() == 1
+    assert (await store.get(ok)).value == "ol"
+    assert (await store.get(bad)).value == "gen-failed"  # not overwritten by the held one
+
+
 async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
         store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
     """A member's ack that etcd refuses (a timeout while the etcd leader

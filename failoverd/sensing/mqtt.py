@@ -75,6 +75,10 @@ DRAIN_BATCH = 64
 # many seconds of reading deep, with every core busy.  Capped, the broker
 # holds what we cannot read yet and drops the surplus (QoS 0 first).
 LANE_RCVBUF = 64 * 1024
+# How often held-back relays (coalesced runtimes, quiet new sensors) are
+# written, and a new session's relays re-written.
+RESYNC_EVERY_S = 0.5
+NORMAL_STATE = "utility_ok"
 # How long a lane waits for the broker to acknowledge a changed
 # subscription; the connection stays up either way.
 SWAP_ACK_S = 30.0
@@ -569,11 +573,16 @@ class PowerFeeds:
         was = relayed[0] if isinstance(relayed, tuple) else None
         crossing = (r.runtime_s is not None and r.runtime_s < budget
                     and (was is None or was >= budget))
+        # A sensor we never relayed that says all is well is not urgent: it
+        # goes with the next batch (within RESYNC_EVERY_S) — a bridge coming
+        # up with 64 sensors is one etcd entry, not 64 in front of an event.
+        quiet = before is None and r.state == NORMAL_STATE
         try:
             written = await self._relays.publish(
                 key, lambda: reading_to_json(r, s.member), said, s.policy.sensor_stale_s / 3,
                 minor=(r.runtime_s, r.charge_pct, r.detail),
-                min_interval_s=0.0 if crossing else s.policy.relay_min_interval_s)
+                min_interval_s=0.0 if crossing else s.policy.relay_min_interval_s,
+                batch=quiet)
         except StoreError as exc:
             log.warning("cannot relay power reading", region=r.region, sensor=r.sensor,
                         error=str(exc))
@@ -585,7 +594,7 @@ class PowerFeeds:
     async def _resync_loop(self) -> None:
         """Re-relay everything under a new lease (new session)."""
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(RESYNC_EVERY_S)
             try:
                 await self._relays.resync()
                 await self._relays.flush()  # coalesced runtime/charge changes now due

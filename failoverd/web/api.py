@@ -515,10 +515,9 @@ def status_document(view: ClusterView, s: Settings, now: float,
                          "at": i.at, "reason": i.reason, "groups": i.groups, "held": i.held}
                         for i in sorted(view.control.incidents, key=lambda i: -i.at)
                         if now - i.at < 3600],
-        # When this document was built, from which etcd revision: it is
-        # served again for up to a second (Api.status).
+        # When this document was built (from "revision"): it is served
+        # again for up to a second (Api.status).
         "as_of": now,
-        "revision": view.revision,
     }
 
 
