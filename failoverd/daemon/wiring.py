@@ -323,8 +323,8 @@ class Daemon:
         self.settings = new.model_copy(update=fixed)
         if self.prober is not None:
             self.prober.reload()
-        if self.power is not None and old.regions != self.settings.regions:
-            self.power.reload()  # a region added or gone: its MQTT lane too
+        if self.power is not None:
+            self.power.reload()  # lanes follow the regions; narrowed ones the bound
         if self.sources is not None and _own_sources(old) != _own_sources(self.settings):
             self.sources.reload()
         log.info("config reloaded", path=str(path))
