@@ -474,6 +474,11 @@ class PolicySettings(_Model):
     # misconfigured bridge, or anyone with publish rights, must not fill
     # etcd); configured power_sources are always accepted.
     max_sensors_per_region: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # A drain without a duration lasts this long; none may last longer
+    # (Route 53 ARC's zonal shifts expire after 72 h at most): a forgotten
+    # drain must not keep a region out of candidacy for ever.
+    drain_default_s: Annotated[float, Field(ge=1)] = 4 * 3600.0
+    drain_max_s: Annotated[float, Field(ge=1)] = 72 * 3600.0
     # Sagas the coordinator runs at once (an evacuation starts one per group).
     max_concurrent_sagas: Annotated[int, Field(ge=1, le=4096)] = 64
     # Promote/demote hooks a member runs at once.
@@ -506,6 +511,13 @@ class PolicySettings(_Model):
     # Observer regions (other than the target) that must agree for a region
     # to be judged down or up; 0 = a majority of the live observer regions.
     health_quorum: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _check_drains(self) -> Self:
+        if self.drain_default_s > self.drain_max_s:
+            raise ValueError(f"drain_default_s ({self.drain_default_s:g}) is longer than "
+                             f"drain_max_s ({self.drain_max_s:g})")
+        return self
 
     @property
     def evacuation_limit(self) -> int:
@@ -805,4 +817,6 @@ def engine_policy(s: Settings) -> Policy:
         power_silence_during_outage_s=s.policy.power_silence_during_outage_s,
         expected_failover_s=s.policy.expected_failover_s,
         power_quorums=tuple((r.name, r.power_quorum) for r in s.regions),
+        drain_default_s=s.policy.drain_default_s,
+        drain_max_s=s.policy.drain_max_s,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -39,7 +40,9 @@ async def test_auth_matrix_over_every_route(api_cluster: LocalCluster):
     cluster = api_cluster
     base = cluster.daemons["w1"].api
     for route in ROUTES:
-        body = {"to": "east"} if route.body is not None else None  # east is active: no-op
+        # east is active: a switchover there is a no-op; a drain without a body
+        # takes the default duration (and the DELETE after it undoes it).
+        body = {"to": "east"} if route.body is not None and route.body_required else None
         for who, token in (("none", None), ("viewer", VIEWER_TOKEN),
                            ("operator", OPERATOR_TOKEN)):
             status, data = await call(base, route.method, _fill(route.path), token, body)
@@ -134,6 +137,49 @@ async def test_status_is_built_once_a_second_and_afresh_after_a_change(
         return bool((await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]["paused"])
     await wait_until(paused, 5, "the pause in the status", interval=0.1)
     assert (await call(api, "POST", "/v1/resume", OPERATOR_TOKEN))[0] == 200
+
+
+async def test_a_drain_expires_on_its_own_with_a_history_event(api_cluster: LocalCluster):
+    """failoverctl drain REGION --for 3s: the status shows the time left,
+    then the coordinator deletes the drain, records drain_expired, and the
+    region is a candidate again.  A longer drain than policy.drain_max_s, or
+    a duration that is not one, is refused before it reaches etcd."""
+    cluster = api_cluster
+    api = cluster.daemons["w1"].api
+    r = await asyncio.to_thread(ctl, "drain", "central", "--for", "3s", api=api)
+    assert r.returncode == 0 and "for 3s" in r.stdout, (r.stdout, r.stderr)
+    drains = (await cluster.view()).control.drains
+    assert [(d.region, d.by) for d in drains] == [("central", "ops")]  # the token name
+    assert 0 < drains[0].until - drains[0].at <= 3.01
+
+    async def shown() -> str | None:
+        r = await asyncio.to_thread(ctl, "status", api=api)
+        return r.stdout if "! DRAINED central by ops" in r.stdout else None
+    text = await wait_until(shown, 5, "the drain in failoverctl status", interval=0.2)
+    assert re.search(r"! DRAINED central by ops, [0-3]s left \(until ", text)
+
+    async def expired() -> dict | None:
+        events = [e for e in await cluster.history() if e["kind"] == "drain_expired"]
+        return events[0] if events else None
+    event = await wait_until(expired, 10, "the drain to expire")
+    assert (event["region"], event["by"]) == ("central", "ops")
+    assert event["ts"] >= event["until"] >= event["drained_at"]
+    assert not (await cluster.view()).control.drains
+
+    async def candidate_again() -> bool:
+        st = (await call(api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+        return not st["regions"]["central"]["drained"] and st["regions"]["central"][
+            "drain"] is None
+    await wait_until(candidate_again, 5, "central undrained in the status", interval=0.2)
+
+    for body, message in (({"for": "73h"}, "at most 3d"), ({"for": "soon"}, "not a duration"),
+                          ({"for": 60}, "for:"), ({"until": "4h"}, "until:")):
+        status, data = await call(api, "POST", "/v1/regions/central/drain", OPERATOR_TOKEN,
+                                  body)
+        assert status == 400 and message in data["message"], (body, data)
+    r = await asyncio.to_thread(ctl, "drain", "central", "--for", "soon", api=api)
+    assert r.returncode == 2 and "not a duration" in r.stderr
+    assert not (await cluster.view()).control.drains
 
 
 async def test_safety_rule_9_bad_requests_get_json_errors_and_change_nothing(

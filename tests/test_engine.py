@@ -13,6 +13,7 @@ from failoverd.core.model import (
     ActiveRecord,
     ClusterView,
     ControlState,
+    Drain,
     Incident,
     MemberRecord,
 )
@@ -42,7 +43,8 @@ def view(members: dict[str, str], active: dict[str, tuple[str, int, float, str]]
         active={g: ActiveRecord(region=r, epoch=e, since=s, reason="", term=1, trigger=t,
                                 mod_revision=7)
                 for g, (r, e, s, t) in (active or {}).items()},
-        control=ControlState(paused=paused, drained=drained, incidents=tuple(
+        control=ControlState(paused=paused, drains=tuple(
+            Drain(r, "op", NOW - 60, NOW + 3600) for r in sorted(drained)), incidents=tuple(
             Incident("evacuation", "elsewhere", "health", t) for t in incidents)),
         absent_since=absent_since or {},
         absent_answering=absent_answering or {},
@@ -672,3 +674,66 @@ def test_the_keyspace_table_builds_and_parses_every_key() -> None:
     for stray in ("/failoverd/c1/groups/app/fence", "/failoverd/c1/power/east/ups1/",
                   "/failoverd/c1/members/a/b", "/failoverd/c2/coordinator", "elsewhere"):
         assert keys.parse(stray) is None, stray
+
+
+# -- drains expire -------------------------------------------------------------
+from failoverd.core.durations import format_duration, parse_duration  # noqa: E402
+from failoverd.core.engine import expired_drains, is_drained  # noqa: E402
+
+
+@pytest.mark.parametrize(("for_s", "accepted", "reason", "until"), [
+    (None, True, "west drained by ops for 4h", NOW + 4 * 3600),  # the configured default
+    (900.0, True, "west drained by ops for 15m", NOW + 900),
+    (72 * 3600.0, True, "west drained by ops for 3d", NOW + 72 * 3600),
+    (72 * 3600.0 + 1, False, "a drain lasts at most drain_max_s (3d), not 3d1s", None),
+])
+def test_drain_request_takes_the_default_and_refuses_past_the_maximum(
+        for_s: float | None, accepted: bool, reason: str, until: float | None) -> None:
+    req = OperatorRequest("r1", "drain", "ops", NOW, region="west", for_s=for_s)
+    out = handle_request(view(ALL), policy(), req, NOW)
+    assert (out.accepted, out.reason, out.until) == (accepted, reason, until)
+
+
+def _drains(*drains: Drain) -> ClusterView:
+    v = view(ALL)
+    return replace(v, control=replace(v.control, drains=drains))
+
+
+def test_a_drain_counts_until_it_ends_and_is_then_listed_for_expiry() -> None:
+    timed = Drain("west", "ops", NOW - 100, NOW + 50)
+    legacy = Drain("central", "ops", NOW - 72 * 3600 + 10, None)  # written before expiry
+    v = _drains(timed, legacy)
+    p = policy()
+    assert is_drained(v, p, "west", NOW) and is_drained(v, p, "central", NOW)
+    assert expired_drains(v, p, NOW) == []
+    assert not is_drained(v, p, "central", NOW + 10)  # drain_max_s after it began
+    assert expired_drains(v, p, NOW + 10) == [legacy]
+    assert not is_drained(v, p, "west", NOW + 50)
+    assert expired_drains(v, p, NOW + 50) == [timed, legacy]
+
+
+def test_a_region_whose_drain_ended_is_a_candidate_again() -> None:
+    east_gone = {"w1": "west", "c1": "central"}
+    v = replace(_drains(Drain("west", "ops", NOW - 100, NOW + 50)),
+                members={m: MemberRecord(m, r, "0", "", NOW - 3600) for m, r in east_gone.items()})
+    p = policy(priorities=(("east", 100), ("west", 50), ("central", 10)))
+    assert [(c.region, c.epoch) for c in decide(v, p, NOW).changes] == [("central", 1)]
+    assert [(c.region, c.epoch) for c in decide(v, p, NOW + 60).changes] == [("west", 1)]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90), ("15m", 900), ("4h", 14400), ("3d", 259200), ("1h30m", 5400),
+    ("3600", 3600), ("0.5h", 1800), (" 2H ", 7200)])
+def test_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "4x", "h", "-5m", "0", "4h junk", "1e999", "nan"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@given(st.integers(min_value=1, max_value=10 ** 8))
+def test_formatted_durations_parse_back(seconds: int) -> None:
+    assert parse_duration(format_duration(seconds)) == seconds

@@ -47,10 +47,21 @@ async def test_status_page_shows_the_failover(api_cluster: LocalCluster, tmp_pat
     status, data = await call(api, "POST", "/v1/groups/app/switchover", OPERATOR_TOKEN,
                               {"to": "west"})
     assert status == 200, data
+    status, data = await call(api, "POST", "/v1/regions/central/drain", OPERATOR_TOKEN,
+                              {"for": "2h"})
+    assert status == 200, data
     url = f"{api}/#token={VIEWER_TOKEN}"
     dom = await asyncio.to_thread(render, url, tmp_path)
     west, east = row(dom, "region", "west"), row(dom, "region", "east")
     assert "active: app" in west and "standby" in east
+    # The drain on top, with the time left and its end in local time (UTC
+    # on hover), and in the region's row.
+    banner = re.search(r'<div class="drain" data-region="central" title="([^"]+)">([^<]+)<',
+                       dom)
+    assert banner, "no drain banner"
+    assert banner.group(1).endswith("Z")
+    assert re.match(r"Drained central by ops: (2h|1h59m\d*s?) left, until ", banner.group(2))
+    assert re.search(r"drained, (2h|1h59m)", row(dom, "region", "central"))
     app = row(dom, "group", "app").split()
     assert app[:3] == ["app", "west", "2"], app
     assert "done" in app or "running" in app  # the switchover's workflow

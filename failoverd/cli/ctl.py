@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from failoverd.config import ConfigError, load_settings
+from failoverd.core.durations import format_duration, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -51,9 +52,26 @@ def _parser() -> argparse.ArgumentParser:
                    ).add_argument("group")
     sub.add_parser("pause", help="stop automatic actions")
     sub.add_parser("resume", help="resume automatic actions")
-    for name in ("drain", "undrain"):
-        sub.add_parser(name, help=f"{name} a region").add_argument("region")
+    d = sub.add_parser("drain", help="take a region out of candidacy for a while")
+    d.add_argument("region")
+    d.add_argument("--for", dest="duration", metavar="DURATION", type=_duration,
+                   help="how long: 90s, 15m, 4h, 3d (default: the cluster's "
+                        "policy.drain_default_s; at most policy.drain_max_s)")
+    sub.add_parser("undrain", help="return a region to candidacy").add_argument("region")
     return p
+
+
+def _duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _local(ts: float) -> str:
+    """A timestamp in this machine's local time, with its zone."""
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(ts))
 
 
 def _ago(ts: float) -> str:
@@ -75,11 +93,18 @@ def print_status(st: dict[str, Any]) -> None:
           f"(term {coord.get('term', '-')})   paused {str(st['paused']).lower()}")
     for ev in st.get("evacuations", []):
         print(evacuation_line(ev))
-    print(f"\n{'REGION':<12}{'HEALTH':<10}{'READY':<7}{'POWER':<14}{'DRAINED':<9}{'ACTIVE FOR':<16}"
-          "MEMBERS")
     for name, r in st["regions"].items():
+        if r.get("drain"):
+            d = r["drain"]
+            print(f"! DRAINED {name} by {d['by']}, {format_duration(d['left_s'])} left "
+                  f"(until {_local(d['until'])})")
+    print(f"\n{'REGION':<12}{'HEALTH':<10}{'READY':<7}{'POWER':<14}{'DRAINED':<13}"
+          f"{'ACTIVE FOR':<16}MEMBERS")
+    for name, r in st["regions"].items():
+        drained = (f"{format_duration(r['drain']['left_s'])} left" if r.get("drain")
+                   and r["drained"] else "expiring" if r.get("drain") else "no")
         print(f"{name:<12}{r['health']['verdict']:<10}{str(r['health']['ready']).lower():<7}"
-              f"{r['power']['state']:<14}{str(r['drained']).lower():<9}"
+              f"{r['power']['state']:<14}{drained:<13}"
               f"{','.join(r['active_for']) or '-':<16}{','.join(r['members']) or '-'}")
     print(f"\n{'GROUP':<12}{'ACTIVE':<10}{'EPOCH':<7}{'SINCE':<12}{'WORKFLOW':<22}REASON")
     for name, g in st["groups"].items():
@@ -186,7 +211,10 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "POST", f"/v1/groups/{args.group}/retry", None
     if c in {"pause", "resume"}:
         return "POST", f"/v1/{c}", None
-    return ("POST" if c == "drain" else "DELETE"), f"/v1/regions/{args.region}/drain", None
+    if c == "drain":
+        return ("POST", f"/v1/regions/{args.region}/drain",
+                {"for": args.duration} if args.duration else None)
+    return "DELETE", f"/v1/regions/{args.region}/drain", None
 
 
 def exit_code(status: int) -> int:

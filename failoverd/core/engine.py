@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from failoverd.core.durations import format_duration
 from failoverd.core.model import (
     AUTOMATIC_TRIGGERS,
     ActiveRecord,
     ClusterView,
+    Drain,
     Incident,
     OperatorRequest,
 )
@@ -52,6 +54,8 @@ class Policy:
     power_silence_during_outage_s: float = 30.0
     expected_failover_s: float = 60.0
     power_quorums: tuple[tuple[str, int], ...] = ()  # region -> sensors needed (default 1)
+    drain_default_s: float = 4 * 3600.0
+    drain_max_s: float = 72 * 3600.0
 
     def priority(self, region: str) -> int:
         return dict(self.priorities).get(region, 0)
@@ -231,6 +235,18 @@ class RegionState:
     hold: str = ""
 
 
+def is_drained(view: ClusterView, policy: Policy, region: str, now: float) -> bool:
+    """A drain counts until it ends (``drain_max_s`` after it began for one
+    written without a deadline); the coordinator deletes it then."""
+    return any(d.region == region and now < d.ends(policy.drain_max_s)
+               for d in view.control.drains)
+
+
+def expired_drains(view: ClusterView, policy: Policy, now: float) -> list[Drain]:
+    """Drains past their end, for the coordinator to delete (and record)."""
+    return [d for d in view.control.drains if now >= d.ends(policy.drain_max_s)]
+
+
 def _judge_region(view: ClusterView, policy: Policy, region: str, alive: frozenset[str],
                   now: float) -> RegionState:
     health = region_health(view, policy, region)
@@ -239,7 +255,7 @@ def _judge_region(view: ClusterView, policy: Policy, region: str, alive: frozens
     budget = failover_budget_s(view, policy)
     not_candidate = (
         "no live members" if region not in alive
-        else "drained" if region in view.control.drained
+        else "drained" if is_drained(view, policy, region, now)
         else f"health {health.describe()}" if health.verdict not in {"up", "unprobed"}
         else "readiness probes failing" if not health.ready
         else f"power {power.state}" if power.state in DEGRADED
@@ -592,6 +608,8 @@ class RequestOutcome:
     change: SetActive | None = None
     # pause / resume / drain / undrain: the control change to make.
     control: str | None = None
+    # drain: when it ends.
+    until: float | None = None
 
 
 def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
@@ -608,8 +626,16 @@ def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
     if req.action in {"drain", "undrain"}:
         if req.region not in regions:
             return RequestOutcome(req, False, f"unknown region {req.region!r}")
-        return RequestOutcome(req, True, f"{req.region} {req.action}ed by {req.by}",
-                              control=req.action)
+        if req.action == "undrain":
+            return RequestOutcome(req, True, f"{req.region} undrained by {req.by}",
+                                  control="undrain")
+        for_s = req.for_s if req.for_s is not None else policy.drain_default_s
+        if not 0 < for_s <= policy.drain_max_s:
+            return RequestOutcome(req, False, f"a drain lasts at most drain_max_s "
+                                  f"({format_duration(policy.drain_max_s)}), not "
+                                  f"{format_duration(for_s)}")
+        return RequestOutcome(req, True, f"{req.region} drained by {req.by} for "
+                              f"{format_duration(for_s)}", control="drain", until=now + for_s)
     if req.action not in {"switchover", "failover", "retry"}:
         return RequestOutcome(req, False, f"unknown action {req.action!r}")
     group = next((g for g in policy.groups if g.name == req.group), None)

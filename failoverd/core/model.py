@@ -239,6 +239,8 @@ class OperatorRequest:
     group: str | None = None
     region: str | None = None
     force: bool = False
+    # drain: how long (None: the configured default).
+    for_s: float | None = None
     revision: int = 0  # the request key's mod_revision (0 before it is written)
 
     def to_value(self) -> str:
@@ -269,12 +271,33 @@ class CoordinatorRecord:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """An operator's drain of a region, until a deadline (None: written
+    before drains expired; the engine gives it drain_max_s from ``at``)."""
+
+    region: str
+    by: str
+    at: float
+    until: float | None
+    mod_revision: int = 0
+
+    def ends(self, max_s: float) -> float:
+        return self.until if self.until is not None else self.at + max_s
+
+
+@dataclass(frozen=True)
 class ControlState:
     paused: bool = False
-    drained: frozenset[str] = frozenset()
+    # Every drain key, expired or not: the engine judges expiry with ``now``.
+    drains: tuple[Drain, ...] = ()
     # Recent incidents (evacuations, failback waves): the cluster-wide guard.
     incidents: tuple[Incident, ...] = ()
     storm_mod_revision: int = 0
+
+    @property
+    def drained(self) -> frozenset[str]:
+        """Regions with a drain key (expired or not)."""
+        return frozenset(d.region for d in self.drains)
 
 
 @dataclass(frozen=True)
@@ -342,6 +365,10 @@ def _str(d: Mapping[str, object], k: str) -> str:
 def _opt_str(d: Mapping[str, object], k: str) -> str | None:
     v = d.get(k)
     return v if isinstance(v, str) else None
+
+
+def _opt_num(d: Mapping[str, object], k: str) -> float | None:
+    return _num(d, k) if d.get(k) is not None else None
 
 
 def _num(d: Mapping[str, object], k: str) -> float:
@@ -428,7 +455,7 @@ def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
     return OperatorRequest(
         id=request_id, action=_str(d, "action"), by=_str(d, "by"), at=_num(d, "at"),
         group=_opt_str(d, "group"), region=_opt_str(d, "region"),
-        force=d.get("force") is True, revision=kv.mod_revision)
+        force=d.get("force") is True, for_s=_opt_num(d, "for_s"), revision=kv.mod_revision)
 
 
 class ViewIndex:
@@ -458,7 +485,7 @@ class ViewIndex:
         self._relays: dict[str, Reading] = {}  # by key
         self._relay_member: dict[str, str] = {}
         self._requests: dict[str, OperatorRequest] = {}
-        self._drained: set[str] = set()
+        self._drained: dict[str, Drain] = {}
         self._paused = False
         self._incidents: tuple[Incident, ...] = ()
         self._storm_rev = 0
@@ -505,7 +532,8 @@ class ViewIndex:
             members=members,
             active=dict(self._active),
             control=ControlState(
-                paused=self._paused, drained=frozenset(self._drained),
+                paused=self._paused,
+                drains=tuple(self._drained[r] for r in sorted(self._drained)),
                 incidents=self._incidents, storm_mod_revision=self._storm_rev,
             ),
             problems=tuple(sorted(self._problems.values())),
@@ -551,7 +579,7 @@ class ViewIndex:
             case "request":
                 self._requests.pop(f["request"], None)
             case "drained":
-                self._drained.discard(f["region"])
+                self._drained.pop(f["region"], None)
             case "storm":
                 self._incidents, self._storm_rev = (), 0
 
@@ -588,7 +616,11 @@ class ViewIndex:
             case "request":
                 self._requests[f["request"]] = parse_request(f["request"], kv)
             case "drained":
-                self._drained.add(f["region"])
+                d = _obj(kv)
+                self._drained[f["region"]] = Drain(
+                    region=f["region"], by=_opt_str(d, "by") or "?",
+                    at=_num(d, "at") if "at" in d else 0.0, until=_opt_num(d, "until"),
+                    mod_revision=kv.mod_revision)
             case "storm":
                 self._incidents = parse_incidents(kv)
                 self._storm_rev = kv.mod_revision

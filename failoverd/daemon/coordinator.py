@@ -25,11 +25,13 @@ from failoverd.core.engine import (
     Policy,
     SetActive,
     decide,
+    expired_drains,
     handle_request,
 )
 from failoverd.core.model import (
     ActiveRecord,
     ClusterView,
+    Drain,
     Keyspace,
     MemberRecord,
     OperatorRequest,
@@ -238,6 +240,8 @@ class Coordinator:
                     await self._answer(req, view, now)
                 await asyncio.sleep(0)
                 continue
+            for drain in expired_drains(view, self._policy(), now):
+                await self._expire(drain)
             if (not inputs_changed and self._mirror is not None
                     and time.monotonic() - self._decided_at < self._tick_s()):
                 # Only acks and saga records moved (an evacuation's sagas at
@@ -527,6 +531,27 @@ class Coordinator:
         for step in done:
             fault_point(f"after-{mode}-{step}")
 
+    async def _expire(self, drain: Drain) -> None:
+        """Delete a drain past its end, with its history event, fenced by the
+        term and the drain key (an operator's new drain wins the race).  The
+        engine already stopped counting it; this makes etcd and the audit
+        trail say so.  A store error is retried next cycle."""
+        key = self._keys.drained(drain.region)
+        try:
+            txn = await self._store.txn(
+                [Compare(self._keys.coordinator, "create", self.term),
+                 Compare(key, "mod", drain.mod_revision)],
+                [Delete(key), self._history.put_op(
+                    "drain_expired", region=drain.region, by=drain.by, drained_at=drain.at,
+                    until=drain.ends(self._policy().drain_max_s), term=self.term)])
+        except StoreError as exc:
+            log.warning("cannot expire a drain; retrying", drained_region=drain.region,
+                        error=str(exc))
+            return
+        if txn.succeeded:
+            self.committed_revision = max(self.committed_revision, txn.revision)
+            log.warning("drain expired", drained_region=drain.region, by=drain.by)
+
     async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
         """Carry out or refuse one operator request, with its audit event and
         its result, in one txn fenced by the term (and the record)."""
@@ -541,7 +566,8 @@ class Coordinator:
             ops.append(Put(self._keys.paused, to_json(
                 {"paused": outcome.control == "pause", "by": req.by, "at": now})))
         elif outcome.control == "drain" and req.region:
-            ops.append(Put(self._keys.drained(req.region), to_json({"by": req.by, "at": now})))
+            ops.append(Put(self._keys.drained(req.region),
+                           to_json({"by": req.by, "at": now, "until": outcome.until})))
         elif outcome.control == "undrain" and req.region:
             ops.append(Delete(self._keys.drained(req.region)))
         elif outcome.control == "retry" and (wf := view.workflows.get(req.group or "")):

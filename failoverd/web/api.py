@@ -24,11 +24,18 @@ from typing import Any
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from failoverd import __version__, metrics
 from failoverd.config import ApiSettings, RegionSettings, Settings, engine_policy
-from failoverd.core.engine import Policy, failover_budget_s, power_of, region_health
+from failoverd.core.durations import format_duration, parse_duration
+from failoverd.core.engine import (
+    Policy,
+    failover_budget_s,
+    is_drained,
+    power_of,
+    region_health,
+)
 from failoverd.core.model import ClusterView, Keyspace, OperatorRequest, parse_view
 from failoverd.core.power import explain_sensor, merge
 from failoverd.core.store import Compare, Delete, Store, StoreError
@@ -92,6 +99,13 @@ class FailoverBody(Body):
     force: bool = False
 
 
+class DrainBody(Body):
+    for_: str | None = Field(
+        default=None, alias="for",
+        description='How long: "90s", "15m", "4h", "3d" (default policy.drain_default_s, '
+                    'at most policy.drain_max_s)')
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -99,6 +113,7 @@ class Route:
     role: str | None  # None: open
     summary: str
     body: type[Body] | None = None
+    body_required: bool = True
 
 
 ROUTES: tuple[Route, ...] = (
@@ -112,7 +127,9 @@ ROUTES: tuple[Route, ...] = (
           "Run a failed saga again from its failed step"),
     Route("POST", "/v1/pause", "operator", "Stop automatic actions"),
     Route("POST", "/v1/resume", "operator", "Resume automatic actions"),
-    Route("POST", "/v1/regions/{region}/drain", "operator", "Take a region out of candidacy"),
+    Route("POST", "/v1/regions/{region}/drain", "operator",
+          "Take a region out of candidacy for a while (the drain expires)", DrainBody,
+          body_required=False),
     Route("DELETE", "/v1/regions/{region}/drain", "operator", "Return a region to candidacy"),
     Route("GET", "/v1/openapi.json", "viewer", "This document"),
     Route("GET", "/healthz", None, "Liveness"),
@@ -391,23 +408,37 @@ class Api:
     async def resume(self, request: web.Request) -> web.Response:
         return await self._submit(request, "resume")
 
-    async def _drain(self, request: web.Request, action: str) -> web.Response:
+    async def drain(self, request: web.Request) -> web.Response:
         region = request.match_info["region"]
         if self._settings().region_by_name(region) is None:
             return error(404, "not_found", f"unknown region {region!r}")
-        return await self._submit(request, action, region=region)
-
-    async def drain(self, request: web.Request) -> web.Response:
-        return await self._drain(request, "drain")
+        body = await self._body(request, DrainBody)
+        if isinstance(body, web.Response):
+            return body
+        for_s = None
+        if isinstance(body, DrainBody) and body.for_ is not None:
+            try:
+                for_s = parse_duration(body.for_)
+            except ValueError as exc:
+                return error(400, "bad_request", f"for: {exc}")
+            most = self._settings().policy.drain_max_s
+            if for_s > most:
+                return error(400, "bad_request", f"for: a drain lasts at most "
+                             f"{format_duration(most)} (policy.drain_max_s)")
+        return await self._submit(request, "drain", region=region, for_s=for_s)
 
     async def undrain(self, request: web.Request) -> web.Response:
-        return await self._drain(request, "undrain")
+        region = request.match_info["region"]
+        if self._settings().region_by_name(region) is None:
+            return error(404, "not_found", f"unknown region {region!r}")
+        return await self._submit(request, "undrain", region=region)
 
     async def _submit(self, request: web.Request, action: str, *, group: str | None = None,
-                      region: str | None = None, force: bool = False) -> web.Response:
+                      region: str | None = None, force: bool = False,
+                      for_s: float | None = None) -> web.Response:
         req = OperatorRequest(id=f"{time.time_ns():020d}-{secrets.token_hex(4)}",
                               action=action, by=str(request.get("token", "?")), at=time.time(),
-                              group=group, region=region, force=force)
+                              group=group, region=region, force=force, for_s=for_s)
         rev = await self._store.put(self._keys.request(req.id), req.to_value())
         result = await self._await_result(req.id)
         if result is None:
@@ -475,6 +506,15 @@ def power_document(view: ClusterView, policy: Policy, region: RegionSettings, no
             "refused": dict(refused or {"messages": 0, "names": []})}
 
 
+def _drain_document(view: ClusterView, policy: Policy, region: str, now: float
+                    ) -> dict[str, Any] | None:
+    d = next((d for d in view.control.drains if d.region == region), None)
+    if d is None:
+        return None
+    until = d.ends(policy.drain_max_s)
+    return {"by": d.by, "at": d.at, "until": until, "left_s": max(until - now, 0.0)}
+
+
 def status_document(view: ClusterView, s: Settings, now: float,
                     polls: Mapping[str, Mapping[str, object]] | None = None,
                     refused: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
@@ -489,7 +529,8 @@ def status_document(view: ClusterView, s: Settings, now: float,
                        "votes": dict(h.votes)},
             "power": power_document(view, policy, r, now, polls or {},
                                     (refused or {}).get(r.name)),
-            "drained": r.name in view.control.drained,
+            "drained": is_drained(view, policy, r.name, now),
+            "drain": _drain_document(view, policy, r.name, now),
             "active_for": sorted(g for g, rec in view.active.items() if rec.region == r.name),
         }
     return {
@@ -547,7 +588,7 @@ def openapi_document() -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
+            op["requestBody"] = {"required": r.body_required, "content": {"application/json": {
                 "schema": r.body.model_json_schema()}}}
         if r.path == "/metrics":
             op["responses"]["200"] = {"description": "Prometheus text format",

@@ -28,6 +28,7 @@ PAGE = """<!doctype html>
  .paused { background: #fff8c5; padding: .3rem .6rem; display: inline-block; }
  .evacuation { background: #ffebe9; color: #82071e; padding: .3rem .6rem; margin: .2rem 0;
    font-weight: 600; }
+ .drain { background: #fff8c5; color: #7d4e00; padding: .3rem .6rem; margin: .2rem 0; }
 </style></head>
 <body>
 <h1>failoverd · <span id="cluster">__CLUSTER__</span></h1>
@@ -35,6 +36,7 @@ PAGE = """<!doctype html>
  · updated <span id="updated">never</span></div>
 <div id="paused"></div>
 <div id="evacuations"></div>
+<div id="drains"></div>
 <form id="login" hidden><label>Viewer token <input id="token" type="password"></label>
  <button>Show</button></form>
 <div id="error"></div>
@@ -63,6 +65,17 @@ function badge(row, text, cls) {
   span.textContent = text; row.insertCell().appendChild(span);
 }
 function ago(ts) { return Math.max(0, Math.round(Date.now() / 1000 - ts)) + "s ago"; }
+function span(seconds) {
+  let left = Math.max(0, Math.round(seconds)), out = "";
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60], ["s", 1]]) {
+    const n = Math.floor(left / size); left -= n * size; if (n) out += n + unit;
+  }
+  return out || "0s";
+}
+function local(ts) {
+  // The viewer's local time; UTC on hover (title).
+  return new Date(ts * 1000).toLocaleString();
+}
 async function get(path) {
   const r = await fetch(path, {headers: {Authorization: "Bearer " +
     sessionStorage.getItem("failoverd-token")}});
@@ -84,6 +97,15 @@ function render(st, events) {
       " group(s) moved" + (e.held ? ", " + e.held + " held" : "") + " — " + e.reason;
     return div;
   }));
+  $("drains").replaceChildren(...Object.entries(st.regions).filter(([, r]) => r.drain)
+    .map(([name, r]) => {
+      const div = document.createElement("div"); div.className = "drain";
+      div.dataset.region = name; div.title = new Date(r.drain.until * 1000).toISOString();
+      div.textContent = "Drained " + name + " by " + r.drain.by + ": " +
+        (r.drained ? span(r.drain.left_s) + " left, until " + local(r.drain.until)
+                   : "expired, being lifted");
+      return div;
+    }));
   const regions = $("regions").tBodies[0]; regions.replaceChildren();
   for (const [name, r] of Object.entries(st.regions)) {
     const row = regions.insertRow(); row.dataset.region = name;
@@ -93,7 +115,8 @@ function render(st, events) {
     cell(row, r.health.verdict, r.health.verdict);
     cell(row, r.power.state + (r.power.runtime_s != null ?
       " (" + Math.round(r.power.runtime_s) + "s)" : ""), r.power.state);
-    cell(row, r.drained ? "drained" : "");
+    cell(row, r.drain ? (r.drained ? "drained, " + span(r.drain.left_s) + " left"
+                                   : "expiring") : "");
     cell(row, r.members.join(", ") || "none");
   }
   const power = $("power").tBodies[0]; power.replaceChildren();
