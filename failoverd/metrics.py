@@ -60,3 +60,22 @@ def set_one_of(gauge: Gauge, label: str, values: tuple[str, ...], current: str,
         gauge.labels(**labels, **{label: v}).set(1 if v == current else 0)
 PEER_RTT = Gauge("failoverd_peer_rtt_seconds", "Last measured /healthz round trip to a member "
                  "of another region (rule 4's peer check)", ["peer"])
+
+# The coordinator's view of the cluster, for alerting (docs/operations.md,
+# deploy/prometheus/failoverd-rules.yml).  Set each cycle by the coordinator
+# only, and cleared when it steps down: a deposed coordinator must not keep
+# exporting what it last saw.
+GROUP_ACTIVE = Gauge("failoverd_group_active", "1 when the group has an active region",
+                     ["group"])
+SAGA_FAILED = Gauge("failoverd_saga_failed", "1 when the saga of the group's current epoch "
+                    "failed (failoverctl retry)", ["group"])
+REGION_MEMBERS = Gauge("failoverd_region_members", "Live members (with a lease) per region",
+                       ["region"])
+POWER_SENSORS_STALE = Gauge("failoverd_power_sensors_stale", "Power sensors of the region "
+                            "silent past sensor_stale_s", ["region"])
+DRAIN_SECONDS_LEFT = Gauge("failoverd_drain_seconds_left", "Time left of the region's drain "
+                           "(0: not drained)", ["region"])
+GROUPS_HELD = Gauge("failoverd_groups_held_by_guard", "Groups the last decision wanted to move "
+                    "but a storm guard (cooldown excepted) or a missing candidate held")
+COORDINATOR_VIEW = (GROUP_ACTIVE, SAGA_FAILED, REGION_MEMBERS, POWER_SENSORS_STALE,
+                    DRAIN_SECONDS_LEFT)

@@ -253,6 +253,7 @@ class Coordinator:
                 policy = self._policy()
                 decision = decide(view, policy, now)
                 _export(decision)
+                _export_view(view, decision, policy, now)
                 self._log(decision, view)
                 self._decided_at = time.monotonic()
                 self._work_s += time.thread_time() - started
@@ -765,6 +766,27 @@ def _export(decision: Decision) -> None:
                            r.health.verdict, region=r.name)
         metrics.set_one_of(metrics.POWER_STATE, "state", metrics.POWER_STATES,
                            r.power.state, region=r.name)
+
+
+def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: float) -> None:
+    """What alerts need from the coordinator's view (every decided cycle)."""
+    for g in policy.groups:
+        rec = view.active.get(g.name)
+        metrics.GROUP_ACTIVE.labels(g.name).set(1 if rec is not None else 0)
+        wf = view.workflows.get(g.name)
+        failed = (rec is not None and wf is not None and wf.epoch == rec.epoch
+                  and wf.state == "failed")
+        metrics.SAGA_FAILED.labels(g.name).set(1 if failed else 0)
+    for region, _ in policy.priorities:
+        metrics.REGION_MEMBERS.labels(region).set(len(view.members_in(region)))
+        stale = sum(1 for (r, _), readings in view.power.items() if r == region and readings
+                    and now - max(x.received for x in readings) > policy.sensor_stale_s)
+        metrics.POWER_SENSORS_STALE.labels(region).set(stale)
+        drain = next((d for d in view.control.drains if d.region == region), None)
+        metrics.DRAIN_SECONDS_LEFT.labels(region).set(
+            max(drain.ends(policy.drain_max_s) - now, 0.0) if drain else 0.0)
+    metrics.GROUPS_HELD.set(sum(1 for i in decision.intents if isinstance(i, Alert)
+                                and "moved despite" not in i.reason))
 
 
 def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float | None:

@@ -428,6 +428,9 @@ class Daemon:
         finally:
             metrics.IS_COORDINATOR.set(0)
             metrics.COORDINATOR_TERM.set(0)
+            for gauge in metrics.COORDINATOR_VIEW:
+                gauge.clear()
+            metrics.GROUPS_HELD.set(0)
             structlog.contextvars.unbind_contextvars("term")
 
     def _decision_inputs(self, keys: list[str] | None) -> None:
