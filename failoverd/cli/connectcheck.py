@@ -16,23 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-import dns.asyncquery
-import dns.exception
-import dns.message
-import dns.rdatatype
-
-from failoverd.config import (
-    DnsRoute,
-    ExecRoute,
-    HaproxyRoute,
-    PowerSource,
-    Settings,
-    WebhookRoute,
-)
+from failoverd.config import PowerSource, Settings
 from failoverd.core.model import Keyspace
 from failoverd.core.power import Reading
 from failoverd.core.store import StoreError
@@ -40,23 +25,9 @@ from failoverd.etcd.client import EtcdStore, etcd_failure
 from failoverd.sensing.device import DeviceError
 from failoverd.sensing.mqtt import try_broker
 from failoverd.sensing.sources import make_device
-from failoverd.traffic.routers import DnsRouter, HaproxyRouter, RouterError
+from failoverd.traffic.prechecks import Result, route_check
 
 TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True)
-class Result:
-    what: str  # e.g. "etcd 10.0.0.1:2379"
-    ok: bool
-    detail: str
-    # A problem that does not fail the check (a power source only its
-    # region's members reach).
-    warning: bool = False
-
-    def line(self) -> str:
-        tag = "ok  " if self.ok else "warn" if self.warning else "FAIL"
-        return f"{tag} {self.what}: {self.detail}"
 
 
 async def _power_source(src: PowerSource) -> Result:
@@ -96,62 +67,6 @@ async def _etcd(settings: Settings, endpoint: str) -> Result:
         await store.close()
 
 
-async def _haproxy(route: HaproxyRoute) -> Result:
-    what = f"haproxy {route.socket} backend {route.backend}"
-    try:
-        states = await HaproxyRouter(route).states()
-    except RouterError as exc:
-        return Result(what, False, str(exc))
-    missing = sorted(s for s in route.servers.values() if s not in states)
-    if missing:
-        return Result(what, False, f"no server {', '.join(missing)} in the backend")
-    return Result(what, True, f"servers {', '.join(sorted(route.servers.values()))} known")
-
-
-async def _dns(route: DnsRoute) -> Result:
-    router = DnsRouter(route)
-    what = f"dns {route.server} {router.fence}"
-    q = dns.message.make_query(router.fence, dns.rdatatype.TXT)
-    if router.keyring is not None:
-        q.use_tsig(router.keyring, keyname=router.keyname)
-    try:
-        resp = await dns.asyncquery.tcp(q, router.host, port=router.port, timeout=TIMEOUT_S)
-    except dns.exception.DNSException as exc:
-        reason = ("TSIG key refused" if "tsig" in type(exc).__module__
-                  or "Bad" in type(exc).__name__ or "Peer" in type(exc).__name__
-                  else type(exc).__name__)
-        return Result(what, False, f"{reason}: {exc}"[:200])
-    except OSError as exc:
-        return Result(what, False, f"unreachable: {exc}")
-    fence = next((rd.to_text() for rr in resp.answer for rd in rr), "no fence yet")
-    signed = "signed query accepted" if router.keyring is not None else "unsigned"
-    return Result(what, True, f"{signed}; fence {fence}")
-
-
-async def _webhook(route: WebhookRoute) -> Result:
-    parts = urlsplit(route.url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    what = f"webhook {route.url}"
-    try:
-        async with asyncio.timeout(TIMEOUT_S):
-            _, writer = await asyncio.open_connection(parts.hostname, port)
-        writer.close()
-    except (OSError, TimeoutError) as exc:
-        return Result(what, False, f"unreachable: {exc or 'timed out'}")
-    return Result(what, True, "reachable (nothing posted)")
-
-
-def _exec(route: ExecRoute) -> Result:
-    cmd = route.command[0]
-    path = cmd if os.sep in cmd else shutil.which(cmd)
-    what = f"exec {cmd}"
-    if path is None or not os.path.isfile(path):
-        return Result(what, False, "not found")
-    if not os.access(path, os.X_OK):
-        return Result(what, False, "not executable")
-    return Result(what, True, f"{path} is executable")
-
-
 async def connect_check(settings: Settings) -> list[Result]:
     """Every endpoint of ``settings``, each tried once, concurrently."""
     jobs = [_etcd(settings, ep) for ep in settings.etcd.endpoints]
@@ -169,13 +84,10 @@ async def connect_check(settings: Settings) -> list[Result]:
             if key in seen:
                 continue
             seen.add(key)
-            if isinstance(route, HaproxyRoute):
-                jobs.append(_haproxy(route))
-            elif isinstance(route, DnsRoute):
-                jobs.append(_dns(route))
-            elif isinstance(route, WebhookRoute):
-                jobs.append(_webhook(route))
+            check = route_check(route, TIMEOUT_S)
+            if isinstance(check, Result):
+                routes.append(check)
             else:
-                routes.append(_exec(route))
+                jobs.append(check)
     jobs += [_power_source(src) for region in settings.regions for src in region.power_sources]
     return [*await asyncio.gather(*jobs), *routes]
