@@ -77,5 +77,7 @@ DRAIN_SECONDS_LEFT = Gauge("failoverd_drain_seconds_left", "Time left of the reg
                            "(0: not drained)", ["region"])
 GROUPS_HELD = Gauge("failoverd_groups_held_by_guard", "Groups the last decision wanted to move "
                     "but a storm guard (cooldown excepted) or a missing candidate held")
+LAST_DRILL = Gauge("failoverd_last_drill_timestamp_seconds", "When the group's last drill "
+                   "ran (Unix time; 0: never)", ["group"])
 COORDINATOR_VIEW = (GROUP_ACTIVE, SAGA_FAILED, REGION_MEMBERS, POWER_SENSORS_STALE,
-                    DRAIN_SECONDS_LEFT)
+                    DRAIN_SECONDS_LEFT, LAST_DRILL)

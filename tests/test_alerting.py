@@ -17,7 +17,8 @@ from devstack.stack import LocalCluster, call, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/failoverd-rules.yml"
-RULE_TESTS = ROOT / "deploy/prometheus/failoverd-rules.test.yml"
+RULE_TESTS = [ROOT / "deploy/prometheus/failoverd-rules.test.yml",
+              ROOT / "deploy/prometheus/failoverd-rules.drill.test.yml"]
 DASHBOARD = ROOT / "deploy/grafana/failoverd.json"
 METRIC = re.compile(r"\b(failoverd_[a-z_]+)\b")
 
@@ -33,13 +34,14 @@ def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
     checked = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
                              text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 9 rules found" in checked.stdout
-    tested = subprocess.run([promtool(), "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
-                            capture_output=True, text=True, timeout=60, check=False)
+    assert "SUCCESS: 10 rules found" in checked.stdout
+    tested = subprocess.run([promtool(), "test", "rules", *(t.name for t in RULE_TESTS)],
+                            cwd=RULES.parent, capture_output=True, text=True, timeout=60,
+                            check=False)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     # Every alert has a unit test.
     alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
-    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    tests = [t for f in RULE_TESTS for t in yaml.safe_load(f.read_text())["tests"]]
     tested_alerts = {a["alertname"] for t in tests for a in t["alert_rule_test"]}
     assert alerts == tested_alerts, alerts ^ tested_alerts
 
@@ -83,6 +85,7 @@ async def test_every_metric_in_the_rules_and_dashboard_is_exported_by_a_live_dae
         assert names <= exported, f"{where} uses metrics no daemon exports: {names - exported}"
     # The coordinator's view has samples: one group active, a member per region.
     for line in ('failoverd_saga_failed{group="app"} 0.0', 'failoverd_groups_held_by_guard 0.0',
+                 'failoverd_last_drill_timestamp_seconds{group="app"} 0.0',
                  'failoverd_region_members{region="east"} 1.0',
                  'failoverd_drain_seconds_left{region="west"} 0.0'):
         assert line in text, line

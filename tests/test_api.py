@@ -33,7 +33,8 @@ REGIONS = {"east": 100, "west": 50, "central": 25}  # as in the api_cluster fixt
 
 
 def _fill(path: str) -> str:
-    return path.replace("{group}", "app").replace("{region}", "central")
+    path = path.replace("{group}", "app").replace("{region}", "central")
+    return path + "?group=app" if path == "/v1/drill/hooks" else path
 
 
 async def test_auth_matrix_over_every_route(api_cluster: LocalCluster):
@@ -180,6 +181,69 @@ async def test_a_drain_expires_on_its_own_with_a_history_event(api_cluster: Loca
     r = await asyncio.to_thread(ctl, "drain", "central", "--for", "soon", api=api)
     assert r.returncode == 2 and "not a duration" in r.stderr
     assert not (await cluster.view()).control.drains
+
+
+async def test_drill_dry_run_checks_the_live_cluster_and_changes_nothing(
+        api_cluster: LocalCluster):
+    """failoverctl drill app --to west on the live cluster: every check passes
+    (exit 0), the active record is untouched, and the drill is in the history
+    and in control/drills/app.  Then make it fail the way operators will
+    meet it: the target drained (the engine would pick central), and a
+    promote hook that is not executable on the target's member (asked over
+    that member's API)."""
+    cluster = api_cluster
+    api = cluster.daemons["e1"].api
+    before = (await cluster.view()).active["app"]
+    r = await asyncio.to_thread(ctl, "drill", "app", "--to", "west", api=api)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "✗" not in r.stdout and "PASSED: every check" in r.stdout
+    for line in ("✓ engine: a power failure of east moves app to west (planned, epoch 2)",
+                 "✓ west members: live: w1", "✓ w1 promote hook: ", "✓ west drain: not drained"):
+        assert line in r.stdout, line
+    assert "drain_old" in r.stdout and "promote_new" in r.stdout  # the timeline
+    after = await cluster.view()
+    assert after.active["app"] == before  # nothing moved
+    assert after.drills["app"] >= before.since
+    drills = [e for e in await cluster.history() if e["kind"] == "drill"]
+    assert [(d["group"], d["to"], d["ok"], d["live"]) for d in drills] == [
+        ("app", "west", True, False)]
+
+    status, _ = await call(api, "POST", "/v1/regions/west/drain", OPERATOR_TOKEN)
+    assert status == 200
+    await wait_until(lambda: _mirrored_drain(cluster, "e1"), 5, "e1 to see the drain")
+    r = await asyncio.to_thread(ctl, "drill", "app", "--to", "west", api=api)
+    assert r.returncode == 1
+    assert "✗ west drain: drained: not a candidate" in r.stdout
+    assert "✗ engine: a power failure of east moves app to central" in r.stdout
+    assert "FAILED: 2 check(s): west drain, engine" in r.stdout
+    status, _ = await call(api, "DELETE", "/v1/regions/west/drain", OPERATOR_TOKEN)
+    assert status == 200
+
+    hook = cluster.workdir / "hook.sh"
+    hook.chmod(0o644)
+    try:
+        r = await asyncio.to_thread(ctl, "-o", "json", "drill", "app", "--to", "central",
+                                    api=api)
+    finally:
+        hook.chmod(0o755)
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["ok"] is False
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert failed == {"c1 promote hook": f"{hook} is not executable",
+                      "c1 demote hook": f"{hook} is not executable",
+                      # central is a candidate, not the engine's choice (west is)
+                      "engine": "a power failure of east moves app to west (planned, "
+                                "epoch 2), not to central"}, failed
+    status, _ = await call(api, "POST", "/v1/groups/app/drill", VIEWER_TOKEN, {"to": "west"})
+    assert status == 403
+    status, _ = await call(api, "POST", "/v1/groups/app/drill", OPERATOR_TOKEN, {"to": "mars"})
+    assert status == 404
+    assert (await cluster.view()).active["app"] == before
+
+
+async def _mirrored_drain(cluster: LocalCluster, member: str) -> bool:
+    st = (await call(cluster.daemons[member].api, "GET", "/v1/status", VIEWER_TOKEN))[1]
+    return bool(st["regions"]["west"]["drained"])
 
 
 async def test_safety_rule_9_bad_requests_get_json_errors_and_change_nothing(

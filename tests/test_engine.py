@@ -737,3 +737,51 @@ def test_bad_durations_are_refused(text: str) -> None:
 @given(st.integers(min_value=1, max_value=10 ** 8))
 def test_formatted_durations_parse_back(seconds: int) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+# -- drills (dry run) ----------------------------------------------------------
+from failoverd.core.drill import drill_checks  # noqa: E402
+
+
+def _failed(checks: list) -> dict[str, str]:
+    return {c.name: c.detail for c in checks if not c.ok}
+
+
+def test_a_drill_to_the_engines_choice_passes_the_pure_checks() -> None:
+    v = view(ALL, EAST_ACTIVE)
+    p = policy(priorities=(("east", 100), ("west", 50), ("central", 10)))
+    checks, move = drill_checks(v, p, "app", "west", NOW)
+    assert _failed(checks) == {}
+    assert move is not None and (move.region, move.epoch, move.planned) == ("west", 5, True)
+    assert "a power failure of east moves app to west (planned, epoch 5)" in [
+        c.detail for c in checks]
+    assert v.power == {}  # the simulated sensor stays in the drill
+
+
+@pytest.mark.parametrize(("name", "v", "to", "learned", "failed"), [
+    ("the target is drained: not a candidate, the engine picks another",
+     view(ALL, EAST_ACTIVE, drained=frozenset({"west"})), "west", None,
+     {"west drain", "engine"}),
+    ("the target has no members",
+     view({"e1": "east", "c1": "central"}, EAST_ACTIVE), "west", None,
+     {"west members", "engine"}),
+    ("paused: a real event would move nothing",
+     view(ALL, EAST_ACTIVE, paused=True), "west", None, {"automatic actions", "engine"}),
+    ("the target is already active", view(ALL, EAST_ACTIVE), "east", None,
+     {"active region", "engine"}),
+    ("failovers take longer than the budget assumes", view(ALL, EAST_ACTIVE), "west", 95.0,
+     {"failover budget"}),
+])
+def test_a_drill_says_what_would_fail(name: str, v: ClusterView, to: str,
+                                      learned: float | None, failed: set[str]) -> None:
+    p = policy(priorities=(("east", 100), ("west", 50), ("central", 10)),
+               expected_failover_s=60.0)
+    checks, move = drill_checks(v, p, "app", to, NOW, learned)
+    assert set(_failed(checks)) == failed, (name, _failed(checks))
+    assert (move is None) == ("engine" in failed), name
+
+
+def test_a_drill_of_an_unknown_group_or_region_is_one_failed_check() -> None:
+    v = view(ALL, EAST_ACTIVE)
+    assert [c.name for c in drill_checks(v, policy(), "nope", "west", NOW)[0]] == ["group"]
+    assert [c.name for c in drill_checks(v, policy(), "app", "mars", NOW)[0]] == ["target"]

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    ).add_argument("group")
     sub.add_parser("pause", help="stop automatic actions")
     sub.add_parser("resume", help="resume automatic actions")
+    dr = sub.add_parser("drill", help="dry run: would a power failure move GROUP to REGION, "
+                        "and would it work? changes nothing (exit 0: every check passed)")
+    dr.add_argument("group")
+    dr.add_argument("--to", required=True, help="the region to rehearse a failover to")
     d = sub.add_parser("drain", help="take a region out of candidacy for a while")
     d.add_argument("region")
     d.add_argument("--for", dest="duration", metavar="DURATION", type=_duration,
@@ -211,6 +215,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "POST", f"/v1/groups/{args.group}/retry", None
     if c in {"pause", "resume"}:
         return "POST", f"/v1/{c}", None
+    if c == "drill":
+        return "POST", f"/v1/groups/{args.group}/drill", {"to": args.to}
     if c == "drain":
         return ("POST", f"/v1/regions/{args.region}/drain",
                 {"for": args.duration} if args.duration else None)
@@ -239,6 +245,20 @@ async def _call(url: str, token: str | None, method: str, path: str,
         return resp.status, data
 
 
+def print_drill(report: dict[str, Any]) -> None:
+    """The checklist, the expected timeline, and the verdict."""
+    print(f"DRILL {report['group']} -> {report['to']} (dry run: nothing changed)")
+    for c in report["checks"]:
+        print(f"  {'✓' if c['ok'] else '✗'} {c['name']}: {c['detail']}")
+    print("\nexpected timeline (planned switchover, as a power event starts it):")
+    for step in report["timeline"]:
+        took = "" if step["expected_s"] is None else f"{format_duration(step['expected_s'])}"
+        print(f"  {step['step']:<18}{took:<8}{step['detail']}")
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    print("\nPASSED: every check" if report["ok"] else
+          f"\nFAILED: {len(failed)} check(s): {', '.join(failed)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     url = _api_url(args)
@@ -261,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failoverctl: cannot reach {url}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
     code = exit_code(status)
+    if args.command == "drill" and code == EXIT_OK:
+        if args.output == "json":
+            print(json.dumps(data, indent=2))
+        else:
+            print_drill(data)
+        return EXIT_OK if data["ok"] else EXIT_REFUSED  # a check failed: no pass
     if args.output == "json":
         if args.command == "power" and code == EXIT_OK:
             data = {name: r["power"] for name, r in data["regions"].items()}

@@ -41,6 +41,7 @@ KEY_SHAPES: dict[str, str] = {
     "request": "control/requests/{request}",
     "result": "control/results/{request}",
     "storm": "control/storm",
+    "drill": "control/drills/{group}",
     "history_event": "history/{event}",
 }
 # First segments that only hold the shapes above: anything else under them
@@ -136,6 +137,9 @@ class Keyspace:
 
     def drained(self, region: str) -> str:
         return self.key("drained", region=region)
+
+    def drill(self, group: str) -> str:
+        return self.key("drill", group=group)
 
     def request(self, request_id: str) -> str:
         return self.key("request", request=request_id)
@@ -319,6 +323,8 @@ class ClusterView:
     learned_failover_s: float | None = None
     # Operator requests waiting for the coordinator, oldest first.
     requests: tuple[OperatorRequest, ...] = ()
+    # group -> when its last drill ran (control/drills/<group>).
+    drills: Mapping[str, float] = field(default_factory=dict)
     workflows: Mapping[str, Workflow] = field(default_factory=dict)
     # (group, member) -> (epoch, role) the member has applied (its hooks ran).
     acks: Mapping[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
@@ -489,6 +495,7 @@ class ViewIndex:
         self._paused = False
         self._incidents: tuple[Incident, ...] = ()
         self._storm_rev = 0
+        self._drills: dict[str, float] = {}
         self._problems: dict[str, str] = {}
         # Per group: the newest revision of any of its keys (active, workflow,
         # acks) — what a saga waiting on the group compares.
@@ -541,6 +548,7 @@ class ViewIndex:
             observations={k: o for k, o in self._observations.items() if k[0] in members},
             power=_live_power(self._relays, self._relay_member, members),
             requests=tuple(sorted(self._requests.values(), key=lambda r: r.id)),
+            drills=dict(self._drills),
             workflows=dict(self._workflows),
             acks=(dict(self._acks) if self._ack_members() <= members.keys()
                   else {k: v for k, v in self._acks.items() if k[1] in members}),
@@ -582,6 +590,8 @@ class ViewIndex:
                 self._drained.pop(f["region"], None)
             case "storm":
                 self._incidents, self._storm_rev = (), 0
+            case "drill":
+                self._drills.pop(f["group"], None)
 
     def _fold(self, kv: KeyValue, parsed: ParsedKey | None) -> None:
         """Parse ``kv`` into its place; raises on a malformed value, or on a
@@ -624,6 +634,8 @@ class ViewIndex:
             case "storm":
                 self._incidents = parse_incidents(kv)
                 self._storm_rev = kv.mod_revision
+            case "drill":
+                self._drills[f["group"]] = _num(_obj(kv), "at")
 
 
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:

@@ -777,6 +777,7 @@ def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: flo
         failed = (rec is not None and wf is not None and wf.epoch == rec.epoch
                   and wf.state == "failed")
         metrics.SAGA_FAILED.labels(g.name).set(1 if failed else 0)
+        metrics.LAST_DRILL.labels(g.name).set(view.drills.get(g.name, 0.0))
     for region, _ in policy.priorities:
         metrics.REGION_MEMBERS.labels(region).set(len(view.members_in(region)))
         stale = sum(1 for (r, _), readings in view.power.items() if r == region and readings

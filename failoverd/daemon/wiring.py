@@ -27,9 +27,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from failoverd import __version__, metrics
 from failoverd.config import ConfigError, Overrides, Settings, engine_policy, load_settings
 from failoverd.core.engine import Policy
-from failoverd.core.model import ClusterView, Keyspace, MemberRecord, ViewIndex
+from failoverd.core.model import ClusterView, Keyspace, MemberRecord, ViewIndex, parse_view
 from failoverd.core.store import Store, StoreError
 from failoverd.daemon.coordinator import Coordinator, NotCoordinator
+from failoverd.daemon.drill import Drill, hook_checks
 from failoverd.daemon.isolation import IsolationGuard
 from failoverd.daemon.roles import Applied, RoleReconciler
 from failoverd.daemon.saga import worst_step_s
@@ -185,11 +186,16 @@ class Daemon:
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.sources = PowerSources(self.power, lambda: self.settings)
+        drill = Drill(self.store, self.keys, lambda: self.settings, self._read_view,
+                      self.history, lambda limit: read_history(self.store, self.keys, limit))
         self.api = Api(self.store, self.keys, lambda: self.settings,
                        self.watcher.subscribe("control/results/"), lambda: dict(roles.epochs),
                        history=lambda limit: read_history(self.store, self.keys, limit),
                        polls=self.sources.poll_status, refused=self.power.refused,
-                       cached_view=self._mirror_view)
+                       cached_view=self._mirror_view, drill=drill.dry_run,
+                       hook_checks=lambda group: [
+                           {"name": c.name, "ok": c.ok, "detail": c.detail}
+                           for c in hook_checks(self.settings, group)])
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
                                lambda: self._live_lease() is not None)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
@@ -437,6 +443,14 @@ class Daemon:
         coord = self.coordinator
         if coord is not None:
             coord.note_changes(keys)
+
+    async def _read_view(self) -> ClusterView:
+        """The watch-fed view, else one snapshot (a drill's judgement)."""
+        view = self._mirror_view()
+        if view is not None:
+            return view
+        return parse_view(self.keys, await self.store.snapshot(self.keys.prefix,
+                                                               exclude=("history/",)))
 
     def _mirror_view(self) -> ClusterView | None:
         """The watch-fed view, once the mirror has loaded (the API's reads)."""

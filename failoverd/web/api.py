@@ -99,6 +99,14 @@ class FailoverBody(Body):
     force: bool = False
 
 
+class DrillBody(Body):
+    to: str
+
+
+# (group, to, by, the caller's Authorization header) -> the drill's report.
+DrillRunner = Callable[[str, str, str, str], Awaitable[dict[str, Any]]]
+
+
 class DrainBody(Body):
     for_: str | None = Field(
         default=None, alias="for",
@@ -131,6 +139,12 @@ ROUTES: tuple[Route, ...] = (
           "Take a region out of candidacy for a while (the drain expires)", DrainBody,
           body_required=False),
     Route("DELETE", "/v1/regions/{region}/drain", "operator", "Return a region to candidacy"),
+    Route("POST", "/v1/groups/{group}/drill", "operator",
+          "Dry-run drill: would a power failure move the group to this region, and would "
+          "it work? Changes nothing but the audit trail", DrillBody),
+    Route("GET", "/v1/drill/hooks", "operator",
+          "This member's hooks for a group (?group=G): present and executable (drills ask "
+          "each member of the target region)"),
     Route("GET", "/v1/openapi.json", "viewer", "This document"),
     Route("GET", "/healthz", None, "Liveness"),
     Route("GET", "/readyz", None, "Ready: store reachable and API up"),
@@ -162,9 +176,13 @@ class Api:
                  history: Callable[[int], Awaitable[list[dict[str, object]]]] | None = None,
                  polls: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
                  refused: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
-                 cached_view: Callable[[], ClusterView | None] = lambda: None
+                 cached_view: Callable[[], ClusterView | None] = lambda: None,
+                 drill: DrillRunner | None = None,
+                 hook_checks: Callable[[str], list[dict[str, Any]]] = lambda group: []
                  ) -> None:
         self._store = store
+        self._drill = drill
+        self._hook_checks = hook_checks
         self._polls = polls
         self._cached_view = cached_view
         self._status_built: tuple[Settings, float, bytes] | None = None
@@ -193,6 +211,8 @@ class Api:
             ("POST", "/v1/resume"): self.resume,
             ("POST", "/v1/regions/{region}/drain"): self.drain,
             ("DELETE", "/v1/regions/{region}/drain"): self.undrain,
+            ("POST", "/v1/groups/{group}/drill"): self.drill,
+            ("GET", "/v1/drill/hooks"): self.drill_hooks,
             ("GET", "/v1/openapi.json"): self.openapi,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -427,6 +447,25 @@ class Api:
                              f"{format_duration(most)} (policy.drain_max_s)")
         return await self._submit(request, "drain", region=region, for_s=for_s)
 
+    async def drill(self, request: web.Request) -> web.Response:
+        parsed = await self._group_region(request, DrillBody)
+        if isinstance(parsed, web.Response):
+            return parsed
+        group, body = parsed
+        if self._drill is None:
+            return error(503, "unavailable", "drills are not wired on this member")
+        report = await self._drill(group, getattr(body, "to", ""),
+                                   str(request.get("token", "?")),
+                                   request.headers.get("Authorization", ""))
+        return web.json_response(report)
+
+    async def drill_hooks(self, request: web.Request) -> web.Response:
+        group = request.query.get("group", "")
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        return web.json_response({"member": self._settings().member,
+                                  "checks": self._hook_checks(group)})
+
     async def undrain(self, request: web.Request) -> web.Response:
         region = request.match_info["region"]
         if self._settings().region_by_name(region) is None:
@@ -575,6 +614,8 @@ def openapi_document() -> dict[str, Any]:
             op["responses"] |= {"401": err, "403": err}
         if r.method != "GET" or r.path == "/v1/history":
             op["responses"] |= {"400": err, "404": err, "409": err, "413": err, "503": err}
+        if r.path == "/v1/drill/hooks":
+            op["responses"]["404"] = err
         if r.path == "/readyz":
             op["responses"]["503"] = err
         if r.path not in UNLIMITED:  # api.rate_per_token, api.max_concurrent_requests
@@ -585,6 +626,9 @@ def openapi_document() -> dict[str, Any]:
         if r.path == "/v1/history":
             params.append({"name": "limit", "in": "query", "required": False,
                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})
+        if r.path == "/v1/drill/hooks":
+            params.append({"name": "group", "in": "query", "required": True,
+                           "schema": {"type": "string"}})
         if params:
             op["parameters"] = params
         if r.body is not None:
