@@ -665,6 +665,7 @@ def test_the_keyspace_table_builds_and_parses_every_key() -> None:
         "request": (keys.request("r1"), {"request": "r1"}),
         "result": (keys.result("r1"), {"request": "r1"}),
         "storm": (keys.storm, {}),
+        "drill": (keys.drill("app"), {"group": "app"}),
         "history_event": (keys.history_event(5, "m"), {"event": f"{5:020d}-m"}),
     }
     assert set(built) == set(KEY_SHAPES)

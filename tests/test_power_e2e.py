@@ -163,6 +163,16 @@ async def test_rule_10_generator_failed_then_silent_stays_critical(power_stack):
     assert "power critical (gen:generator_failed, silent" in seen["reason"]
     assert (await s.c.view()).active["app"].epoch == before.epoch
 
+    # The drain written by hand (no end) was given one: drain_max_s from
+    # when the coordinator first saw it.
+    async def given_an_end() -> bool:
+        drains = (await s.c.view()).control.drains
+        return bool(drains) and drains[0].until is not None
+    await wait_until(given_an_end, 5, "the hand-written drain to get an end")
+    drain = (await s.c.view()).control.drains[0]
+    assert drain.until is not None and drain.at is not None
+    assert drain.until - drain.at == 72 * 3600 and t0 - 10 < drain.at < time.time()
+
 
 async def test_on_battery_runtime_counts_down_without_new_messages(power_stack):
     """One message, 19 s left; the budget is 15 s (5 + 10): the daemon

@@ -100,13 +100,15 @@ def print_status(st: dict[str, Any]) -> None:
     for name, r in st["regions"].items():
         if r.get("drain"):
             d = r["drain"]
-            print(f"! DRAINED {name} by {d['by']}, {format_duration(d['left_s'])} left "
-                  f"(until {_local(d['until'])})")
+            print(f"! DRAINED {name} by {d['by']}, " + (
+                f"{format_duration(d['left_s'])} left (until {_local(d['until'])})"
+                if d["left_s"] is not None else "no end yet"))
     print(f"\n{'REGION':<12}{'HEALTH':<10}{'READY':<7}{'POWER':<14}{'DRAINED':<13}"
           f"{'ACTIVE FOR':<16}MEMBERS")
     for name, r in st["regions"].items():
-        drained = (f"{format_duration(r['drain']['left_s'])} left" if r.get("drain")
-                   and r["drained"] else "expiring" if r.get("drain") else "no")
+        d = r.get("drain")
+        drained = ("no" if not d else "expiring" if not r["drained"]
+                   else "yes" if d["left_s"] is None else f"{format_duration(d['left_s'])} left")
         print(f"{name:<12}{r['health']['verdict']:<10}{str(r['health']['ready']).lower():<7}"
               f"{r['power']['state']:<14}{drained:<13}"
               f"{','.join(r['active_for']) or '-':<16}{','.join(r['members']) or '-'}")

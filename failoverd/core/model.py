@@ -8,6 +8,7 @@ edits, a newer version) is skipped and reported, never fatal.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
@@ -276,17 +277,21 @@ class CoordinatorRecord:
 
 @dataclass(frozen=True)
 class Drain:
-    """An operator's drain of a region, until a deadline (None: written
-    before drains expired; the engine gives it drain_max_s from ``at``)."""
+    """An operator's drain of a region, until a deadline.  ``until`` None: a
+    drain written before drains expired (it ends drain_max_s after ``at``)
+    or by hand (no ``at`` either: it lasts until the coordinator gives it an
+    end, drain_max_s from when it first sees it)."""
 
     region: str
     by: str
-    at: float
+    at: float | None
     until: float | None
     mod_revision: int = 0
 
     def ends(self, max_s: float) -> float:
-        return self.until if self.until is not None else self.at + max_s
+        if self.until is not None:
+            return self.until
+        return self.at + max_s if self.at is not None else math.inf
 
 
 @dataclass(frozen=True)
@@ -629,7 +634,7 @@ class ViewIndex:
                 d = _obj(kv)
                 self._drained[f["region"]] = Drain(
                     region=f["region"], by=_opt_str(d, "by") or "?",
-                    at=_num(d, "at") if "at" in d else 0.0, until=_opt_num(d, "until"),
+                    at=_opt_num(d, "at"), until=_opt_num(d, "until"),
                     mod_revision=kv.mod_revision)
             case "storm":
                 self._incidents = parse_incidents(kv)

@@ -242,6 +242,9 @@ class Coordinator:
                 continue
             for drain in expired_drains(view, self._policy(), now):
                 await self._expire(drain)
+            for drain in view.control.drains:
+                if drain.until is None:
+                    await self._give_an_end(drain, now)
             if (not inputs_changed and self._mirror is not None
                     and time.monotonic() - self._decided_at < self._tick_s()):
                 # Only acks and saga records moved (an evacuation's sagas at
@@ -538,27 +541,47 @@ class Coordinator:
         engine already stopped counting it; this makes etcd and the audit
         trail say so.  A store error is retried next cycle."""
         key = self._keys.drained(drain.region)
+        txn = await self._fenced_txn(
+            [Compare(key, "mod", drain.mod_revision)],
+            [Delete(key), self._history.put_op(
+                "drain_expired", region=drain.region, by=drain.by, drained_at=drain.at or 0.0,
+                until=drain.ends(self._policy().drain_max_s), term=self.term)],
+            "cannot expire a drain; retrying", drained_region=drain.region)
+        if txn is not None and txn.succeeded:
+            log.warning("drain expired", drained_region=drain.region, by=drain.by)
+
+    async def _give_an_end(self, drain: Drain, now: float) -> None:
+        """A drain without an end (an older failoverd's, or one written by
+        hand) gets one: drain_max_s after it began, or from now."""
+        key = self._keys.drained(drain.region)
+        at = drain.at if drain.at is not None else now
+        await self._fenced_txn(
+            [Compare(key, "mod", drain.mod_revision)],
+            [Put(key, to_json({"by": drain.by, "at": at,
+                               "until": at + self._policy().drain_max_s}))],
+            "cannot give a drain its end; retrying", drained_region=drain.region)
+
+    async def _fenced_txn(self, compares: list[Compare], ops: list[Op], unknown: str,
+                          **context: object) -> TxnResult | None:
+        """One txn fenced by our term; None (logged as ``unknown``) when its
+        outcome is unknown — the next cycle re-reads.  A success advances
+        :attr:`committed_revision`."""
         try:
             txn = await self._store.txn(
-                [Compare(self._keys.coordinator, "create", self.term),
-                 Compare(key, "mod", drain.mod_revision)],
-                [Delete(key), self._history.put_op(
-                    "drain_expired", region=drain.region, by=drain.by, drained_at=drain.at,
-                    until=drain.ends(self._policy().drain_max_s), term=self.term)])
+                [Compare(self._keys.coordinator, "create", self.term), *compares], ops,
+                [Get(self._keys.coordinator)])
         except StoreError as exc:
-            log.warning("cannot expire a drain; retrying", drained_region=drain.region,
-                        error=str(exc))
-            return
+            log.warning(unknown, error=str(exc), **context)
+            return None
         if txn.succeeded:
             self.committed_revision = max(self.committed_revision, txn.revision)
-            log.warning("drain expired", drained_region=drain.region, by=drain.by)
+        return txn
 
     async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
         """Carry out or refuse one operator request, with its audit event and
         its result, in one txn fenced by the term (and the record)."""
         outcome = handle_request(view, self._policy(), req, now)
-        compares = [Compare(self._keys.coordinator, "create", self.term),
-                    Compare(self._keys.request(req.id), "mod", req.revision)]
+        compares = [Compare(self._keys.request(req.id), "mod", req.revision)]
         ops: list[Op] = []
         if outcome.change is not None:
             more, ops = self._change_ops(outcome.change, view, now)
@@ -585,14 +608,11 @@ class Coordinator:
                                  by=req.by, result=result["status"], reason=outcome.reason,
                                  term=self.term),
         ]
-        try:
-            txn = await self._store.txn(compares, ops, [Get(self._keys.coordinator)])
-        except StoreError as exc:
-            log.warning("operator request outcome unknown; re-reading", request=req.id,
-                        error=str(exc))
+        txn = await self._fenced_txn(compares, ops, "operator request outcome unknown; "
+                                     "re-reading", request=req.id)
+        if txn is None:
             return
         if txn.succeeded:
-            self.committed_revision = max(self.committed_revision, txn.revision)
             if outcome.change is not None:
                 self._after_fast_forward(outcome.change)
             log.info("operator request", request=req.id, action=req.action, by=req.by,

@@ -551,6 +551,8 @@ def _drain_document(view: ClusterView, policy: Policy, region: str, now: float
     if d is None:
         return None
     until = d.ends(policy.drain_max_s)
+    if not math.isfinite(until):  # written by hand: the coordinator gives it an end
+        return {"by": d.by, "at": d.at, "until": None, "left_s": None}
     return {"by": d.by, "at": d.at, "until": until, "left_s": max(until - now, 0.0)}
 
 

@@ -100,10 +100,11 @@ function render(st, events) {
   $("drains").replaceChildren(...Object.entries(st.regions).filter(([, r]) => r.drain)
     .map(([name, r]) => {
       const div = document.createElement("div"); div.className = "drain";
-      div.dataset.region = name; div.title = new Date(r.drain.until * 1000).toISOString();
+      div.dataset.region = name;
+      if (r.drain.until != null) div.title = new Date(r.drain.until * 1000).toISOString();
       div.textContent = "Drained " + name + " by " + r.drain.by + ": " +
-        (r.drained ? span(r.drain.left_s) + " left, until " + local(r.drain.until)
-                   : "expired, being lifted");
+        (!r.drained ? "expired, being lifted" : r.drain.until == null ? "no end yet" :
+         span(r.drain.left_s) + " left, until " + local(r.drain.until));
       return div;
     }));
   const regions = $("regions").tBodies[0]; regions.replaceChildren();
@@ -115,8 +116,8 @@ function render(st, events) {
     cell(row, r.health.verdict, r.health.verdict);
     cell(row, r.power.state + (r.power.runtime_s != null ?
       " (" + Math.round(r.power.runtime_s) + "s)" : ""), r.power.state);
-    cell(row, r.drain ? (r.drained ? "drained, " + span(r.drain.left_s) + " left"
-                                   : "expiring") : "");
+    cell(row, !r.drain ? "" : !r.drained ? "expiring" : r.drain.left_s == null ? "drained" :
+              "drained, " + span(r.drain.left_s) + " left");
     cell(row, r.members.join(", ") || "none");
   }
   const power = $("power").tBodies[0]; power.replaceChildren();
