@@ -10,11 +10,14 @@ other region's power events behind it — or have the broker drop them when
 our queue there is full.  Each lane is a reconnect loop with jittered
 exponential backoff that re-subscribes (QoS 1) on every connection; the
 ``main`` lane publishes ``{"state": "online", …}`` retained on the member's
-status topic, with a Last Will that sets it ``offline``.  Accepted readings are relayed to
-``power/<region>/<sensor>/<member>`` under the member's lease — at once when
-they change, at most every ``sensor_stale_s / 3`` otherwise.  Bad messages
-are counted by reason and logged at most once per ``LOG_EVERY_S`` per reason;
-none of them can stop the loop.
+status topic, with a Last Will that sets it ``offline``.
+
+Accepted readings are relayed to ``power/<region>/<sensor>/<member>`` under
+the member's lease: a change of state at once; news that is not urgent
+(runtime or charge alone, a new sensor saying all is well) with the next
+batch (one txn every ``RESYNC_EVERY_S``); an unchanged reading again before
+``sensor_stale_s / 3``.  Bad messages are counted by reason and logged at
+most once per ``LOG_EVERY_S`` per reason; none of them can stop the loop.
 """
 
 from __future__ import annotations
