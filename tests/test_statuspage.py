@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.stack import OPERATOR_TOKEN, VIEWER_TOKEN, LocalCluster, call
+from devstack.stack import OPERATOR_TOKEN, VIEWER_TOKEN, LocalCluster, call, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -50,9 +50,31 @@ async def test_status_page_shows_the_failover(api_cluster: LocalCluster, tmp_pat
     status, data = await call(api, "POST", "/v1/regions/central/drain", OPERATOR_TOKEN,
                               {"for": "2h"})
     assert status == 200, data
+
+    async def saga_done() -> bool:
+        wf = (await c.view()).workflows.get("app")
+        return wf is not None and wf.epoch == 2 and wf.state == "done"
+    await wait_until(saga_done, 20, "the switchover's saga to finish")
     url = f"{api}/#token={VIEWER_TOKEN}"
     dom = await asyncio.to_thread(render, url, tmp_path)
     west, east = row(dom, "region", "west"), row(dom, "region", "east")
+    # The incident as a waterfall: trigger, decision, each saga step with its
+    # start (local time, UTC on hover) and duration, done.
+    steps = re.findall(r'<tr data-step="([a-z_]+)">', dom)
+    assert steps[0] == "decision" and steps[-1] == "done", steps
+    assert {"precheck", "drain_old", "promote_new", "reroute", "verify", "demote_old"} <= set(
+        steps), steps
+    assert re.search(r'operator: operator switchover by ops · 1 group\(s\)', dom)
+    done = row(dom, "step", "done")
+    assert re.search(r"done .* [0-9.]+s in all", done), done
+    promote = row(dom, "step", "promote_new")
+    assert re.search(r"\d[0-9.]*s", promote) and 'class="bar' in dom
+    assert re.search(r'<td title="\d{4}-\d\d-\d\dT[0-9:.]+Z" class="ts">', dom)
+    # Groups: a summary by region and a filterable table.
+    assert row(dom, "region", "west").split()[:2] == ["west", "active:"]
+    summary = re.search(r'<tr data-region="west"><td>west</td><td>(\d+)</td>', dom)
+    assert summary and summary.group(1) == "1"
+    assert "1 of 1 group(s)" in dom and 'id="filter"' in dom
     assert "active: app" in west and "standby" in east
     # The drain on top, with the time left and its end in local time (UTC
     # on hover), and in the region's row.

@@ -29,6 +29,9 @@ PAGE = """<!doctype html>
  .evacuation { background: #ffebe9; color: #82071e; padding: .3rem .6rem; margin: .2rem 0;
    font-weight: 600; }
  .drain { background: #fff8c5; color: #7d4e00; padding: .3rem .6rem; margin: .2rem 0; }
+ #waterfall td { padding: .15rem .8rem .15rem 0; } .bar-cell { width: 22rem; }
+ .bar { height: .8rem; background: #0969da; min-width: 2px; } .bar.failed { background: #cf222e; }
+ .bar.running { background: #9a6700; }
 </style></head>
 <body>
 <h1>failoverd · <span id="cluster">__CLUSTER__</span></h1>
@@ -46,7 +49,13 @@ PAGE = """<!doctype html>
 <h2>Power</h2>
 <table id="power"><thead><tr><th>Region</th><th>Sensor</th><th>Source</th><th>State</th>
  <th>Runtime</th><th>Age</th><th>Rule</th><th>Why</th></tr></thead><tbody></tbody></table>
+<h2>Incident</h2>
+<div id="incident">no failover yet</div>
 <h2>Groups</h2>
+<table id="group-summary"><thead><tr><th>Region</th><th>Active groups</th><th>Sagas running</th>
+ <th>Sagas failed</th></tr></thead><tbody></tbody></table>
+<p><label>Filter <input id="filter" placeholder="group, region or state"></label>
+ <span id="shown"></span></p>
 <table id="groups"><thead><tr><th>Group</th><th>Active</th><th>Epoch</th><th>Since</th>
  <th>Workflow</th><th>Reason</th></tr></thead><tbody></tbody></table>
 <h2>Timeline</h2>
@@ -73,9 +82,110 @@ function span(seconds) {
   return out || "0s";
 }
 function local(ts) {
-  // The viewer's local time; UTC on hover (title).
+  // The viewer's local time, dated; UTC on hover (see stamp).
   return new Date(ts * 1000).toLocaleString();
 }
+function stamp(row, ts) {
+  const td = row.insertCell(); td.textContent = local(ts);
+  td.title = new Date(ts * 1000).toISOString(); td.className = "ts";
+}
+function secs(x) { return x < 10 ? x.toFixed(2) + "s" : span(x); }
+const GROUPS_SHOWN = 200;
+let lastStatus = null;
+function renderIncident(st) {
+  // The current or last incident: every group moved by the newest decision
+  // (same reason, committed within a minute), its sagas' steps aggregated.
+  const moved = Object.entries(st.groups).filter(([, g]) => g.active &&
+    g.active.trigger !== "bootstrap");
+  const box = $("incident");
+  if (!moved.length) { box.textContent = "no failover yet"; return; }
+  const newest = moved.reduce((a, b) => (b[1].active.since > a[1].active.since ? b : a))[1];
+  const inc = moved.filter(([, g]) => g.active.reason === newest.active.reason &&
+    Math.abs(g.active.since - newest.active.since) < 60);
+  const t0 = Math.min(...inc.map(([, g]) => g.active.since));
+  const flows = inc.map(([, g]) => g.workflow).filter((w) => w && w.epoch ===
+    inc.find(([n]) => n === w.group)[1].active.epoch);
+  const names = flows.length ? flows[0].steps.map((x) => x.name) : [];
+  const rows = [];
+  for (const name of names) {
+    const steps = flows.map((w) => w.steps.find((x) => x.name === name)).filter(Boolean);
+    const started = steps.filter((x) => x.started != null).map((x) => x.started);
+    const finished = steps.filter((x) => x.finished != null).map((x) => x.finished);
+    const failed = steps.filter((x) => x.state === "failed").length;
+    const done = steps.filter((x) => x.state === "done").length;
+    rows.push({name, start: started.length ? Math.min(...started) : null,
+               end: finished.length ? Math.max(...finished) : null, done, failed,
+               total: steps.length});
+  }
+  const allDone = flows.length && flows.every((w) => w.state === "done");
+  const end = Math.max(t0, ...rows.filter((r) => r.end != null).map((r) => r.end));
+  const span_ = Math.max(end - t0, 0.001);
+  const table = document.createElement("table"); table.id = "waterfall";
+  const head = table.insertRow(); head.className = "trigger";
+  cell(head, "trigger"); stamp(head, t0); cell(head, "");
+  const why = newest.active.reason.startsWith(newest.active.trigger + ":") ?
+    newest.active.reason : newest.active.trigger + ": " + newest.active.reason;
+  cell(head, why + " · " + inc.length + " group(s)");
+  const dec = table.insertRow(); dec.dataset.step = "decision";
+  cell(dec, "decision committed"); stamp(dec, t0); cell(dec, "0s"); dec.insertCell();
+  for (const r of rows) {
+    const row = table.insertRow(); row.dataset.step = r.name;
+    cell(row, r.name);
+    if (r.start == null) { cell(row, "pending"); cell(row, ""); row.insertCell(); continue; }
+    stamp(row, r.start);
+    const took = (r.end != null && r.done + r.failed === r.total ? r.end : Date.now() / 1000)
+      - r.start;
+    cell(row, secs(Math.max(took, 0)) + (r.total > 1 ? " · " + r.done + "/" + r.total : ""),
+         r.failed ? "critical" : "");
+    const td = row.insertCell(); td.className = "bar-cell";
+    const bar = document.createElement("div");
+    bar.className = "bar" + (r.failed ? " failed" : r.done < r.total ? " running" : "");
+    bar.style.marginLeft = (100 * (r.start - t0) / span_).toFixed(1) + "%";
+    bar.style.width = (100 * Math.max(took, 0) / span_).toFixed(1) + "%";
+    td.appendChild(bar);
+  }
+  const last = table.insertRow(); last.dataset.step = "done";
+  if (allDone) {
+    cell(last, "done"); stamp(last, end); cell(last, secs(end - t0) + " in all");
+  } else {
+    cell(last, flows.some((w) => w.state === "failed") ? "FAILED" : "in progress");
+    cell(last, ""); cell(last, "");
+  }
+  last.insertCell();
+  box.replaceChildren(table);
+}
+function renderGroups(st) {
+  const summary = $("group-summary").tBodies[0]; summary.replaceChildren();
+  for (const name of Object.keys(st.regions)) {
+    const gs = Object.values(st.groups).filter((g) => g.active && g.active.region === name);
+    const row = summary.insertRow(); row.dataset.region = name; cell(row, name);
+    cell(row, String(gs.length));
+    cell(row, String(gs.filter((g) => g.workflow && g.workflow.state === "running").length));
+    const failed = gs.filter((g) => g.workflow && g.workflow.state === "failed").length;
+    cell(row, String(failed), failed ? "critical" : "");
+  }
+  const q = $("filter").value.trim().toLowerCase();
+  const all = Object.entries(st.groups);
+  const match = all.filter(([name, g]) => !q || [name, g.active && g.active.region,
+    g.workflow && g.workflow.state, g.active && g.active.reason]
+    .some((x) => x && String(x).toLowerCase().includes(q)));
+  const groups = $("groups").tBodies[0]; groups.replaceChildren();
+  for (const [name, g] of match.slice(0, GROUPS_SHOWN)) {
+    const row = groups.insertRow(); row.dataset.group = name; cell(row, name);
+    const a = g.active;
+    cell(row, a ? a.region : "—"); cell(row, a ? String(a.epoch) : "—");
+    if (a) stamp(row, a.since); else cell(row, "—");
+    const wf = g.workflow, cur = wf && wf.steps.find((s) => s.state !== "done");
+    cell(row, wf ? wf.state + (cur ? " at " + cur.name : "")
+                   + (wf.state === "running" && cur && cur.detail ? ": " + cur.detail : "") : "—",
+         wf && wf.state === "failed" ? "critical" : "");
+    cell(row, a ? a.reason : "not bootstrapped");
+  }
+  $("shown").textContent = match.length > GROUPS_SHOWN ?
+    "showing " + GROUPS_SHOWN + " of " + match.length + " (filter to narrow)" :
+    match.length + " of " + all.length + " group(s)";
+}
+$("filter").addEventListener("input", () => { if (lastStatus) renderGroups(lastStatus); });
 async function get(path) {
   const r = await fetch(path, {headers: {Authorization: "Bearer " +
     sessionStorage.getItem("failoverd-token")}});
@@ -111,7 +221,9 @@ function render(st, events) {
   for (const [name, r] of Object.entries(st.regions)) {
     const row = regions.insertRow(); row.dataset.region = name;
     cell(row, name);
-    badge(row, r.active_for.length ? "active: " + r.active_for.join(", ") : "standby",
+    // A region active for 1,000 groups says how many; the Groups table lists them.
+    badge(row, !r.active_for.length ? "standby" : r.active_for.length > 8 ?
+          "active: " + r.active_for.length + " groups" : "active: " + r.active_for.join(", "),
           r.active_for.length ? "active" : "standby");
     cell(row, r.health.verdict, r.health.verdict);
     cell(row, r.power.state + (r.power.runtime_s != null ?
@@ -154,22 +266,13 @@ function render(st, events) {
     cell(row, "quorum " + p.quorum); cell(row, (p.evidence.length ? "critical because: " +
       p.evidence.join(", ") : p.detail) + " · failover budget " + Math.round(p.budget_s) + "s");
   }
-  const groups = $("groups").tBodies[0]; groups.replaceChildren();
-  for (const [name, g] of Object.entries(st.groups)) {
-    const row = groups.insertRow(); row.dataset.group = name; cell(row, name);
-    const a = g.active;
-    cell(row, a ? a.region : "—"); cell(row, a ? String(a.epoch) : "—");
-    cell(row, a ? ago(a.since) : "—");
-    const wf = g.workflow, cur = wf && wf.steps.find((s) => s.state !== "done");
-    cell(row, wf ? wf.state + (cur ? " at " + cur.name : "")
-                   + (wf.state === "running" && cur && cur.detail ? ": " + cur.detail : "") : "—",
-         wf && wf.state === "failed" ? "critical" : "");
-    cell(row, a ? a.reason : "not bootstrapped");
-  }
+  lastStatus = st;
+  renderIncident(st);
+  renderGroups(st);
   const tl = $("timeline").tBodies[0]; tl.replaceChildren();
   for (const e of events) {
     const row = tl.insertRow(); row.dataset.kind = e.kind;
-    cell(row, new Date(e.ts * 1000).toLocaleTimeString()); cell(row, e.member);
+    stamp(row, e.ts); cell(row, e.member);
     cell(row, e.kind);
     const bits = ["group", "region", "epoch", "reason", "by", "result"]
       .filter((k) => e[k] != null).map((k) => k + "=" + e[k]);
