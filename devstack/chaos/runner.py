@@ -118,6 +118,7 @@ class ChaosStack:
         self.paused_etcd: set[int] = set()
         self.samples_dns: list[tuple[float, str, int | None, frozenset[str]]] = []
         self.samples_hp: list[tuple[float, dict[str, str]]] = []
+        self.sampling = False  # cleared to stop sample()
         self.ops: dict[str, int] = {}
         self.peer_cut = PeerCut(seed)
 
@@ -162,9 +163,15 @@ class ChaosStack:
 
     # -- sampling ---------------------------------------------------------
     async def sample(self) -> None:
+        """Sample DNS and HAProxy until :attr:`sampling` is cleared.  A flag,
+        not only a cancel: on Python 3.11 ``asyncio.wait_for`` (inside
+        dnspython's queries) can swallow a cancellation that lands as the
+        query completes, and the loop would then sample for ever (a CI
+        teardown hung 180 s on it)."""
         assert self.hp_route is not None
         router = HaproxyRouter(self.hp_route)
-        while True:
+        self.sampling = True
+        while self.sampling:
             now = time.time()
             for g in GROUPS:
                 with contextlib.suppress(OSError, dns.exception.DNSException):
@@ -375,11 +382,13 @@ async def run_schedule(schedule: Schedule, work: Path) -> Outcome:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(1.0)
+        stack.sampling = False
         sampler.cancel()
         record = await stack.record()
         return Outcome(schedule.seed, schedule.nemeses(), violations(record),
                        time.monotonic() - started, work, dict(stack.ops))
     finally:
+        stack.sampling = False
         for t in tasks:
             t.cancel()
         await stack.stop()
