@@ -16,8 +16,6 @@ history event and in ``control/drills/<group>`` (its time feeds the
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,7 +30,7 @@ from failoverd.core.model import ClusterView, Keyspace, to_json
 from failoverd.core.store import Store
 from failoverd.daemon.coordinator import learn_failover_s
 from failoverd.etcd.history import History
-from failoverd.traffic.prechecks import Result, route_check
+from failoverd.traffic.prechecks import Result, find_executable, route_check
 
 log = structlog.get_logger("failoverd.daemon.drill")
 
@@ -52,14 +50,10 @@ def hook_checks(settings: Settings, group: str) -> list[Check]:
         if not argv:
             out.append(Check(name, True, "none configured"))
             continue
-        cmd = argv[0]
-        path = cmd if os.sep in cmd else shutil.which(cmd)
-        if path is None or not os.path.isfile(path):
-            out.append(Check(name, False, f"{cmd} not found"))
-        elif not os.access(path, os.X_OK):
-            out.append(Check(name, False, f"{path} is not executable"))
-        else:
-            out.append(Check(name, True, f"{path} is executable"))
+        path, problem = find_executable(argv[0])
+        detail = (f"{path} not found" if problem == "not found"
+                  else f"{path} is {problem or 'executable'}")
+        out.append(Check(name, not problem, detail))
     return out
 
 

@@ -85,13 +85,22 @@ async def _webhook(route: WebhookRoute, timeout_s: float) -> Result:
 
 def _exec(route: ExecRoute) -> Result:
     cmd = route.command[0]
-    path = cmd if os.sep in cmd else shutil.which(cmd)
     what = f"exec {cmd}"
-    if path is None or not os.path.isfile(path):
-        return Result(what, False, "not found")
-    if not os.access(path, os.X_OK):
-        return Result(what, False, "not executable")
+    path, problem = find_executable(cmd)
+    if problem:
+        return Result(what, False, problem)
     return Result(what, True, f"{path} is executable")
+
+
+def find_executable(cmd: str) -> tuple[str, str]:
+    """``cmd``'s path (searched in PATH without a slash) and what is wrong
+    with it: "not found", "not executable", or "" when it can run."""
+    path = cmd if os.sep in cmd else shutil.which(cmd)
+    if path is None or not os.path.isfile(path):
+        return cmd, "not found"
+    if not os.access(path, os.X_OK):
+        return path, "not executable"
+    return path, ""
 
 
 def route_check(route: HaproxyRoute | DnsRoute | WebhookRoute | ExecRoute, timeout_s: float
