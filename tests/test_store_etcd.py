@@ -623,3 +623,54 @@ async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_self_fence_never_applies_an_older_epoch_than_a_running_demote(
+        store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
+    """Rule 11 on one member: a self-fence decided while the demote of a
+    newer epoch is under way waits for it, then finds nothing to do.  Chaos
+    seed 12 (CI): the fence's epoch-1 demote finished after the epoch-2
+    demote, and the state file went back to epoch 1."""
+    from failoverd.core.model import ActiveRecord  # noqa: PLC0415
+    from failoverd.daemon.roles import Applied, RoleReconciler  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    runs = tmp_path / "runs.log"
+    hook = tmp_path / "hook.sh"
+    # A slow hook that says when it starts and when it ends.
+    hook.write_text(f'#!/bin/sh\necho "start $FAILOVERD_ROLE $FAILOVERD_EPOCH" >> {runs}\n'
+                    f'[ "$FAILOVERD_ROLE" = active ] || sleep 1\n'
+                    f'echo "end $FAILOVERD_ROLE $FAILOVERD_EPOCH" >> {runs}\n')
+    hook.chmod(0o755)
+    settings = Settings.model_validate({
+        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": "app", "regions": ["east", "west"], "promote": [str(hook)],
+                    "demote": [str(hook)]}],
+        "policy": {"tick_s": 0.2}})
+    group = settings.groups[0]
+    await store.put(keys.active("app"),
+                    ActiveRecord("east", 1, time.time(), "test", 1, "bootstrap").to_value())
+    wake = asyncio.Event()
+    roles = RoleReconciler(store, keys, lambda: settings, History(store, keys, "e1", "east"),
+                           wake)
+    task = asyncio.create_task(roles.run())
+
+    def lines() -> list[str]:
+        return runs.read_text().splitlines() if runs.exists() else []
+    try:
+        await wait_until(lambda: roles.state.groups.get("app") == Applied(1, "active"), 10,
+                         "promoted at epoch 1")
+        await store.put(keys.active("app"),
+                        ActiveRecord("west", 2, time.time(), "test", 1, "forced").to_value())
+        wake.set()
+        await wait_until(lambda: "start standby 2" in lines(), 10, "the epoch-2 demote started")
+        # The lease is gone and a peer names a newer epoch: fence now.
+        await roles.fence(group, "a peer reports a newer epoch")
+        assert roles.state.groups["app"] == Applied(2, "standby")
+        assert lines() == ["start active 1", "end active 1",
+                           "start standby 2", "end standby 2"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -141,6 +141,10 @@ class RoleReconciler:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._behind: dict[str, int] = {}  # groups whose record is behind us (logged)
         self._slots = asyncio.Semaphore(s.policy.max_concurrent_hooks)
+        # One hook at a time per group: a self-fence and a reconciled demote
+        # of a newer epoch must not run side by side (chaos seed 12: the
+        # fence's epoch-1 demote finished after the epoch-2 one).
+        self._group_locks: dict[str, asyncio.Lock] = {}
         self._tg: asyncio.TaskGroup | None = None
         # What we last published as our ack, per group (to skip rewrites).
         self._acked: dict[str, str] = {}
@@ -382,12 +386,22 @@ class RoleReconciler:
         """Self-fence (safety rule 4): demote now, without etcd, keeping the
         epoch we applied; if the record still names us when etcd returns we
         promote again."""
-        applied = self.state.groups.get(group.name)
-        if applied is None or applied.role != "active":
-            return
-        log.error("self-fencing: demoting without the store", group=group.name,
-                  epoch=applied.epoch, reason=reason)
-        await self._run_role(self._settings(), group, applied.epoch, "standby", group.demote)
+        async with self._group_lock(group.name):
+            # Read under the lock: a hook of this group that was running
+            # may have moved us to a newer epoch meanwhile.
+            applied = self.state.groups.get(group.name)
+            if applied is None or applied.role != "active":
+                return
+            log.error("self-fencing: demoting without the store", group=group.name,
+                      epoch=applied.epoch, reason=reason)
+            await self._run_role_locked(self._settings(), group, applied.epoch, "standby",
+                                        group.demote)
+
+    def _group_lock(self, group: str) -> asyncio.Lock:
+        lock = self._group_locks.get(group)
+        if lock is None:
+            lock = self._group_locks[group] = asyncio.Lock()
+        return lock
 
     async def _bounded(self, hook: Coroutine[Any, Any, HookResult]) -> HookResult:
         """At most ``max_concurrent_hooks`` hook processes at once; the
@@ -402,8 +416,20 @@ class RoleReconciler:
     async def _run_role(self, s: Settings, group: GroupSettings, epoch: int, role: str,
                         argv: list[str]) -> bool:
         """Run the hook; True once it succeeded and the state file says so."""
+        async with self._group_lock(group.name):
+            return await self._run_role_locked(s, group, epoch, role, argv)
+
+    async def _run_role_locked(self, s: Settings, group: GroupSettings, epoch: int, role: str,
+                               argv: list[str]) -> bool:
         now = time.monotonic()
         if now < self._retry_at.get(group.name, 0.0):
+            return False
+        applied = self.state.groups.get(group.name)
+        if applied is not None and applied.epoch > epoch:
+            # Decided before the group's last hook finished at a newer
+            # epoch: never apply a lower one (rule 11).
+            log.warning("skipping a hook for an older epoch", group=group.name, epoch=epoch,
+                        role=role, applied=applied.epoch)
             return False
         action = "promote" if role == "active" else "demote"
         bound = log.bind(group=group.name, epoch=epoch, role=role)
