@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import operator
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -65,6 +66,8 @@ from failoverd.etcd.lease import KeptLease
 from failoverd.etcd.mirror import KeyMirror
 from failoverd.faults import async_fault_point, fault_point
 from failoverd.traffic.routers import DnsRouter, RouterError
+
+_REGION_OF = operator.attrgetter("region")
 
 log = structlog.get_logger("failoverd.daemon.coordinator")
 
@@ -307,7 +310,7 @@ class Coordinator:
             if region in present:
                 del self._absent_since[region]
                 self._asked.pop(region, None)
-        for region in {r.region for r in view.active.values()} - present:
+        for region in set(map(_REGION_OF, view.active.values())) - present:
             self._absent_since.setdefault(region, now)
         return replace(view, absent_since=dict(self._absent_since),
                        absent_answering=self._absent_answering(),
@@ -792,17 +795,17 @@ def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: flo
     """What alerts need from the coordinator's view (every decided cycle)."""
     for g in policy.groups:
         rec = view.active.get(g.name)
-        metrics.GROUP_ACTIVE.labels(g.name).set(1 if rec is not None else 0)
+        metrics.set_labelled(metrics.GROUP_ACTIVE, 1 if rec is not None else 0, g.name)
         wf = view.workflows.get(g.name)
         failed = (rec is not None and wf is not None and wf.epoch == rec.epoch
                   and wf.state == "failed")
-        metrics.SAGA_FAILED.labels(g.name).set(1 if failed else 0)
-        metrics.LAST_DRILL.labels(g.name).set(view.drills.get(g.name, 0.0))
+        metrics.set_labelled(metrics.SAGA_FAILED, 1 if failed else 0, g.name)
+        metrics.set_labelled(metrics.LAST_DRILL, view.drills.get(g.name, 0.0), g.name)
     for region, _ in policy.priorities:
-        metrics.REGION_MEMBERS.labels(region).set(len(view.members_in(region)))
+        metrics.set_labelled(metrics.REGION_MEMBERS, len(view.members_in(region)), region)
         stale = sum(1 for (r, _), readings in view.power.items() if r == region and readings
                     and now - max(x.received for x in readings) > policy.sensor_stale_s)
-        metrics.POWER_SENSORS_STALE.labels(region).set(stale)
+        metrics.set_labelled(metrics.POWER_SENSORS_STALE, stale, region)
         drain = next((d for d in view.control.drains if d.region == region), None)
         metrics.DRAIN_SECONDS_LEFT.labels(region).set(
             max(drain.ends(policy.drain_max_s) - now, 0.0) if drain else 0.0)

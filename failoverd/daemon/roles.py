@@ -62,6 +62,7 @@ class AppliedState:
         self._changes = 0
         self._written = 0
         self._lock = asyncio.Lock()
+        self._rendered: dict[str, tuple[Applied, str]] = {}
         try:
             raw = json.loads(path.read_text())
             for g, v in raw.items():
@@ -71,19 +72,28 @@ class AppliedState:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("state file unreadable; starting empty", path=str(path), error=str(exc))
 
-    def _write(self, data: dict[str, dict[str, object]]) -> None:
+    def _write(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w") as f:
-            # dumps, not dump: dump streams through the pure-Python encoder,
-            # several times slower, and a busy member rewrites this often.
-            f.write(json.dumps(data, separators=(",", ":")))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def _data(self) -> dict[str, dict[str, object]]:
-        return {g: {"epoch": a.epoch, "role": a.role} for g, a in self.groups.items()}
+    def _data(self) -> str:
+        """The file's JSON, from each group's rendered entry (re-rendered
+        only when it changed): a busy member rewrites the file often, and
+        encoding 1,000 entries each time was most of a write's CPU."""
+        parts = []
+        for g, a in self.groups.items():
+            known = self._rendered.get(g)
+            if known is None or known[0] != a:
+                known = (a, f'{json.dumps(g)}:{{"epoch":{a.epoch:d},'
+                            f'"role":{json.dumps(a.role)}}}')
+                self._rendered[g] = known
+            parts.append(known[1])
+        return "{" + ",".join(parts) + "}"
 
     def save(self, group: str, applied: Applied) -> None:
         """Record and write now (synchronously: the shutdown path)."""
@@ -140,6 +150,7 @@ class RoleReconciler:
         self.active_regions: dict[str, str] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._behind: dict[str, int] = {}  # groups whose record is behind us (logged)
+        self._not_from_us: dict[str, int] = {}  # group -> epoch whose saga is not from us
         self._slots = asyncio.Semaphore(s.policy.max_concurrent_hooks)
         # One hook at a time per group: a self-fence and a reconciled demote
         # of a newer epoch must not run side by side (chaos seed 12: the
@@ -244,10 +255,10 @@ class RoleReconciler:
                 continue
             if self.epochs.get(group.name) != rec.epoch or (
                     self.active_regions.get(group.name) != rec.region):
-                metrics.EPOCH.labels(group.name).set(rec.epoch)
+                metrics.set_labelled(metrics.EPOCH, rec.epoch, group.name)
                 for r in s.regions:
-                    metrics.ACTIVE_REGION.labels(group.name, r.name).set(
-                        1 if r.name == rec.region else 0)
+                    metrics.set_labelled(metrics.ACTIVE_REGION, 1 if r.name == rec.region else 0,
+                                         group.name, r.name)
             self.epochs[group.name] = rec.epoch
             self.active_regions[group.name] = rec.region
             if s.region not in group.regions:
@@ -266,7 +277,7 @@ class RoleReconciler:
                 applied = self.state.groups.get(group.name)
                 if (rec.region != s.region and applied is not None
                         and applied.role == "standby" and applied.epoch < rec.epoch
-                        and self._moved_from_us(s, rec, wf_kv)):
+                        and self._moved_from_us(s, group.name, rec, wf_kv)):
                     # Standby already (a demote ran, or we fenced ourselves):
                     # nothing to run, but the saga moving the group away
                     # from our region waits for our demote: say so now.
@@ -372,15 +383,23 @@ class RoleReconciler:
             return None  # planned switchover: keep serving while traffic drains
         return rec.epoch, "standby", group.demote
 
-    def _moved_from_us(self, s: Settings, rec: ActiveRecord, wf_kv: KeyValue | None) -> bool:
+    def _moved_from_us(self, s: Settings, group: str, rec: ActiveRecord,
+                       wf_kv: KeyValue | None) -> bool:
         """Does the saga of ``rec``'s epoch move the group out of our region?"""
-        if wf_kv is None:
+        if wf_kv is None or self._not_from_us.get(group) == rec.epoch:
             return False
         try:
             wf = self._parse(wf_kv, _parse_workflow)
         except (ValueError, KeyError, TypeError):
             return False
-        return wf.epoch == rec.epoch and wf.from_region == s.region
+        if wf.epoch != rec.epoch:
+            return False
+        if wf.from_region != s.region:
+            # Fixed for the epoch: a member of an uninvolved region would
+            # otherwise parse each of the saga's writes (1,000 groups moving).
+            self._not_from_us[group] = rec.epoch
+            return False
+        return True
 
     async def fence(self, group: GroupSettings, reason: str) -> None:
         """Self-fence (safety rule 4): demote now, without etcd, keeping the

@@ -435,7 +435,7 @@ class Daemon:
             metrics.IS_COORDINATOR.set(0)
             metrics.COORDINATOR_TERM.set(0)
             for gauge in metrics.COORDINATOR_VIEW:
-                gauge.clear()
+                metrics.clear_labelled(gauge)
             metrics.GROUPS_HELD.set(0)
             structlog.contextvars.unbind_contextvars("term")
 

@@ -358,15 +358,18 @@ class EtcdStore:
                         break
                     if resp.events:
                         next_rev = int(resp.events[-1].kv.mod_revision) + 1
+                        # ``ev.kv`` builds a new message wrapper at each
+                        # access: taken once per event (an evacuation of
+                        # 1,000 groups streams ~10,000 events to each member).
                         yield [
                             WatchEvent(
-                                key=_text(ev.kv.key), value=_text(ev.kv.value),
-                                mod_revision=int(ev.kv.mod_revision),
+                                key=_text(kv.key), value=_text(kv.value),
+                                mod_revision=kv.mod_revision,
                                 deleted=ev.type == _EVENT_DELETE,
-                                create_revision=int(ev.kv.create_revision),
-                                lease=int(ev.kv.lease),
+                                create_revision=kv.create_revision,
+                                lease=kv.lease,
                             )
-                            for ev in resp.events
+                            for ev in resp.events for kv in (ev.kv,)
                         ]
             except grpc.aio.AioRpcError as exc:
                 log.warning("watch stream failed; resuming", code=exc.code().name,
