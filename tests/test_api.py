@@ -241,6 +241,76 @@ async def test_drill_dry_run_checks_the_live_cluster_and_changes_nothing(
     assert (await cluster.view()).active["app"] == before
 
 
+async def test_live_drill_switches_over_holds_and_comes_back(api_cluster: LocalCluster):
+    """failoverctl drill app --to west --live --hold 2s: the dry run passes,
+    app moves to west (epoch 2, a planned saga), stays 2 s, and comes back
+    to east (epoch 3); the drill's timings are recorded.  Refused while
+    paused (the dry run says why, nothing moves); an abort during a long
+    hold brings the group back at once."""
+    cluster = api_cluster
+    api = cluster.daemons["c1"].api
+    r = await asyncio.to_thread(ctl, "drill", "app", "--to", "west", "--live", "--hold", "2s",
+                                api=api, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "LIVE DRILL app -> west started" in r.stdout
+    assert "holding" in r.stdout and "returning" in r.stdout
+    assert "PASSED: app went to west in" in r.stdout and "came back to east" in r.stdout
+    view = await cluster.view()
+    assert (view.active["app"].region, view.active["app"].epoch) == ("east", 3)
+    d = view.live_drills["app"]
+    assert (d.phase, d.home, d.to, d.out_epoch, d.back_epoch) == ("done", "east", "west", 2, 3)
+    assert d.out_s is not None and d.back_s is not None and d.out_s > 0 and d.back_s > 0
+    assert d.switched_at is not None and d.returned_at is not None
+    assert d.returned_at - d.switched_at >= 2.0
+    events = await cluster.history()
+    moves = [(e["region"], e["epoch"], e["trigger"], e["mode"]) for e in reversed(events)
+             if e["kind"] == "epoch_changed" and e["epoch"] > 1]
+    assert moves == [("west", 2, "drill", "planned"), ("east", 3, "drill", "planned")]
+    live = [e for e in events if e["kind"] == "drill" and e["live"]]
+    assert [(e["ok"], e["phase"], e["to"]) for e in live] == [(True, "done", "west")]
+    # Each region ran its promote for its epoch, in order.
+    promotes = [(h["member"], h["epoch"]) for h in cluster.hooks()
+                if h["role"] == "active" and h["epoch"] > 1]
+    assert promotes == [("w1", 2), ("e1", 3)]
+    assert (await cluster.view()).drills["app"] >= d.started
+
+    # Paused: the dry run fails its "automatic actions" check; nothing moves.
+    assert (await call(api, "POST", "/v1/pause", OPERATOR_TOKEN))[0] == 200
+    status, body = await call(api, "POST", "/v1/groups/app/drill", OPERATOR_TOKEN,
+                              {"to": "west", "live": True})
+    assert status == 409 and "automatic actions" in body["message"], body
+    assert (await call(api, "POST", "/v1/resume", OPERATOR_TOKEN))[0] == 200
+    assert (await cluster.view()).active["app"].epoch == 3
+    # A hold of any length is not for a dry run.
+    status, body = await call(api, "POST", "/v1/groups/app/drill", OPERATOR_TOKEN,
+                              {"to": "west", "hold": "5s"})
+    assert status == 400 and "only a live drill" in body["message"]
+
+    # A long hold, aborted: app comes back to east at once, and says aborted.
+    r = await asyncio.to_thread(ctl, "drill", "app", "--to", "west", "--live", "--hold", "1h",
+                                "--no-wait", api=api)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    async def holding() -> bool:
+        return (await cluster.view()).live_drills["app"].phase == "holding"
+    await wait_until(holding, 60, "the drill holding in west")
+    status, body = await call(api, "GET", "/v1/groups/app/drill", VIEWER_TOKEN)
+    assert status == 200 and body["phase"] == "holding" and body["running"] is True
+    r = await asyncio.to_thread(ctl, "drill", "app", "--abort", api=api)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    async def ended() -> bool:
+        return not (await cluster.view()).live_drills["app"].running
+    await wait_until(ended, 60, "the aborted drill back in east")
+    view = await cluster.view()
+    assert view.live_drills["app"].phase == "aborted"
+    assert "aborted by ops" in view.live_drills["app"].reason
+    assert (view.active["app"].region, view.active["app"].epoch) == ("east", 5)
+    # Nothing left to abort.
+    r = await asyncio.to_thread(ctl, "drill", "app", "--abort", api=api)
+    assert r.returncode == 1 and "no live drill" in r.stderr
+
+
 async def _mirrored_drain(cluster: LocalCluster, member: str) -> bool:
     st = (await call(cluster.daemons[member].api, "GET", "/v1/status", VIEWER_TOKEN))[1]
     return bool(st["regions"]["west"]["drained"])
@@ -298,11 +368,12 @@ def test_openapi_document_matches_the_routes() -> None:
                     seg[1:-1] for seg in path.split("/") if seg.startswith("{")}
 
 
-def ctl(*args: str, api: str, token: str | None = OPERATOR_TOKEN) -> subprocess.CompletedProcess:
+def ctl(*args: str, api: str, token: str | None = OPERATOR_TOKEN,
+        timeout: float = 30) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "failoverd.cli.ctl", "--api", api]
     if token:
         cmd += ["--token", token]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30,
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
 
 

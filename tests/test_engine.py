@@ -666,6 +666,7 @@ def test_the_keyspace_table_builds_and_parses_every_key() -> None:
         "result": (keys.result("r1"), {"request": "r1"}),
         "storm": (keys.storm, {}),
         "drill": (keys.drill("app"), {"group": "app"}),
+        "live_drill": (keys.live_drill("app"), {"group": "app"}),
         "history_event": (keys.history_event(5, "m"), {"event": f"{5:020d}-m"}),
     }
     assert set(built) == set(KEY_SHAPES)
@@ -786,3 +787,155 @@ def test_a_drill_of_an_unknown_group_or_region_is_one_failed_check() -> None:
     v = view(ALL, EAST_ACTIVE)
     assert [c.name for c in drill_checks(v, policy(), "nope", "west", NOW)[0]] == ["group"]
     assert [c.name for c in drill_checks(v, policy(), "app", "mars", NOW)[0]] == ["target"]
+
+
+# -- live drills (the coordinator's state machine) -------------------------------
+from failoverd.core.drill import (  # noqa: E402
+    advance_live_drill,
+    handle_drill_request,
+    live_drill_refusal,
+)
+from failoverd.core.model import LiveDrill  # noqa: E402
+
+
+def _drill_request(action: str = "drill", to: str = "west", hold: float | None = 30.0
+                   ) -> OperatorRequest:
+    return OperatorRequest("r1", action, "ops", NOW, group="app", region=to, for_s=hold)
+
+
+def _with(v: ClusterView, *, region: str, epoch: int, trigger: str = "drill",
+          since: float = NOW, saga: str | None = None, drill: LiveDrill | None = None,
+          error: str = "") -> ClusterView:
+    """``v`` with app active in ``region`` at ``epoch``, its saga in state
+    ``saga`` (created 2 s before it was last updated) and the live drill."""
+    rec = ActiveRecord(region=region, epoch=epoch, since=since, reason="", term=1,
+                       trigger=trigger, mod_revision=epoch * 10)
+    workflows = dict(v.workflows)
+    if saga is not None:
+        wf = Workflow.new("app", epoch, "east", region, "planned", NOW - 2)
+        workflows["app"] = replace(wf, state=saga, updated=NOW, error=error)
+    drills = dict(v.live_drills)
+    if drill is not None:
+        drills["app"] = drill
+    return replace(v, active={**v.active, "app": rec}, workflows=workflows,
+                   live_drills=drills)
+
+
+def test_a_live_drill_switches_out_holds_and_comes_back() -> None:
+    p = policy()
+    v = view(ALL, EAST_ACTIVE)
+    out = handle_drill_request(v, p, _drill_request(), NOW)
+    assert out.accepted and out.change is not None and out.drill is not None
+    assert (out.change.region, out.change.epoch, out.change.planned, out.change.trigger) == (
+        "west", 5, True, "drill")
+    d = out.drill
+    assert (d.phase, d.home, d.to, d.out_epoch, d.hold_s) == ("switching", "east", "west", 5,
+                                                                30.0)
+    # The switchover's saga still runs: nothing to do.
+    running = _with(v, region="west", epoch=5, saga="running", drill=d)
+    assert advance_live_drill(d, running, p, NOW) == (d, None)
+    # Its saga is done: hold (and the engine's failback waits for the drill).
+    done = _with(v, region="west", epoch=5, saga="done", drill=d)
+    held, change = advance_live_drill(d, done, p, NOW)
+    assert change is None and (held.phase, held.switched_at, held.out_s) == ("holding", NOW, 2.0)
+    assert advance_live_drill(held, done, p, NOW + 29.9) == (held, None)
+    # The hold is over: back to east, planned, at the next epoch.
+    back, change = advance_live_drill(held, done, p, NOW + 30)
+    assert change is not None and (change.region, change.epoch, change.planned) == (
+        "east", 6, True)
+    assert (back.phase, back.back_epoch) == ("returning", 6)
+    home = _with(v, region="east", epoch=6, saga="done", drill=back)
+    end, change = advance_live_drill(back, home, p, NOW + 40)
+    assert change is None and (end.phase, end.back_s, end.reason, end.ended) == (
+        "done", 2.0, "", NOW + 40)
+    assert advance_live_drill(end, home, p, NOW + 50) == (end, None)  # over
+
+
+def test_a_failed_switchover_rolls_back_and_a_foreign_move_aborts() -> None:
+    p = policy()
+    v = view(ALL, EAST_ACTIVE)
+    d = handle_drill_request(v, p, _drill_request(), NOW).drill
+    assert d is not None
+    failed = _with(v, region="west", epoch=5, saga="failed", drill=d, error="verify: 503")
+    back, change = advance_live_drill(d, failed, p, NOW + 5)
+    assert change is not None and (change.region, change.epoch) == ("east", 6)
+    assert back.phase == "returning" and "failed: verify: 503; rolled back" in back.reason
+    end, _ = advance_live_drill(back, _with(v, region="east", epoch=6, saga="done"), p, NOW + 9)
+    assert end.phase == "failed"
+    # A power event moved the group elsewhere mid-drill: nothing is switched back.
+    moved = _with(v, region="central", epoch=6, trigger="power", saga="running", drill=d)
+    end, change = advance_live_drill(d, moved, p, NOW + 5)
+    assert change is None and end.phase == "aborted" and "by power" in end.reason
+
+
+def test_an_aborted_live_drill_comes_back_and_says_aborted() -> None:
+    p = policy()
+    v = view(ALL, EAST_ACTIVE)
+    d = handle_drill_request(v, p, _drill_request(hold=3600), NOW).drill
+    assert d is not None
+    held, _ = advance_live_drill(d, _with(v, region="west", epoch=5, saga="done", drill=d), p,
+                                 NOW)
+    in_hold = _with(v, region="west", epoch=5, saga="done", drill=held)
+    out = handle_drill_request(in_hold, p, _drill_request("drill_abort"), NOW + 1)
+    assert out.accepted and out.drill is not None and out.drill.abort_by == "ops"
+    back, change = advance_live_drill(out.drill, in_hold, p, NOW + 1)
+    assert change is not None and change.region == "east" and back.phase == "returning"
+    end, _ = advance_live_drill(back, _with(v, region="east", epoch=6, saga="done"), p, NOW + 5)
+    assert end.phase == "aborted" and "aborted by ops" in end.reason
+    # Nothing to abort any more.
+    assert not handle_drill_request(_with(v, region="east", epoch=6, drill=end), p,
+                                    _drill_request("drill_abort"), NOW + 6).accepted
+
+
+def test_a_live_drill_that_cannot_come_back_fails_and_stays() -> None:
+    p = policy()
+    v = view(ALL, EAST_ACTIVE)
+    d = handle_drill_request(v, p, _drill_request(), NOW).drill
+    assert d is not None
+    held, _ = advance_live_drill(d, _with(v, region="west", epoch=5, saga="done", drill=d), p,
+                                 NOW)
+    east_drained = replace(_with(v, region="west", epoch=5, saga="done", drill=held),
+                           control=ControlState(drains=(Drain("east", "op", NOW, NOW + 3600),)))
+    end, change = advance_live_drill(held, east_drained, p, NOW + 30)
+    assert change is None and end.phase == "failed"
+    assert "cannot switch back: east is not a candidate" in end.reason
+    assert "app stays in west" in end.reason
+
+
+@pytest.mark.parametrize(("name", "v", "to", "refusal"), [
+    ("paused", view(ALL, EAST_ACTIVE, paused=True), "west", "paused"),
+    ("a recent evacuation", view(ALL, EAST_ACTIVE, incidents=(NOW - 60,)), "west",
+     "elsewhere was evacuated 1m ago"),
+    ("a saga runs", _with(view(ALL, EAST_ACTIVE), region="east", epoch=4, saga="running",
+                          trigger="operator", since=NOW - 10_000),
+     "west", "a failover is under way (1 saga(s) running: app)"),
+    ("a failed saga", _with(view(ALL, EAST_ACTIVE), region="east", epoch=4, saga="failed",
+                            trigger="operator", since=NOW - 10_000),
+     "west", "failed (failoverctl retry first)"),
+    ("the group moved just now", _with(view(ALL, EAST_ACTIVE), region="east", epoch=4,
+                                       trigger="health", since=NOW - 30),
+     "west", "app moved 30s ago"),
+    ("the target has no member", view({"e1": "east", "c1": "central"}, EAST_ACTIVE), "west",
+     "west is not a candidate"),
+    ("already there", view(ALL, EAST_ACTIVE), "east", "east is already active"),
+    ("not a region of the group", view(ALL, EAST_ACTIVE), "mars", "not a region of app"),
+])
+def test_a_live_drill_is_refused_when_it_would_compete(name: str, v: ClusterView, to: str,
+                                                       refusal: str) -> None:
+    why = live_drill_refusal(v, policy(), "app", to, NOW)
+    assert why is not None and refusal in why, (name, why)
+    out = handle_drill_request(v, policy(), _drill_request(to=to), NOW)
+    assert not out.accepted and out.change is None and out.drill is None
+
+
+def test_no_failback_during_a_live_drill() -> None:
+    p = policy(failback="auto", failback_stable_s=0)
+    v = view(ALL, EAST_ACTIVE)
+    d = handle_drill_request(v, p, _drill_request(), NOW).drill
+    assert d is not None
+    holding = replace(d, phase="holding", switched_at=NOW - 100)
+    in_west = _with(v, region="west", epoch=5, saga="done", drill=holding, since=NOW - 100)
+    assert changes(in_west, p) == []
+    ended = _with(v, region="west", epoch=5, saga="done", since=NOW - 100,
+                  drill=replace(holding, phase="failed"))
+    assert changes(ended, p) == [("app", "east", 6, "failback")]

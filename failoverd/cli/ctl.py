@@ -23,6 +23,8 @@ from failoverd.config import ConfigError, load_settings
 from failoverd.core.durations import format_duration, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# How long ``drill --live`` follows a drill past its hold (two sagas).
+LIVE_FOLLOW_SLACK_S = 1800.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,9 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("pause", help="stop automatic actions")
     sub.add_parser("resume", help="resume automatic actions")
     dr = sub.add_parser("drill", help="dry run: would a power failure move GROUP to REGION, "
-                        "and would it work? changes nothing (exit 0: every check passed)")
+                        "and would it work? changes nothing (exit 0: every check passed); "
+                        "--live: switch over for real, hold, and switch back")
     dr.add_argument("group")
-    dr.add_argument("--to", required=True, help="the region to rehearse a failover to")
+    dr.add_argument("--to", help="the region to rehearse a failover to")
+    dr.add_argument("--live", action="store_true",
+                    help="a real planned switchover to REGION, a hold, and a switchover back "
+                         "(only when the dry run passes; refused while paused or during a "
+                         "failover); waits for the end unless --no-wait; Ctrl-C aborts")
+    dr.add_argument("--hold", type=_duration, metavar="DURATION",
+                    help="live: how long to stay in REGION (default 60s)")
+    dr.add_argument("--no-wait", action="store_true", help="live: return once started")
+    dr.add_argument("--abort", action="store_true",
+                    help="end GROUP's live drill now (it switches back)")
     d = sub.add_parser("drain", help="take a region out of candidacy for a while")
     d.add_argument("region")
     d.add_argument("--for", dest="duration", metavar="DURATION", type=_duration,
@@ -217,8 +229,15 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "POST", f"/v1/groups/{args.group}/retry", None
     if c in {"pause", "resume"}:
         return "POST", f"/v1/{c}", None
+    if c == "drill" and args.abort:
+        return "POST", f"/v1/groups/{args.group}/drill/abort", None
     if c == "drill":
-        return "POST", f"/v1/groups/{args.group}/drill", {"to": args.to}
+        body: dict[str, Any] = {"to": args.to}
+        if args.live:
+            body["live"] = True
+            if args.hold:
+                body["hold"] = args.hold
+        return "POST", f"/v1/groups/{args.group}/drill", body
     if c == "drain":
         return ("POST", f"/v1/regions/{args.region}/drain",
                 {"for": args.duration} if args.duration else None)
@@ -247,9 +266,10 @@ async def _call(url: str, token: str | None, method: str, path: str,
         return resp.status, data
 
 
-def print_drill(report: dict[str, Any]) -> None:
+def print_drill(report: dict[str, Any], live: bool = False) -> None:
     """The checklist, the expected timeline, and the verdict."""
-    print(f"DRILL {report['group']} -> {report['to']} (dry run: nothing changed)")
+    print(f"DRILL {report['group']} -> {report['to']} "
+          + ("(live: its dry run first)" if live else "(dry run: nothing changed)"))
     for c in report["checks"]:
         print(f"  {'✓' if c['ok'] else '✗'} {c['name']}: {c['detail']}")
     print("\nexpected timeline (planned switchover, as a power event starts it):")
@@ -261,8 +281,83 @@ def print_drill(report: dict[str, Any]) -> None:
           f"\nFAILED: {len(failed)} check(s): {', '.join(failed)}")
 
 
+def _live_phase(d: dict[str, Any]) -> str:
+    took = {"holding": d.get("out_s"), "done": d.get("back_s")}.get(d["phase"])
+    return (f"  {time.strftime('%H:%M:%S')} {d['phase']}"
+            + (f" (saga took {format_duration(took)})" if took is not None else "")
+            + (f": {d['reason']}" if d.get("reason") else ""))
+
+
+async def _follow_live(url: str, token: str | None, group: str, limit_s: float,
+                       deadline_s: float) -> tuple[int, dict[str, Any] | None]:
+    """Poll the group's live drill until it ends, printing each phase; on
+    Ctrl-C (cancellation) ask for an abort and keep following."""
+    last = ""
+    aborted = False
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            status, d = await _call(url, token, "GET", f"/v1/groups/{group}/drill", None,
+                                    limit_s)
+            if status == 200:
+                if d["phase"] != last:
+                    last = d["phase"]
+                    print(_live_phase(d), flush=True)
+                if not d["running"]:
+                    return status, d
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            if aborted:
+                raise
+            aborted = True
+            print("  aborting: switching back (Ctrl-C again stops watching)", flush=True)
+            await _call(url, token, "POST", f"/v1/groups/{group}/drill/abort", None, limit_s)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            print(f"  (cannot reach {url}: {exc or type(exc).__name__}; retrying)",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
+    return 504, None
+
+
+def _live_drill(args: argparse.Namespace, url: str, data: dict[str, Any]) -> int:
+    if args.output != "json":
+        print_drill(data["report"], live=True)
+        print(f"\nLIVE DRILL {args.group} -> {args.to} started: {data.get('reason')} "
+              f"[request {data['request']}]", flush=True)
+    if args.no_wait:
+        return EXIT_OK
+    hold = parse_duration(args.hold) if args.hold else 60.0
+    # asyncio.run turns the first Ctrl-C into a cancellation of the follower
+    # (which asks for an abort and keeps following), the second into
+    # KeyboardInterrupt.
+    try:
+        _, d = asyncio.run(_follow_live(url, _token(args), args.group, args.timeout,
+                                        hold + LIVE_FOLLOW_SLACK_S))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("failoverctl: stopped watching; the drill goes on (failoverctl drill "
+              f"{args.group} --abort ends it)", file=sys.stderr)
+        return EXIT_REFUSED
+    if d is None:
+        print("failoverctl: the drill did not end in time; see failoverctl status",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.output == "json":
+        print(json.dumps(d, indent=2))
+    elif d["phase"] == "done":
+        print(f"\nPASSED: {args.group} went to {d['to']} in "
+              f"{format_duration(d.get('out_s') or 0)}, held "
+              f"{format_duration(d['hold_s'])}, and came back to {d['home']} in "
+              f"{format_duration(d.get('back_s') or 0)}")
+    else:
+        print(f"\nFAILED ({d['phase']}): {d.get('reason')}")
+    return EXIT_OK if d["phase"] == "done" else EXIT_REFUSED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "drill" and not args.abort and not args.to:
+        print("failoverctl: drill needs --to REGION (or --abort)", file=sys.stderr)
+        return EXIT_USAGE
     url = _api_url(args)
     if url is None:
         print("failoverctl: give --api, FAILOVERD_API or --config", file=sys.stderr)
@@ -283,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failoverctl: cannot reach {url}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
     code = exit_code(status)
-    if args.command == "drill" and code == EXIT_OK:
+    if args.command == "drill" and args.live and code == EXIT_OK:
+        return _live_drill(args, url, data)
+    if args.command == "drill" and args.live and "report" in data and args.output != "json":
+        print_drill(data["report"], live=True)
+    if args.command == "drill" and code == EXIT_OK and not args.abort:
         if args.output == "json":
             print(json.dumps(data, indent=2))
         else:

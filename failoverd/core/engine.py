@@ -16,6 +16,7 @@ from failoverd.core.model import (
     ClusterView,
     Drain,
     Incident,
+    LiveDrill,
     OperatorRequest,
 )
 from failoverd.core.power import DEGRADED, RegionPower, merge, region_power
@@ -563,6 +564,9 @@ def _consider_failback(a: Assessment, guards: _Guards, group: GroupPolicy,
     view, policy, now = a.view, a.policy, a.now
     if policy.failback != "auto" or view.control.paused:
         return None, here
+    drill = view.live_drills.get(group.name)
+    if drill is not None and drill.running:
+        return None, f"{here}; no failback during live drill {drill.id}"
     best = a.candidates(group, None)
     if not best or best[0] == rec.region or policy.priority(best[0]) <= policy.priority(
             rec.region):
@@ -610,6 +614,8 @@ class RequestOutcome:
     control: str | None = None
     # drain: when it ends.
     until: float | None = None
+    # drill / drill_abort: the live drill's new state.
+    drill: LiveDrill | None = None
 
 
 def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,

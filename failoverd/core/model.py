@@ -19,7 +19,7 @@ from failoverd.core.workflow import Workflow, parse_workflow
 
 Trigger = Literal[
     "bootstrap", "member_loss", "health", "power", "operator", "config", "failback",
-    "restore",
+    "restore", "drill",
 ]
 AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
     {"member_loss", "health", "power", "config", "failback"}
@@ -43,6 +43,7 @@ KEY_SHAPES: dict[str, str] = {
     "result": "control/results/{request}",
     "storm": "control/storm",
     "drill": "control/drills/{group}",
+    "live_drill": "control/live-drills/{group}",
     "history_event": "history/{event}",
 }
 # First segments that only hold the shapes above: anything else under them
@@ -141,6 +142,9 @@ class Keyspace:
 
     def drill(self, group: str) -> str:
         return self.key("drill", group=group)
+
+    def live_drill(self, group: str) -> str:
+        return self.key("live_drill", group=group)
 
     def request(self, request_id: str) -> str:
         return self.key("request", request=request_id)
@@ -244,7 +248,7 @@ class OperatorRequest:
     group: str | None = None
     region: str | None = None
     force: bool = False
-    # drain: how long (None: the configured default).
+    # drain: how long (None: the configured default); drill: the hold.
     for_s: float | None = None
     revision: int = 0  # the request key's mod_revision (0 before it is written)
 
@@ -330,6 +334,8 @@ class ClusterView:
     requests: tuple[OperatorRequest, ...] = ()
     # group -> when its last drill ran (control/drills/<group>).
     drills: Mapping[str, float] = field(default_factory=dict)
+    # group -> its live drill, running or the last one (control/live-drills/).
+    live_drills: Mapping[str, LiveDrill] = field(default_factory=dict)
     workflows: Mapping[str, Workflow] = field(default_factory=dict)
     # (group, member) -> (epoch, role) the member has applied (its hooks ran).
     acks: Mapping[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
@@ -461,6 +467,67 @@ def parse_ack(kv: KeyValue) -> tuple[int, str]:
     return int(_num(d, "epoch")), _str(d, "role")
 
 
+LIVE_DRILL_PHASES = ("switching", "holding", "returning", "done", "failed", "aborted")
+LIVE_DRILL_RUNNING = frozenset({"switching", "holding", "returning"})
+
+
+@dataclass(frozen=True)
+class LiveDrill:
+    """A live drill of one group (``control/live-drills/<group>``): a planned
+    switchover to ``to``, a hold, and a planned switchover back ``home``,
+    driven by the coordinator (:func:`failoverd.core.drill.advance_live_drill`)
+    so that it survives a change of coordinator."""
+
+    id: str
+    group: str
+    home: str
+    to: str
+    hold_s: float
+    by: str
+    started: float
+    phase: str  # see LIVE_DRILL_PHASES
+    out_epoch: int
+    back_epoch: int | None = None
+    switched_at: float | None = None  # the switch out's saga done
+    returned_at: float | None = None  # the switch back's saga done
+    out_s: float | None = None  # the switch out's saga, created -> done
+    back_s: float | None = None
+    ended: float | None = None
+    reason: str = ""
+    abort_by: str | None = None  # an operator asked to end the drill now
+    mod_revision: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.phase in LIVE_DRILL_RUNNING
+
+    def to_value(self) -> str:
+        d = asdict(self)
+        d.pop("mod_revision")
+        return to_json(d)
+
+
+def parse_live_drill(kv: KeyValue) -> LiveDrill:
+    d = _obj(kv)
+    phase = _str(d, "phase")
+    if phase not in LIVE_DRILL_PHASES:
+        raise ValueError(f"unknown live drill phase {phase!r}")
+    back = d.get("back_epoch")
+    if back is not None and not isinstance(back, int):
+        raise ValueError("back_epoch is not an integer")
+    out = d.get("out_epoch")
+    if not isinstance(out, int):
+        raise ValueError("out_epoch is not an integer")
+    return LiveDrill(
+        id=_str(d, "id"), group=_str(d, "group"), home=_str(d, "home"), to=_str(d, "to"),
+        hold_s=_num(d, "hold_s"), by=_str(d, "by"), started=_num(d, "started"), phase=phase,
+        out_epoch=out, back_epoch=back, switched_at=_opt_num(d, "switched_at"),
+        returned_at=_opt_num(d, "returned_at"), out_s=_opt_num(d, "out_s"),
+        back_s=_opt_num(d, "back_s"), ended=_opt_num(d, "ended"),
+        reason=_opt_str(d, "reason") or "", abort_by=_opt_str(d, "abort_by"),
+        mod_revision=kv.mod_revision)
+
+
 def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
     d = _obj(kv)
     return OperatorRequest(
@@ -501,6 +568,7 @@ class ViewIndex:
         self._incidents: tuple[Incident, ...] = ()
         self._storm_rev = 0
         self._drills: dict[str, float] = {}
+        self._live_drills: dict[str, LiveDrill] = {}
         self._problems: dict[str, str] = {}
         # Per group: the newest revision of any of its keys (active, workflow,
         # acks) — what a saga waiting on the group compares.
@@ -554,6 +622,7 @@ class ViewIndex:
             power=_live_power(self._relays, self._relay_member, members),
             requests=tuple(sorted(self._requests.values(), key=lambda r: r.id)),
             drills=dict(self._drills),
+            live_drills=dict(self._live_drills),
             workflows=dict(self._workflows),
             acks=(dict(self._acks) if self._ack_members() <= members.keys()
                   else {k: v for k, v in self._acks.items() if k[1] in members}),
@@ -597,6 +666,8 @@ class ViewIndex:
                 self._incidents, self._storm_rev = (), 0
             case "drill":
                 self._drills.pop(f["group"], None)
+            case "live_drill":
+                self._live_drills.pop(f["group"], None)
 
     def _fold(self, kv: KeyValue, parsed: ParsedKey | None) -> None:
         """Parse ``kv`` into its place; raises on a malformed value, or on a
@@ -641,6 +712,8 @@ class ViewIndex:
                 self._storm_rev = kv.mod_revision
             case "drill":
                 self._drills[f["group"]] = _num(_obj(kv), "at")
+            case "live_drill":
+                self._live_drills[f["group"]] = parse_live_drill(kv)
 
 
 def parse_view(keys: Keyspace, snap: Snapshot) -> ClusterView:

@@ -20,6 +20,7 @@ from dns.exception import DNSException
 
 from failoverd import metrics
 from failoverd.config import DnsRoute, Settings
+from failoverd.core.drill import DRILL_ACTIONS, advance_live_drill, handle_drill_request
 from failoverd.core.engine import (
     Alert,
     Decision,
@@ -248,6 +249,8 @@ class Coordinator:
             for drain in view.control.drains:
                 if drain.until is None:
                     await self._give_an_end(drain, now)
+            if await self._drive_drills(view, now):
+                continue  # decide on the view that shows what the drills wrote
             if (not inputs_changed and self._mirror is not None
                     and time.monotonic() - self._decided_at < self._tick_s()):
                 # Only acks and saga records moved (an evacuation's sagas at
@@ -538,6 +541,47 @@ class Coordinator:
         for step in done:
             fault_point(f"after-{mode}-{step}")
 
+    async def _drive_drills(self, view: ClusterView, now: float) -> bool:
+        """Advance each running live drill one phase when it is time (its
+        saga ended, its hold ran out, an operator aborted it), in one txn
+        fenced by the term, the drill's key and, for a switch, the record.
+        True when something was written."""
+        wrote = False
+        for d in view.live_drills.values():
+            if not d.running:
+                continue
+            new, change = advance_live_drill(d, view, self._policy(), now)
+            if new == d and change is None:
+                continue
+            key = self._keys.live_drill(d.group)
+            compares = [Compare(key, "mod", d.mod_revision)]
+            ops: list[Op] = [Put(key, new.to_value())]
+            if change is not None:
+                more, change_ops = self._change_ops(change, view, now)
+                compares += more
+                ops += change_ops
+            if not new.running:
+                ok = new.phase == "done"
+                ops.append(self._history.put_op(
+                    "drill", group=new.group, to=new.to, ok=ok, live=True, by=new.by,
+                    drill=new.id, phase=new.phase, home=new.home, hold_s=new.hold_s,
+                    out_s=new.out_s, back_s=new.back_s, reason=new.reason,
+                    took_s=round(now - new.started, 3), term=self.term))
+                ops.append(Put(self._keys.drill(new.group), to_json(
+                    {"at": now, "ok": ok, "to": new.to, "by": new.by, "live": True,
+                     "phase": new.phase, "failed": [] if ok else [new.reason]})))
+            txn = await self._fenced_txn(compares, ops, "cannot advance a live drill; "
+                                         "retrying", group=d.group, drill=d.id)
+            if txn is None or not txn.succeeded:
+                continue
+            wrote = True
+            if change is not None:
+                self._after_fast_forward(change)
+            (log.info if new.phase != "failed" else log.error)(
+                "live drill", group=new.group, drill=new.id, phase=new.phase,
+                reason=new.reason, epoch=change.epoch if change else None)
+        return wrote
+
     async def _expire(self, drain: Drain) -> None:
         """Delete a drain past its end, with its history event, fenced by the
         term and the drain key (an operator's new drain wins the race).  The
@@ -583,12 +627,20 @@ class Coordinator:
     async def _answer(self, req: OperatorRequest, view: ClusterView, now: float) -> None:
         """Carry out or refuse one operator request, with its audit event and
         its result, in one txn fenced by the term (and the record)."""
-        outcome = handle_request(view, self._policy(), req, now)
+        outcome = (handle_drill_request if req.action in DRILL_ACTIONS else handle_request)(
+            view, self._policy(), req, now)
         compares = [Compare(self._keys.request(req.id), "mod", req.revision)]
         ops: list[Op] = []
+        if outcome.drill is not None:
+            old = view.live_drills.get(outcome.drill.group)
+            compares.append(Compare(self._keys.live_drill(outcome.drill.group), "mod",
+                                    old.mod_revision if old else 0))
+            ops.append(Put(self._keys.live_drill(outcome.drill.group),
+                           outcome.drill.to_value()))
         if outcome.change is not None:
-            more, ops = self._change_ops(outcome.change, view, now)
+            more, change_ops = self._change_ops(outcome.change, view, now)
             compares += more
+            ops += change_ops
         elif outcome.control in {"pause", "resume"}:
             ops.append(Put(self._keys.paused, to_json(
                 {"paused": outcome.control == "pause", "by": req.by, "at": now})))

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from failoverd import __version__, metrics
 from failoverd.config import ApiSettings, RegionSettings, Settings, engine_policy
+from failoverd.core.drill import MAX_HOLD_S
 from failoverd.core.durations import format_duration, parse_duration
 from failoverd.core.engine import (
     Policy,
@@ -36,7 +37,7 @@ from failoverd.core.engine import (
     power_of,
     region_health,
 )
-from failoverd.core.model import ClusterView, Keyspace, OperatorRequest, parse_view
+from failoverd.core.model import ClusterView, Keyspace, LiveDrill, OperatorRequest, parse_view
 from failoverd.core.power import explain_sensor, merge
 from failoverd.core.store import Compare, Delete, Store, StoreError
 from failoverd.web.statuspage import render_page
@@ -101,6 +102,10 @@ class FailoverBody(Body):
 
 class DrillBody(Body):
     to: str
+    live: bool = Field(default=False, description="A real planned switchover to the region, "
+                       "a hold, and a switchover back (the dry run's checks must pass first)")
+    hold: str | None = Field(default=None, description='Live: how long to hold in the region '
+                             'before switching back: "90s", "15m" (default 60s)')
 
 
 # (group, to, by, the caller's Authorization header) -> the drill's report.
@@ -142,6 +147,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/groups/{group}/drill", "operator",
           "Dry-run drill: would a power failure move the group to this region, and would "
           "it work? Changes nothing but the audit trail", DrillBody),
+    Route("POST", "/v1/groups/{group}/drill/abort", "operator",
+          "End the group's live drill now: it switches back once the target serves it"),
+    Route("GET", "/v1/groups/{group}/drill", "viewer",
+          "The group's live drill: running, or the last one"),
     Route("GET", "/v1/drill/hooks", "operator",
           "This member's hooks for a group (?group=G): present and executable (drills ask "
           "each member of the target region)"),
@@ -213,6 +222,8 @@ class Api:
             ("DELETE", "/v1/regions/{region}/drain"): self.undrain,
             ("POST", "/v1/groups/{group}/drill"): self.drill,
             ("GET", "/v1/drill/hooks"): self.drill_hooks,
+            ("POST", "/v1/groups/{group}/drill/abort"): self.drill_abort,
+            ("GET", "/v1/groups/{group}/drill"): self.live_drill,
             ("GET", "/v1/openapi.json"): self.openapi,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -454,10 +465,49 @@ class Api:
         group, body = parsed
         if self._drill is None:
             return error(503, "unavailable", "drills are not wired on this member")
+        hold_s = None
+        if isinstance(body, DrillBody) and body.hold is not None:
+            try:
+                hold_s = parse_duration(body.hold)
+            except ValueError as exc:
+                return error(400, "bad_request", f"hold: {exc}")
+            if hold_s > MAX_HOLD_S:
+                return error(400, "bad_request", f"hold: at most {format_duration(MAX_HOLD_S)}")
+        live = isinstance(body, DrillBody) and body.live
+        if hold_s is not None and not live:
+            return error(400, "bad_request", "hold: only a live drill holds")
         report = await self._drill(group, getattr(body, "to", ""),
                                    str(request.get("token", "?")),
                                    request.headers.get("Authorization", ""))
-        return web.json_response(report)
+        if not live:
+            return web.json_response(report)
+        if not report.get("ok"):
+            # The dry run's checks gate the live run: nothing is switched.
+            failed = [c["name"] for c in report.get("checks", []) if not c.get("ok")]
+            return web.json_response(
+                {"error": "refused", "message": "live drill refused: the dry run failed "
+                 f"({', '.join(failed)})", "report": report}, status=409)
+        started = await self._submit(request, "drill", group=group,
+                                     region=getattr(body, "to", None), for_s=hold_s)
+        if started.status != 200:
+            return started
+        answer = json.loads(started.body) if isinstance(started.body, bytes) else {}
+        return web.json_response({**answer, "report": report, "live": True})
+
+    async def drill_abort(self, request: web.Request) -> web.Response:
+        group = request.match_info["group"]
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        return await self._submit(request, "drill_abort", group=group)
+
+    async def live_drill(self, request: web.Request) -> web.Response:
+        group = request.match_info["group"]
+        if self._settings().group_by_name(group) is None:
+            return error(404, "not_found", f"unknown group {group!r}")
+        d = (await self._view()).live_drills.get(group)
+        if d is None:  # none yet: an answer, not an error
+            return web.json_response({"group": group, "phase": None, "running": False})
+        return web.json_response(live_drill_summary(d))
 
     async def drill_hooks(self, request: web.Request) -> web.Response:
         group = request.query.get("group", "")
@@ -591,6 +641,8 @@ def status_document(view: ClusterView, s: Settings, now: float,
                                          else None)}
                    for g in s.groups},
         "paused": view.control.paused,
+        # Live drills, running or the last of each group.
+        "live_drills": {g: live_drill_summary(d) for g, d in sorted(view.live_drills.items())},
         # Incidents of the last hour (evacuations, failback waves): the
         # cluster-wide storm guard's memory, newest first.
         "evacuations": [{"kind": i.kind, "region": i.region, "trigger": i.trigger,
@@ -601,6 +653,13 @@ def status_document(view: ClusterView, s: Settings, now: float,
         # again for up to a second (Api.status).
         "as_of": now,
     }
+
+
+def live_drill_summary(d: LiveDrill) -> dict[str, Any]:
+    out = asdict(d)
+    out.pop("mod_revision")
+    out["running"] = d.running
+    return out
 
 
 def openapi_document() -> dict[str, Any]:
@@ -616,8 +675,8 @@ def openapi_document() -> dict[str, Any]:
             op["responses"] |= {"401": err, "403": err}
         if r.method != "GET" or r.path == "/v1/history":
             op["responses"] |= {"400": err, "404": err, "409": err, "413": err, "503": err}
-        if r.path == "/v1/drill/hooks":
-            op["responses"]["404"] = err
+        if r.path == "/v1/drill/hooks" or "{group}" in r.path or "{region}" in r.path:
+            op["responses"]["404"] = err  # an unknown group or region
         if r.path == "/readyz":
             op["responses"]["503"] = err
         if r.path not in UNLIMITED:  # api.rate_per_token, api.max_concurrent_requests
