@@ -296,6 +296,9 @@ async def test_live_drill_switches_over_holds_and_comes_back(api_cluster: LocalC
     await wait_until(holding, 60, "the drill holding in west")
     status, body = await call(api, "GET", "/v1/groups/app/drill", VIEWER_TOKEN)
     assert status == 200 and body["phase"] == "holding" and body["running"] is True
+    r = await asyncio.to_thread(ctl, "status", api=api)
+    assert re.search(r"! LIVE DRILL app east -> west by ops: holding, \S+ left", r.stdout), \
+        r.stdout
     r = await asyncio.to_thread(ctl, "drill", "app", "--abort", api=api)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -309,6 +312,27 @@ async def test_live_drill_switches_over_holds_and_comes_back(api_cluster: LocalC
     # Nothing left to abort.
     r = await asyncio.to_thread(ctl, "drill", "app", "--abort", api=api)
     assert r.returncode == 1 and "no live drill" in r.stderr
+
+
+async def test_a_live_drill_survives_a_change_of_coordinator(api_cluster: LocalCluster):
+    """The drill's state is in etcd, not in the coordinator: restart the
+    coordinator during the hold, and its successor switches the group back."""
+    cluster = api_cluster
+    api = cluster.daemons["c1"].api
+    status, body = await call(api, "POST", "/v1/groups/app/drill", OPERATOR_TOKEN,
+                              {"to": "west", "live": True, "hold": "8s"})
+    assert status == 200 and body["live"] is True, body
+
+    async def phase(wanted: str) -> bool:
+        return (await cluster.view()).live_drills["app"].phase == wanted
+    await wait_until(lambda: phase("holding"), 60, "the drill holding in west")
+    seat = (await cluster.view()).coordinator
+    cluster.restart(seat.member)
+    await cluster.wait_coordinator(30, not_term=seat.term)
+    await wait_until(lambda: phase("done"), 60, "the drill done under the new coordinator")
+    view = await cluster.view()
+    assert (view.active["app"].region, view.active["app"].epoch) == ("east", 3)
+    assert view.active["app"].term != seat.term  # the switch back was the successor's
 
 
 async def _mirrored_drain(cluster: LocalCluster, member: str) -> bool:

@@ -103,12 +103,24 @@ def evacuation_line(ev: dict[str, Any]) -> str:
             f"{ev['groups']} group(s) moved{held} - {ev.get('reason', '')}")
 
 
+def live_drill_line(d: dict[str, Any]) -> str:
+    """A running live drill, as ``status`` shows it on top."""
+    line = f"! LIVE DRILL {d['group']} {d['home']} -> {d['to']} by {d['by']}: {d['phase']}"
+    if d["phase"] == "holding" and d.get("switched_at") is not None:
+        left = max(d["switched_at"] + d["hold_s"] - time.time(), 0.0)
+        line += f", {format_duration(left)} left"
+    return line + (" (abort asked)" if d.get("abort_by") else "")
+
+
 def print_status(st: dict[str, Any]) -> None:
     coord = st.get("coordinator") or {}
     print(f"cluster {st['cluster']}   coordinator {coord.get('member', '-')} "
           f"(term {coord.get('term', '-')})   paused {str(st['paused']).lower()}")
     for ev in st.get("evacuations", []):
         print(evacuation_line(ev))
+    for d in st.get("live_drills", {}).values():
+        if d["running"]:
+            print(live_drill_line(d))
     for name, r in st["regions"].items():
         if r.get("drain"):
             d = r["drain"]

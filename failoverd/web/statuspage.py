@@ -39,6 +39,7 @@ PAGE = """<!doctype html>
  · updated <span id="updated">never</span></div>
 <div id="paused"></div>
 <div id="evacuations"></div>
+<div id="live-drills"></div>
 <div id="drains"></div>
 <form id="login" hidden><label>Viewer token <input id="token" type="password"></label>
  <button>Show</button></form>
@@ -207,6 +208,19 @@ function render(st, events) {
       " group(s) moved" + (e.held ? ", " + e.held + " held" : "") + " — " + e.reason;
     return div;
   }));
+  $("live-drills").replaceChildren(...Object.values(st.live_drills || {})
+    .filter((d) => d.running).map((d) => {
+      const div = document.createElement("div"); div.className = "paused";
+      div.dataset.group = d.group;
+      let text = "Live drill of " + d.group + ": " + d.home + " \u2192 " + d.to + " by " +
+        d.by + ", " + d.phase;
+      if (d.phase === "holding" && d.switched_at != null) {
+        text += ", back in " + Math.max(0, Math.round(d.switched_at + d.hold_s -
+                                                      Date.now() / 1000)) + "s";
+      }
+      div.textContent = text + (d.abort_by ? " (abort asked by " + d.abort_by + ")" : "");
+      return div;
+    }));
   $("drains").replaceChildren(...Object.entries(st.regions).filter(([, r]) => r.drain)
     .map(([name, r]) => {
       const div = document.createElement("div"); div.className = "drain";
