@@ -65,7 +65,7 @@ PAGE = """<!doctype html>
 "use strict";
 const m = location.hash.match(/token=([^&]+)/);
 if (m) { sessionStorage.setItem("failoverd-token", decodeURIComponent(m[1]));
-         history.replaceState(null, "", location.pathname); }
+         history.replaceState(null, "", location.pathname + location.search); }
 const $ = (id) => document.getElementById(id);
 function cell(row, text, cls) {
   const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
@@ -186,7 +186,16 @@ function renderGroups(st) {
     "showing " + GROUPS_SHOWN + " of " + match.length + " (filter to narrow)" :
     match.length + " of " + all.length + " group(s)";
 }
-$("filter").addEventListener("input", () => { if (lastStatus) renderGroups(lastStatus); });
+// The filter is in the address (?filter=east), so a view can be bookmarked
+// or handed over during an incident.
+$("filter").value = new URLSearchParams(location.search).get("filter") || "";
+$("filter").addEventListener("input", () => {
+  const url = new URL(location.href);
+  if ($("filter").value) url.searchParams.set("filter", $("filter").value);
+  else url.searchParams.delete("filter");
+  history.replaceState(null, "", url.pathname + url.search);
+  if (lastStatus) renderGroups(lastStatus);
+});
 async function get(path) {
   const r = await fetch(path, {headers: {Authorization: "Bearer " +
     sessionStorage.getItem("failoverd-token")}});
