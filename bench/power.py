@@ -38,6 +38,7 @@ from failoverd.etcd.client import EtcdStore
 
 REGIONS = {"east": 100, "west": 90}
 DEVICE_POLL_S = 1.0
+HOOK_GOAL_MS = 25.0  # issue 17
 OUTPUT_SOURCE, BATTERY_STATUS = "1.3.6.1.2.1.33.1.4.1.0", "1.3.6.1.2.1.33.1.2.1.0"
 
 
@@ -131,13 +132,20 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
         await c.close()
         broker.stop()
         etcd.stop()
-    raw = floor["mqtt"] + 2 * floor["hop"] + floor["txn"]
-    note = (f"floor {raw * 1000:.1f} ms = mqtt {floor['mqtt'] * 1000:.1f} + 2 x put->watch "
-            f"{floor['hop'] * 1000:.1f} + txn {floor['txn'] * 1000:.1f}; "
-            f"target p99 < {(2 * raw * 1000 + 50):.1f} ms")
-    return [row("power event: MQTT publish -> record committed", to_commit, note),
+    # The path: MQTT to the coordinator's own member (it decides on what it
+    # heard; the relay to etcd runs meanwhile), one fenced txn, one watch hop
+    # to the member that promotes (and to our watcher), a process spawn.
+    raw = floor["mqtt"] + floor["hop"] + floor["txn"]
+    commit_goal = 2 * raw * 1000 + 10
+    note = (f"floor {raw * 1000:.1f} ms = mqtt {floor['mqtt'] * 1000:.1f} + txn "
+            f"{floor['txn'] * 1000:.1f} + put->watch {floor['hop'] * 1000:.1f}")
+    return [row("power event: MQTT publish -> record committed", to_commit,
+                f"{note}; goal p99 <= 2 x floor + 10 = {commit_goal:.1f} ms "
+                + ("MET" if pct(to_commit, 99) <= commit_goal / 1000 else "MISSED")),
             row("power event: MQTT publish -> promote hook started", to_hook,
-                note + " (drain_s = 0; a planned switchover adds drain_s here)"),
+                f"{note} + a spawn; goal p99 <= {HOOK_GOAL_MS:.0f} ms "
+                + ("MET" if pct(to_hook, 99) <= HOOK_GOAL_MS / 1000 else "MISSED")
+                + " (drain_s = 0; a planned switchover adds drain_s here)"),
             *await run_devices(min(trials, 10), ttl)]
 
 

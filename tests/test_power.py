@@ -451,3 +451,28 @@ def test_an_oid_table_reads_a_vendor_mib() -> None:
     assert isinstance(unknown, Rejected) and unknown.reason == "unmapped_value"
     missing = oid_table_reading("east", "apc1", APC, {APC.state: None}, NOW)
     assert isinstance(missing, Rejected) and missing.reason == "malformed"
+
+
+# -- the coordinator decides on what its own member heard ---------------------
+from failoverd.core.model import ClusterView, ControlState  # noqa: E402
+from failoverd.daemon.coordinator import with_local_power  # noqa: E402
+
+
+def test_a_reading_heard_here_counts_before_etcd_shows_it() -> None:
+    old = Reading("east", "gen", "utility_ok", 100.0, 100.1)
+    heard = Reading("east", "gen", "generator_failed", 105.0, 105.1, since=105.0)
+    view = ClusterView(revision=1, coordinator=None, members={}, active={},
+                       control=ControlState(), power={("east", "gen"): [old]})
+    # Heard here, relay in flight: the newest copy is ours.
+    seen = with_local_power(view, {("east", "gen"): heard})
+    assert [r.state for r in merge(seen.power)["east"]] == ["generator_failed"]
+    assert view.power == {("east", "gen"): [old]}  # the view itself is untouched
+    # etcd shows it (or something newer): nothing added, the same view.
+    relayed = ClusterView(revision=2, coordinator=None, members={}, active={},
+                          control=ControlState(), power={("east", "gen"): [heard]})
+    assert with_local_power(relayed, {("east", "gen"): heard}) is relayed
+    assert with_local_power(relayed, {("east", "gen"): old}) is relayed
+    assert with_local_power(view, {}) is view
+    # A sensor etcd has never shown.
+    new = with_local_power(view, {("west", "ups"): heard})
+    assert new.power[("west", "ups")] == [heard]

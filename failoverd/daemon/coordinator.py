@@ -12,7 +12,7 @@ import contextlib
 import json
 import operator
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
 import structlog
@@ -41,6 +41,7 @@ from failoverd.core.model import (
     parse_view,
     to_json,
 )
+from failoverd.core.power import Reading
 from failoverd.core.store import (
     MAX_TXN_OPS,
     Compare,
@@ -117,7 +118,9 @@ class Coordinator:
                  tick_s: Callable[[], float], history_limit: Callable[[], int],
                  wake: asyncio.Event, settings: Callable[[], Settings],
                  clock: Callable[[], float] = time.time, mirror: KeyMirror | None = None,
-                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
+                 resync: Callable[[], Awaitable[None]] | None = None,
+                 local_power: Callable[[], Mapping[tuple[str, str], Reading]] = dict,
+                 ) -> None:
         self._store = store
         self._keys = keys
         self._member = member
@@ -128,6 +131,7 @@ class Coordinator:
         self._tick_s = tick_s
         self._history_limit = history_limit
         self._wake = wake
+        self._local_power = local_power
         self._clock = clock
         self._last_reason = ""
         self._problems_logged: frozenset[str] = frozenset()
@@ -236,7 +240,8 @@ class Coordinator:
                 await self._sleep(min(self._tick_s(), 0.5))
                 continue
             now = self._clock()
-            view = await self._with_fences(self._track_absence(parsed, now))
+            view = await self._with_fences(self._track_absence(
+                with_local_power(parsed, self._local_power()), now))
             self._ensure_leading(view)
             if view.requests:
                 # Operator requests first; then decide on what they changed.
@@ -275,6 +280,12 @@ class Coordinator:
             self._cycle_ended = time.monotonic()
             await self._maybe_prune()
             await self._sleep(0 if decision.changes else self._tick_s())
+
+    def note_local_power(self) -> None:
+        """Our own member heard a power reading: decide on it now (it is
+        relayed to etcd meanwhile, where the other members' copies go)."""
+        self._inputs_changed = True
+        self._wake.set()
 
     def note_changes(self, keys: list[str] | None) -> None:
         """From the watch: did anything decide() reads change?  (Members,
@@ -863,6 +874,25 @@ def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: flo
             max(drain.ends(policy.drain_max_s) - now, 0.0) if drain else 0.0)
     metrics.GROUPS_HELD.set(sum(1 for i in decision.intents if isinstance(i, Alert)
                                 and "moved despite" not in i.reason))
+
+
+def with_local_power(view: ClusterView,
+                     local: Mapping[tuple[str, str], Reading]) -> ClusterView:
+    """``view`` with this member's own readings that etcd does not show yet
+    (heard, relay in flight) as one more copy of their sensor: the newest
+    copy is what counts (``core.power.merge``), so a reading etcd already
+    has, or has newer, changes nothing.  On the power path this saves the
+    relay's etcd write and watch hop (~8 ms of ~22 ms)."""
+    power: dict[tuple[str, str], list[Reading]] | None = None
+    for key, r in local.items():
+        copies = view.power.get(key, [])
+        mine = (r.ts, r.received, r.lwt_at or 0.0)
+        if any((c.ts, c.received, c.lwt_at or 0.0) >= mine for c in copies):
+            continue
+        if power is None:
+            power = dict(view.power)
+        power[key] = [*copies, r]
+    return view if power is None else replace(view, power=power)
 
 
 def learn_failover_s(events: list[dict[str, object]], last: int = 10) -> float | None:

@@ -186,6 +186,7 @@ class Daemon:
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.sources = PowerSources(self.power, lambda: self.settings)
+        self.power.on_reading = self._heard_power
         drill = Drill(self.store, self.keys, lambda: self.settings, self._read_view,
                       self.history, lambda limit: read_history(self.store, self.keys, limit))
         self.api = Api(self.store, self.keys, lambda: self.settings,
@@ -404,6 +405,10 @@ class Daemon:
             except TimeoutError:
                 pass
 
+    def _heard_power(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.note_local_power()
+
     async def _lead(self, lease: KeptLease, term: int, wake: asyncio.Event) -> None:
         s = self.settings
         coord = Coordinator(
@@ -412,6 +417,7 @@ class Daemon:
             history_limit=lambda: self.settings.policy.history_limit, wake=wake,
             settings=lambda: self.settings, mirror=self.watcher.mirror,
             resync=self.watcher.resync,
+            local_power=lambda: self.power.unrelayed if self.power is not None else {},
         )
         self.coordinator = coord
         metrics.IS_COORDINATOR.set(1)

@@ -73,6 +73,8 @@ MAIN_LANE = "main"
 # during a flood is not held behind more than this many older messages.
 LANE_QUEUE_MAX = 2_000
 DRAIN_BATCH = 64
+# How long a relayed reading stays in PowerFeeds.unrelayed after its write.
+UNRELAYED_KEEP_S = 2.0
 # A lane's socket receive buffer.  Left to the kernel it grows to megabytes
 # on a fast link: a flood then sits in our own socket, 100,000 messages and
 # many seconds of reading deep, with every core busy.  Capped, the broker
@@ -292,6 +294,11 @@ class PowerFeeds:
         self._lane_tasks: dict[tuple[int, str, tuple[str, ...]], asyncio.Task[None]] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._relays = LeasedPublisher(store, lease_id, clock)
+        # Readings heard but not yet confirmed in etcd, and who to tell when
+        # one arrives: the coordinator, when it runs in this daemon, decides
+        # on them at once instead of one etcd write and watch hop later.
+        self.unrelayed: dict[tuple[str, str], Reading] = {}
+        self.on_reading: Callable[[], None] | None = None
         self._last_log: dict[str, float] = {}
         self._inputs_of: Settings | None = None
         self._parse_inputs = _ParseInputs([], 0, [])
@@ -545,7 +552,20 @@ class PowerFeeds:
             self._sensors_per_region[item.region] = (
                 self._sensors_per_region.get(item.region, 0) + 1)
         if reading is not None:
-            await self._relay(reading)
+            self.unrelayed[key] = reading
+            if self.on_reading is not None:
+                self.on_reading()
+            try:
+                await self._relay(reading)
+            finally:
+                # Kept a moment past the write: the coordinator's watch shows
+                # it a hop later, and must not see the older copy meanwhile.
+                asyncio.get_running_loop().call_later(UNRELAYED_KEEP_S, self._forget_unrelayed,
+                                                      key, reading)
+
+    def _forget_unrelayed(self, key: tuple[str, str], reading: Reading) -> None:
+        if self.unrelayed.get(key) is reading:
+            del self.unrelayed[key]
 
     def _dropped(self, url: str, lane: str) -> None:
         self.rejected["lane_full"] += 1
