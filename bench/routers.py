@@ -1,7 +1,8 @@
 """Reroute step time per router (real HAProxy, real BIND 9) beside the raw
 cost of the same command sent directly: for HAProxy the ``set server``
 commands alone (the router adds the read-back), for DNS the signed update
-alone (the router adds the fence read)."""
+alone (the router's update carries the fence as its prerequisite: on the
+happy path it is that one round trip)."""
 
 from __future__ import annotations
 
@@ -43,25 +44,40 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
             await h.command(f"set server app/{to} state ready")
             await h.command(f"set server app/{frm} state maint")
             raw.append(time.perf_counter() - t0)
+        goal = 1.5 * pct(raw, 99)
         rows.append(row("reroute step: haproxy runtime API (+ read-back)", routed,
                         f"raw set-server x2 p50 {pct(raw, 50) * 1000:.2f} ms, "
-                        f"p99 {pct(raw, 99) * 1000:.2f} ms"))
+                        f"p99 {pct(raw, 99) * 1000:.2f} ms; goal p99 <= 1.5 x raw = "
+                        f"{goal * 1000:.2f} ms "
+                        + ("MET" if pct(routed, 99) <= goal else "MISSED")))
+        # The raw update moves a record of its own (its own fence): the
+        # router's prerequisite is the fence it last moved, and nobody else
+        # writes it, as in production.
+        r = DnsRouter(DnsRoute(kind="dns", server=bind.server, zone="example.test.",
+                               name="raw", ttl=5, tsig_key_file=bind.key_file,
+                               addresses=ADDRS))
+        # Warm up both (the first signed exchange of a process costs ~5 ms
+        # more: imports, key set-up), then time from the next epochs on.
+        await d.apply(Change("app", "east", "west", 1, "reroute"))
+        assert await r.send(r.update(1, ADDRS["west"], current=None)) == 0
         routed, raw = [], []
-        epoch = 1
-        for i in range(trials):
+        for i in range(1, trials + 1):
             to, frm = ("west", "east") if i % 2 == 0 else ("east", "west")
-            epoch += 1
+            epoch = i + 1
             t0 = time.perf_counter()
             await d.apply(Change("app", frm, to, epoch, "reroute"))
             routed.append(time.perf_counter() - t0)
-            epoch += 1
-            upd = d.update(epoch, ADDRS[frm], current=epoch - 1)
+            upd = r.update(i + 1, ADDRS[to], current=i)
             t0 = time.perf_counter()
-            assert await d.send(upd) == 0
+            assert await r.send(upd) == 0
             raw.append(time.perf_counter() - t0)
-        rows.append(row("reroute step: dns RFC 2136 + TSIG (+ fence read)", routed,
+        goal = 1.5 * pct(raw, 99)
+        rows.append(row("reroute step: dns RFC 2136 + TSIG (fenced by its prerequisite)",
+                        routed,
                         f"raw signed update p50 {pct(raw, 50) * 1000:.2f} ms, "
-                        f"p99 {pct(raw, 99) * 1000:.2f} ms"))
+                        f"p99 {pct(raw, 99) * 1000:.2f} ms; goal p99 <= 1.5 x raw = "
+                        f"{goal * 1000:.2f} ms "
+                        + ("MET" if pct(routed, 99) <= goal else "MISSED")))
     finally:
         hp.stop()
         bind.stop()

@@ -142,6 +142,46 @@ async def test_safety_rule_2_dns_reroute_is_fenced_by_epoch(bind: Bind):
     assert (await router.addresses(), await router.fence_epoch()) == ({"192.0.2.10"}, 3)
 
 
+async def test_dns_reroute_is_one_signed_round_trip_when_the_fence_is_as_expected(
+        bind: Bind, monkeypatch: pytest.MonkeyPatch):
+    """Issue 17: the update's prerequisite carries the fence, so the happy
+    path reads nothing first; a fence moved by someone else costs a refused
+    update, a read and a second update — never a write past the fence."""
+    router = dns_router(bind)
+    calls: list[str] = []
+    send, read = router.send, router.fence_epoch
+
+    async def counted_send(upd):  # type: ignore[no-untyped-def]
+        calls.append("update")
+        return await send(upd)
+
+    async def counted_read():  # type: ignore[no-untyped-def]
+        calls.append("read")
+        return await read()
+    monkeypatch.setattr(router, "send", counted_send)
+    monkeypatch.setattr(router, "fence_epoch", counted_read)
+    for epoch, to in ((1, "east"), (2, "west"), (3, "east")):
+        calls.clear()
+        await router.apply(Change("app", "x", to, epoch, "reroute"))
+        assert calls == ["update"], (epoch, calls)
+    assert (await read(), await router.addresses()) == (3, set(ADDRS["east"]))
+    # Another writer moved the fence to 5 (a newer coordinator, epochs
+    # 4 and 5): our epoch 4 is refused by the server, read, and stopped.
+    assert await send(router.update(5, ADDRS["west"], current=3)) == 0
+    calls.clear()
+    with pytest.raises(FencedOut, match=r"prerequisite failed .* holds epoch 5 >= 4"):
+        await router.apply(Change("app", "x", "east", 4, "reroute"))
+    assert calls == ["update", "read"]
+    # Epoch 7 after an epoch (6) that never rerouted: refused on the guess,
+    # read, sent again on what the fence holds.
+    calls.clear()
+    from failoverd.traffic import routers  # noqa: PLC0415
+    routers._FENCE_SEEN.clear()  # a new coordinator process knows nothing yet
+    await router.apply(Change("app", "x", "east", 7, "reroute"))
+    assert calls == ["update", "read", "update"]
+    assert (await read(), await router.addresses()) == (7, set(ADDRS["east"]))
+
+
 async def test_dns_without_the_key_is_refused(bind: Bind, tmp_path: Path):
     other = tmp_path / "other.key"
     other.write_text('key "failoverd" { algorithm hmac-sha256; secret "'

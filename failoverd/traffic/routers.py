@@ -204,6 +204,13 @@ def load_tsig(path: Path) -> tuple[dict[dns.name.Name, dns.tsig.Key], dns.name.N
     return keyring, dns.name.from_text(name)
 
 
+_PREREQUISITE_FAILED = frozenset({dns.rcode.NXRRSET, dns.rcode.YXDOMAIN, dns.rcode.NXDOMAIN,
+                                  dns.rcode.YXRRSET})
+# Per (server, fence name): the epoch this process last saw the fence hold
+# or moved it to — the prerequisite of its next update.
+_FENCE_SEEN: dict[tuple[str, str], int] = {}
+
+
 class DnsRouter:
     kind = "dns"
 
@@ -255,28 +262,54 @@ class DnsRouter:
         return resp.rcode()
 
     async def apply(self, change: Change) -> str:
+        """Move the record set and the fence to ``change.epoch`` in one
+        signed update whose prerequisite is the fence's expected value: the
+        epoch this process last saw it hold, else the one before ours (a
+        group's epochs go up by one, and each is rerouted).  One round trip
+        when that holds; when the server refuses the prerequisite, read the
+        fence and either stop (it holds our epoch or a newer one: a retry, or
+        a stale writer) or send again on what it holds."""
         if change.step in {"drain", "fence"}:
             return "dns: moves at reroute (fenced)"
         addresses = self.route.addresses.get(change.to_region) or []
         if not addresses:  # safety rule 8: never an empty record set
             raise RouterError(f"dns: no addresses for {change.to_region}; refusing")
+        seen_key = (self.route.server, self.fence.to_text())
         try:
+            guess = _FENCE_SEEN.get(seen_key, change.epoch - 1)
+            refused: dns.rcode.Rcode | None = None
+            if guess < change.epoch:
+                fault_point("dns-before-send")  # tests: a writer paused before its send
+                rcode = await self.send(self.update(change.epoch, addresses,
+                                                    guess if guess > 0 else None))
+                if rcode == dns.rcode.NOERROR:
+                    _FENCE_SEEN[seen_key] = change.epoch
+                    return f"dns: {self.name} -> {', '.join(addresses)} at epoch {change.epoch}"
+                if rcode not in _PREREQUISITE_FAILED:
+                    raise RouterError(f"dns: update refused: {dns.rcode.to_text(rcode)}")
+                refused = rcode
             current = await self.fence_epoch()
+            if current is not None:
+                _FENCE_SEEN[seen_key] = current
             if current is not None and current >= change.epoch:
                 if current == change.epoch and await self.addresses() == set(addresses):
                     return f"dns: already at epoch {change.epoch}"  # idempotent retry
-                raise FencedOut(f"dns: fence holds epoch {current} >= {change.epoch}")
+                raise FencedOut(
+                    ("dns: server refused the update, prerequisite failed "
+                     f"({dns.rcode.to_text(refused)}): " if refused is not None else "dns: ")
+                    + f"the fence holds epoch {current} >= {change.epoch}")
             update = self.update(change.epoch, addresses, current)
-            fault_point("dns-before-send")  # tests: a writer paused between read and send
+            fault_point("dns-before-send")
             rcode = await self.send(update)
         except (OSError, TimeoutError, dns.exception.DNSException) as exc:
             raise RouterError(f"dns: {type(exc).__name__}: {exc}") from exc
-        if rcode in {dns.rcode.NXRRSET, dns.rcode.YXDOMAIN, dns.rcode.NXDOMAIN,
-                     dns.rcode.YXRRSET}:
+        if rcode in _PREREQUISITE_FAILED:
+            _FENCE_SEEN.pop(seen_key, None)
             raise FencedOut(f"dns: server refused the update, prerequisite failed "
                             f"({dns.rcode.to_text(rcode)}): the fence moved under us")
         if rcode != dns.rcode.NOERROR:
             raise RouterError(f"dns: update refused: {dns.rcode.to_text(rcode)}")
+        _FENCE_SEEN[seen_key] = change.epoch
         return f"dns: {self.name} -> {', '.join(addresses)} at epoch {change.epoch}"
 
 
