@@ -50,7 +50,19 @@ class PowerStack:
                             and _ts(e) >= after):
                         return e
             return None
-        return await wait_until(seen, 10, f"a decision saying {text!r}")
+        try:
+            return await wait_until(seen, 10, f"a decision saying {text!r}")
+        except AssertionError as exc:
+            # Say what the daemons did decide and log (a CI failure must be
+            # readable without the work directory).
+            tail = [f"{d.member} {e.get('timestamp', '')[11:23]} {e.get('event')}: "
+                    f"{str(e.get('reason', e.get('error', '')))[:160]}"
+                    for d in self.c.daemons.values() for e in d.log_events()
+                    if e.get("event") in {"decision", "stepping down", "elected coordinator",
+                                          "lease lost; starting a new session"}
+                    or e.get("level") in {"warning", "error"}]
+            raise AssertionError(f"{exc}; after={after:.3f}; the daemons said:\n"
+                                 + "\n".join(tail[-40:])) from None
 
 
 def _ts(e: dict) -> float:

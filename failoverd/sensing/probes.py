@@ -121,6 +121,7 @@ async def _http(probe: ProbeSettings, session: aiohttp.ClientSession) -> tuple[b
 class _Region:
     settings: RegionSettings
     states: list[ProbeState] = field(default_factory=list)
+    published_at: float = 0.0  # monotonic: the last publish (written or not)
 
 
 class Prober:
@@ -194,10 +195,15 @@ class Prober:
             await asyncio.sleep(max(pause - (time.monotonic() - started), 0))
 
     async def _refresh_loop(self) -> None:
+        """Publish regions whose probes have not for a second (a slow probe
+        interval, a new lease to write under); the others were just
+        published by their probe loop."""
         while True:
             await asyncio.sleep(1.0)
+            now = time.monotonic()
             for reg in self._regions.values():
-                await self._publish(reg)
+                if now - reg.published_at >= 1.0:
+                    await self._publish(reg)
 
     def observation(self, reg: _Region) -> Observation:
         pairs = list(zip(reg.settings.probes, reg.states, strict=True))
@@ -212,12 +218,14 @@ class Prober:
         )
 
     async def _publish(self, reg: _Region) -> None:
+        reg.published_at = time.monotonic()
         obs = self.observation(reg)
         key = self._keys.observation(obs.member, obs.target)
         said = (obs.verdict, obs.ready)
         before = self._published.identity(key)
         try:
-            written = await self._published.publish(key, obs.to_value(), said,
+            # Rendered only if written (most publishes are unchanged).
+            written = await self._published.publish(key, obs.to_value, said,
                                                     self._settings().probing.refresh_s)
         except StoreError as exc:
             log.warning("cannot publish observation", target=obs.target, error=str(exc))
