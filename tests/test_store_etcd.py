@@ -559,6 +559,16 @@ async def test_quiet_news_waits_for_the_batch_and_urgent_news_overtakes_it(
     assert (await store.get(bad)).value == "gen-failed"  # not overwritten by the held one
 
 
+def _one_member_settings(keys: Keyspace, tmp_path: Path, hook: Path) -> Settings:
+    """e1 in east, group app in east and west, ``hook`` as promote and demote."""
+    return Settings.model_validate({
+        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": "app", "regions": ["east", "west"], "promote": [str(hook)],
+                    "demote": [str(hook)]}],
+        "policy": {"tick_s": 0.2}})
+
+
 async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
         store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
     """A member's ack that etcd refuses (a timeout while the etcd leader
@@ -591,12 +601,7 @@ async def test_an_ack_lost_to_an_etcd_error_is_sent_again(
     hook = tmp_path / "hook.sh"
     hook.write_text("#!/bin/sh\nexit 0\n")
     hook.chmod(0o755)
-    settings = Settings.model_validate({
-        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
-        "regions": [{"name": "east"}, {"name": "west"}],
-        "groups": [{"name": "app", "regions": ["east", "west"], "promote": [str(hook)],
-                    "demote": [str(hook)]}],
-        "policy": {"tick_s": 0.2}})
+    settings = _one_member_settings(keys, tmp_path, hook)
     await store.put(keys.active("app"),
                     ActiveRecord("east", 1, time.time(), "test", 1, "bootstrap").to_value())
     lease = [(await store.grant(10))[0]]
@@ -642,12 +647,7 @@ async def test_a_self_fence_never_applies_an_older_epoch_than_a_running_demote(
                     f'[ "$FAILOVERD_ROLE" = active ] || sleep 1\n'
                     f'echo "end $FAILOVERD_ROLE $FAILOVERD_EPOCH" >> {runs}\n')
     hook.chmod(0o755)
-    settings = Settings.model_validate({
-        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
-        "regions": [{"name": "east"}, {"name": "west"}],
-        "groups": [{"name": "app", "regions": ["east", "west"], "promote": [str(hook)],
-                    "demote": [str(hook)]}],
-        "policy": {"tick_s": 0.2}})
+    settings = _one_member_settings(keys, tmp_path, hook)
     group = settings.groups[0]
     await store.put(keys.active("app"),
                     ActiveRecord("east", 1, time.time(), "test", 1, "bootstrap").to_value())

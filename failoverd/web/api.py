@@ -399,9 +399,9 @@ class Api:
 
     async def _group_region(self, request: web.Request, model: type[Body]
                             ) -> tuple[str, Body] | web.Response:
-        group = request.match_info["group"]
-        if self._settings().group_by_name(group) is None:
-            return error(404, "not_found", f"unknown group {group!r}")
+        group = self._known_group(request)
+        if isinstance(group, web.Response):
+            return group
         body = await self._body(request, model)
         if isinstance(body, web.Response):
             return body
@@ -427,11 +427,22 @@ class Api:
                                   region=getattr(body, "to", None),
                                   force=bool(getattr(body, "force", False)))
 
-    async def retry(self, request: web.Request) -> web.Response:
+    def _known_group(self, request: web.Request) -> str | web.Response:
+        """The path's group, or a 404 when the config has no such group."""
         group = request.match_info["group"]
         if self._settings().group_by_name(group) is None:
             return error(404, "not_found", f"unknown group {group!r}")
-        return await self._submit(request, "retry", group=group)
+        return group
+
+    async def _group_action(self, request: web.Request, action: str) -> web.Response:
+        """A request that names only its group (retry, drill_abort)."""
+        group = self._known_group(request)
+        if isinstance(group, web.Response):
+            return group
+        return await self._submit(request, action, group=group)
+
+    async def retry(self, request: web.Request) -> web.Response:
+        return await self._group_action(request, "retry")
 
     async def pause(self, request: web.Request) -> web.Response:
         return await self._submit(request, "pause")
@@ -495,15 +506,12 @@ class Api:
         return web.json_response({**answer, "report": report, "live": True})
 
     async def drill_abort(self, request: web.Request) -> web.Response:
-        group = request.match_info["group"]
-        if self._settings().group_by_name(group) is None:
-            return error(404, "not_found", f"unknown group {group!r}")
-        return await self._submit(request, "drill_abort", group=group)
+        return await self._group_action(request, "drill_abort")
 
     async def live_drill(self, request: web.Request) -> web.Response:
-        group = request.match_info["group"]
-        if self._settings().group_by_name(group) is None:
-            return error(404, "not_found", f"unknown group {group!r}")
+        group = self._known_group(request)
+        if isinstance(group, web.Response):
+            return group
         d = (await self._view()).live_drills.get(group)
         if d is None:  # none yet: an answer, not an error
             return web.json_response({"group": group, "phase": None, "running": False})
