@@ -457,16 +457,11 @@ class Api:
         body = await self._body(request, DrainBody)
         if isinstance(body, web.Response):
             return body
-        for_s = None
-        if isinstance(body, DrainBody) and body.for_ is not None:
-            try:
-                for_s = parse_duration(body.for_)
-            except ValueError as exc:
-                return error(400, "bad_request", f"for: {exc}")
-            most = self._settings().policy.drain_max_s
-            if for_s > most:
-                return error(400, "bad_request", f"for: a drain lasts at most "
-                             f"{format_duration(most)} (policy.drain_max_s)")
+        for_s = _body_duration("for", body.for_ if isinstance(body, DrainBody) else None,
+                               self._settings().policy.drain_max_s,
+                               "a drain lasts at most {} (policy.drain_max_s)")
+        if isinstance(for_s, web.Response):
+            return for_s
         return await self._submit(request, "drain", region=region, for_s=for_s)
 
     async def drill(self, request: web.Request) -> web.Response:
@@ -476,14 +471,10 @@ class Api:
         group, body = parsed
         if self._drill is None:
             return error(503, "unavailable", "drills are not wired on this member")
-        hold_s = None
-        if isinstance(body, DrillBody) and body.hold is not None:
-            try:
-                hold_s = parse_duration(body.hold)
-            except ValueError as exc:
-                return error(400, "bad_request", f"hold: {exc}")
-            if hold_s > MAX_HOLD_S:
-                return error(400, "bad_request", f"hold: at most {format_duration(MAX_HOLD_S)}")
+        hold_s = _body_duration("hold", body.hold if isinstance(body, DrillBody) else None,
+                                MAX_HOLD_S, "at most {}")
+        if isinstance(hold_s, web.Response):
+            return hold_s
         live = isinstance(body, DrillBody) and body.live
         if hold_s is not None and not live:
             return error(400, "bad_request", "hold: only a live drill holds")
@@ -661,6 +652,21 @@ def status_document(view: ClusterView, s: Settings, now: float,
         # again for up to a second (Api.status).
         "as_of": now,
     }
+
+
+def _body_duration(field: str, text: str | None, most: float, too_long: str
+                   ) -> float | web.Response | None:
+    """A duration field of a body ("90s", "4h") in seconds; None when
+    absent; a 400 when malformed or longer than ``most``."""
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        return error(400, "bad_request", f"{field}: {exc}")
+    if seconds > most:
+        return error(400, "bad_request", f"{field}: " + too_long.format(format_duration(most)))
+    return seconds
 
 
 def live_drill_summary(d: LiveDrill) -> dict[str, Any]:
