@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.footprint import _cpu_ticks
+from bench.workdirs import work_dir
 from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, read_hook_log, wait_until
 from failoverd.core.engine import GroupPolicy, Policy, decide
 from failoverd.core.model import ActiveRecord, ClusterView, ControlState, MemberRecord
@@ -116,7 +116,7 @@ def _last_hook(log: Path, member: str, epoch: int, n: int) -> float | None:
 
 
 async def one(groups: int, ttl: int) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix=f"failoverd-bench-evac-{groups}-"))
+    work = work_dir(f"failoverd-bench-evac-{groups}-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     broker = Mosquitto(work).start()

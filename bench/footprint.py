@@ -15,13 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
+from bench.workdirs import work_dir
 from devstack.stack import EtcdCluster, HttpService, LocalCluster, Mosquitto, wait_until
 
 REGIONS = {"east": 100, "west": 50, "central": 25}
@@ -89,7 +89,7 @@ async def sample(pids: list[int], seconds: float) -> tuple[list[float], list[flo
 
 async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, object]]:
     del trials, ttl  # a steady state is measured over time, at production defaults
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-footprint-"))
+    work = work_dir("failoverd-bench-footprint-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     broker = Mosquitto(work).start()

@@ -6,7 +6,6 @@ region's promote hook has started.  3 regions, one daemon each, probes every
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import row
+from bench.workdirs import work_dir
 from devstack.stack import EtcdCluster, HttpService, LocalCluster, http_probe, wait_until
 from failoverd.core.engine import Policy, region_health
 
@@ -30,7 +30,7 @@ async def _up_everywhere(c: LocalCluster, region: str) -> bool:
 
 
 async def run(trials: int, ttl: int) -> list[dict[str, object]]:
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-health-"))
+    work = work_dir("failoverd-bench-health-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     services = {r: await HttpService(r).start() for r in REGIONS}

@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.footprint import TICK, _cpu_ticks, _rss_mib
 from bench.takeover import pct, row
+from bench.workdirs import work_dir
 from devstack.stack import VIEWER_TOKEN, EtcdCluster, LocalCluster, Mosquitto, wait_until
 
 REGIONS = {"east": 100, "west": 50, "central": 25}
@@ -213,7 +213,7 @@ async def _count_writes(c: LocalCluster, counts: list[int], stop: asyncio.Event)
 
 
 async def run(trials: int, ttl: int, load_s: float = 30.0) -> list[dict[str, object]]:
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-load-"))
+    work = work_dir("failoverd-bench-load-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     broker = Mosquitto(work).start()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
+from bench.workdirs import work_dir
 from devstack.stack import (
     EtcdCluster,
     LocalCluster,
@@ -78,7 +78,7 @@ async def _floor(etcd: EtcdCluster, broker: Mosquitto, trials: int) -> dict[str,
 
 
 async def run(trials: int, ttl: int) -> list[dict[str, object]]:
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-power-"))
+    work = work_dir("failoverd-bench-power-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     broker = Mosquitto(work).start()
@@ -194,7 +194,7 @@ class _Devices:
 async def _device_trials(kind: str, trials: int, ttl: int) -> list[float]:
     """Device state change → promote hook started, ``trials`` times, the
     group moving back and forth between the two regions."""
-    work = Path(tempfile.mkdtemp(prefix=f"failoverd-bench-power-{kind}-"))
+    work = work_dir(f"failoverd-bench-power-{kind}-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     devices = _Devices(kind, work)

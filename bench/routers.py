@@ -7,13 +7,13 @@ happy path it is that one round trip)."""
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
+from bench.workdirs import work_dir
 from devstack.stack import Bind, Haproxy, HttpService
 from failoverd.config import DnsRoute, HaproxyRoute
 from failoverd.traffic.routers import Change, DnsRouter, HaproxyRouter
@@ -23,7 +23,7 @@ ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10"]}
 
 async def run(trials: int, ttl: int) -> list[dict[str, object]]:
     del ttl
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-routers-"))
+    work = work_dir("failoverd-bench-routers-")
     apps = {r: await HttpService(r).start() for r in ADDRS}
     hp = Haproxy(work, {r: s.port for r, s in apps.items()}, active="east").start()
     bind = Bind(work).start()

@@ -14,12 +14,12 @@ import math
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.workdirs import work_dir
 from devstack.stack import EtcdCluster, LocalCluster, wait_until
 
 POLL_S = 0.005
@@ -104,7 +104,7 @@ def row(name: str, xs: list[float], floor: str, unit: str = "ms") -> dict[str, o
 
 
 async def run(trials: int, ttl: int) -> list[dict[str, object]]:
-    work = Path(tempfile.mkdtemp(prefix="failoverd-bench-"))
+    work = work_dir("failoverd-bench-")
     etcd = EtcdCluster(work, size=3)
     etcd.start()
     rows = []
