@@ -314,6 +314,35 @@ async def test_live_drill_switches_over_holds_and_comes_back(api_cluster: LocalC
     assert r.returncode == 1 and "no live drill" in r.stderr
 
 
+async def test_ctrl_c_during_a_live_drill_aborts_it_and_brings_the_group_back(
+        api_cluster: LocalCluster):
+    """failoverctl follows a live drill; the operator's Ctrl-C asks for an
+    abort, and the command keeps following until the group is home."""
+    import signal  # noqa: PLC0415
+
+    cluster = api_cluster
+    api = cluster.daemons["w1"].api
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "failoverd.cli.ctl", "--api", api, "--token", OPERATOR_TOKEN,
+         "drill", "app", "--to", "west", "--live", "--hold", "1h"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        async def holding() -> bool:
+            d = (await cluster.view()).live_drills.get("app")
+            return d is not None and d.phase == "holding"
+        await wait_until(holding, 60, "the drill holding in west")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "aborting: switching back" in out and "FAILED (aborted)" in out, out + err
+    view = await cluster.view()
+    assert view.live_drills["app"].phase == "aborted"
+    assert (view.active["app"].region, view.active["app"].epoch) == ("east", 3)
+
+
 async def test_a_live_drill_survives_a_change_of_coordinator(api_cluster: LocalCluster):
     """The drill's state is in etcd, not in the coordinator: restart the
     coordinator during the hold, and its successor switches the group back."""
