@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -31,7 +29,7 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.footprint import _cpu_ticks
-from bench.workdirs import work_dir
+from bench.workdirs import py_spy, work_dir
 from devstack.stack import EtcdCluster, LocalCluster, Mosquitto, read_hook_log, wait_until
 from failoverd.core.engine import GroupPolicy, Policy, decide
 from failoverd.core.model import ActiveRecord, ClusterView, ControlState, MemberRecord
@@ -159,7 +157,9 @@ async def one(groups: int, ttl: int) -> dict[str, Any]:
         spent = [(_cpu_ticks(p) - b) / TICK for p, b in zip(pids, before, strict=True)]
         out["idle"] = max(spent) / (time.monotonic() - w0) * 100
 
-        profilers = _profile(c, work)
+        # FAILOVERD_BENCH_PROFILE=S: S seconds from the power event on.
+        profilers = py_spy(c.daemons, work, float(os.environ.get("FAILOVERD_BENCH_PROFILE") or 0),
+                           200)
         cpu0 = _cpu_all(c, etcd)
         seat = (await c.view()).coordinator
         out["coordinator"] = seat.member if seat else "?"
@@ -210,19 +210,6 @@ def _cpu_all(c: LocalCluster, etcd: EtcdCluster) -> dict[str, int]:
     ticks = {m: _cpu_ticks(d.pid) for m, d in c.daemons.items()}
     ticks["etcd x3"] = sum(_cpu_ticks(m.proc.pid) for m in etcd.members if m.proc)
     return ticks
-
-
-def _profile(c: LocalCluster, work: Path) -> list[subprocess.Popen[bytes]]:
-    """With FAILOVERD_BENCH_PROFILE=S, sample every daemon with py-spy for S
-    seconds from the power event on (flame data in the bench's work dir)."""
-    seconds = os.environ.get("FAILOVERD_BENCH_PROFILE")
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not seconds or not Path(spy).exists():
-        return []
-    return [subprocess.Popen([spy, "record", "-r", "200", "-d", seconds, "-f", "raw",
-                              "-o", str(work / f"{m}.pyspy.txt"), "-p", str(d.pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for m, d in c.daemons.items()]
 
 
 NAMES = {

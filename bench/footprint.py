@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.takeover import pct, row
-from bench.workdirs import work_dir
+from bench.workdirs import py_spy, work_dir
 from devstack.stack import EtcdCluster, HttpService, LocalCluster, Mosquitto, wait_until
 
 REGIONS = {"east": 100, "west": 50, "central": 25}
@@ -53,19 +51,6 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _profile(c: LocalCluster, work: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
-    """With FAILOVERD_BENCH_PROFILE=1, sample every daemon with py-spy while
-    the footprint is measured (flame data in the bench's work dir; the
-    sampling costs CPU of its own: read the shares, not the totals)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.environ.get("FAILOVERD_BENCH_PROFILE") or not Path(spy).exists():
-        return []
-    return [subprocess.Popen([spy, "record", "-r", "100", "-d", str(int(seconds)), "-f", "raw",
-                              "-o", str(work / f"{m}.pyspy.txt"), "-p", str(d.pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for m, d in c.daemons.items()]
 
 
 WINDOW_S = 5.0  # CPU time is counted in 10 ms ticks: 5 s windows resolve 0.2 %
@@ -116,7 +101,7 @@ async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, ob
         async with asyncio.timeout(30):  # imports done: measure the steady state only
             await floor_proc.stdout.readline()
         pids = [d.pid for d in c.daemons.values()]
-        profilers = _profile(c, work, seconds)
+        profilers = py_spy(c.daemons, work, seconds, 100)  # FAILOVERD_BENCH_PROFILE=1
         (cpu, rss), (fcpu, frss) = await asyncio.gather(sample(pids, seconds),
                                                         sample([floor_proc.pid], seconds))
         for p in profilers:

@@ -86,6 +86,8 @@ def clear_labelled(gauge: Gauge) -> None:
     """``gauge.clear()``, forgetting the children :func:`set_labelled` knew."""
     gauge.clear()
     _children.pop(gauge, None)
+
+
 PEER_RTT = Gauge("failoverd_peer_rtt_seconds", "Last measured /healthz round trip to a member "
                  "of another region (rule 4's peer check)", ["peer"])
 

@@ -301,7 +301,7 @@ def _live_phase(d: dict[str, Any]) -> str:
 
 
 async def _follow_live(url: str, token: str | None, group: str, limit_s: float,
-                       deadline_s: float) -> tuple[int, dict[str, Any] | None]:
+                       deadline_s: float) -> dict[str, Any] | None:
     """Poll the group's live drill until it ends, printing each phase; on
     Ctrl-C (cancellation) ask for an abort and keep following."""
     last = ""
@@ -311,12 +311,12 @@ async def _follow_live(url: str, token: str | None, group: str, limit_s: float,
         try:
             status, d = await _call(url, token, "GET", f"/v1/groups/{group}/drill", None,
                                     limit_s)
-            if status == 200:
+            if status == 200 and isinstance(d, dict):
                 if d["phase"] != last:
                     last = d["phase"]
                     print(_live_phase(d), flush=True)
                 if not d["running"]:
-                    return status, d
+                    return d
             await asyncio.sleep(1.0)
         except asyncio.CancelledError:
             if aborted:
@@ -328,7 +328,7 @@ async def _follow_live(url: str, token: str | None, group: str, limit_s: float,
             print(f"  (cannot reach {url}: {exc or type(exc).__name__}; retrying)",
                   file=sys.stderr, flush=True)
             await asyncio.sleep(1.0)
-    return 504, None
+    return None  # not ended within the deadline
 
 
 def _live_drill(args: argparse.Namespace, url: str, data: dict[str, Any]) -> int:
@@ -343,7 +343,7 @@ def _live_drill(args: argparse.Namespace, url: str, data: dict[str, Any]) -> int
     # (which asks for an abort and keeps following), the second into
     # KeyboardInterrupt.
     try:
-        _, d = asyncio.run(_follow_live(url, _token(args), args.group, args.timeout,
+        d = asyncio.run(_follow_live(url, _token(args), args.group, args.timeout,
                                         hold + LIVE_FOLLOW_SLACK_S))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("failoverctl: stopped watching; the drill goes on (failoverctl drill "

@@ -46,7 +46,7 @@ def drill_checks(view: ClusterView, policy: Policy, group: str, to: str, now: fl
                  ) -> tuple[list[Check], SetActive | None]:
     """The checklist of a dry-run drill of ``group`` to ``to``, and the move
     the engine would make (None if it would not move the group)."""
-    spec = next((g for g in policy.groups if g.name == group), None)
+    spec = policy.group(group)
     if spec is None:
         return [Check("group", False, f"unknown group {group!r}")], None
     if to not in spec.regions:
@@ -111,7 +111,7 @@ def live_drill_refusal(view: ClusterView, policy: Policy, group: str, to: str,
     evacuated within ``cooldown_s`` (a drill must not compete with an
     incident), while the group cools down from its last move, has a failed
     saga, or already drills; and when ``to`` is not a candidate."""
-    spec = next((g for g in policy.groups if g.name == group), None)
+    spec = policy.group(group)
     if spec is None:
         return f"unknown group {group!r}"
     if to not in spec.regions:
@@ -224,7 +224,7 @@ def advance_live_drill(d: LiveDrill, view: ClusterView, policy: Policy, now: flo
 def _go_home(d: LiveDrill, view: ClusterView, policy: Policy, now: float, why: str
              ) -> tuple[LiveDrill, SetActive | None]:
     rec = view.active[d.group]
-    spec = next((g for g in policy.groups if g.name == d.group), None)
+    spec = policy.group(d.group)
     a = Assessment(view, policy, now)
     if spec is None or d.home not in a.candidates(spec, rec.region):
         reason = (f"{why}; " if why else "") + (

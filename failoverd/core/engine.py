@@ -58,6 +58,9 @@ class Policy:
     drain_default_s: float = 4 * 3600.0
     drain_max_s: float = 72 * 3600.0
 
+    def group(self, name: str | None) -> GroupPolicy | None:
+        return next((g for g in self.groups if g.name == name), None)
+
     def priority(self, region: str) -> int:
         return dict(self.priorities).get(region, 0)
 
@@ -644,7 +647,7 @@ def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
                               f"{format_duration(for_s)}", control="drain", until=now + for_s)
     if req.action not in {"switchover", "failover", "retry"}:
         return RequestOutcome(req, False, f"unknown action {req.action!r}")
-    group = next((g for g in policy.groups if g.name == req.group), None)
+    group = policy.group(req.group)
     if group is None:
         return RequestOutcome(req, False, f"unknown group {req.group!r}")
     if req.action == "retry":

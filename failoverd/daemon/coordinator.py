@@ -870,8 +870,9 @@ def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: flo
                     and now - max(x.received for x in readings) > policy.sensor_stale_s)
         metrics.set_labelled(metrics.POWER_SENSORS_STALE, stale, region)
         drain = next((d for d in view.control.drains if d.region == region), None)
-        metrics.DRAIN_SECONDS_LEFT.labels(region).set(
-            max(drain.ends(policy.drain_max_s) - now, 0.0) if drain else 0.0)
+        metrics.set_labelled(metrics.DRAIN_SECONDS_LEFT,
+                             max(drain.ends(policy.drain_max_s) - now, 0.0) if drain else 0.0,
+                             region)
     metrics.GROUPS_HELD.set(sum(1 for i in decision.intents if isinstance(i, Alert)
                                 and "moved despite" not in i.reason))
 

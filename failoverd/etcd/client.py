@@ -219,9 +219,8 @@ class EtcdStore:
             try:
                 async for resp in stream:
                     # Not cancelled: our one request is sent and half-closed,
-                    # so etcd ends the stream itself.  A cancel races grpc's
-                    # request writer, which formats a traceback on every
-                    # renewal (~0.25 % of a core at rest).
+                    # so etcd ends the stream itself (a cancel races grpc's
+                    # request writer, which then formats a traceback).
                     return int(resp.TTL)
             except BaseException:
                 stream.cancel()

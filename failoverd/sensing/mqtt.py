@@ -546,12 +546,17 @@ class PowerFeeds:
         it if it changed what the sensor says; never raises for a store
         error (logged; the next change or refresh writes it)."""
         key = (item.region, item.sensor)
-        new = key not in self.table.readings
+        before = self.table.readings.get(key)
         reading = self.table.apply(item)
-        if new and key in self.table.readings:
+        if before is None and key in self.table.readings:
             self._sensors_per_region[item.region] = (
                 self._sensors_per_region.get(item.region, 0) + 1)
-        if reading is not None:
+        if reading is None:
+            return
+        if before is None or (before.state, before.lwt_at) != (reading.state, reading.lwt_at):
+            # News the engine acts on (a state, a Last Will): the coordinator
+            # may decide on it before its relay is in etcd.  A runtime that
+            # merely ticks (a flood of them, at worst) goes the relay's way.
             self.unrelayed[key] = reading
             if self.on_reading is not None:
                 self.on_reading()
@@ -562,6 +567,8 @@ class PowerFeeds:
                 # it a hop later, and must not see the older copy meanwhile.
                 asyncio.get_running_loop().call_later(UNRELAYED_KEEP_S, self._forget_unrelayed,
                                                       key, reading)
+        else:
+            await self._relay(reading)
 
     def _forget_unrelayed(self, key: tuple[str, str], reading: Reading) -> None:
         if self.unrelayed.get(key) is reading:

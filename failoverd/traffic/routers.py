@@ -277,30 +277,26 @@ class DnsRouter:
         seen_key = (self.route.server, self.fence.to_text())
         try:
             guess = _FENCE_SEEN.get(seen_key, change.epoch - 1)
-            refused: dns.rcode.Rcode | None = None
+            rcode: dns.rcode.Rcode | None = None
             if guess < change.epoch:
                 fault_point("dns-before-send")  # tests: a writer paused before its send
                 rcode = await self.send(self.update(change.epoch, addresses,
                                                     guess if guess > 0 else None))
-                if rcode == dns.rcode.NOERROR:
-                    _FENCE_SEEN[seen_key] = change.epoch
-                    return f"dns: {self.name} -> {', '.join(addresses)} at epoch {change.epoch}"
-                if rcode not in _PREREQUISITE_FAILED:
-                    raise RouterError(f"dns: update refused: {dns.rcode.to_text(rcode)}")
-                refused = rcode
-            current = await self.fence_epoch()
-            if current is not None:
-                _FENCE_SEEN[seen_key] = current
-            if current is not None and current >= change.epoch:
-                if current == change.epoch and await self.addresses() == set(addresses):
-                    return f"dns: already at epoch {change.epoch}"  # idempotent retry
-                raise FencedOut(
-                    ("dns: server refused the update, prerequisite failed "
-                     f"({dns.rcode.to_text(refused)}): " if refused is not None else "dns: ")
-                    + f"the fence holds epoch {current} >= {change.epoch}")
-            update = self.update(change.epoch, addresses, current)
-            fault_point("dns-before-send")
-            rcode = await self.send(update)
+            if rcode is None or rcode in _PREREQUISITE_FAILED:
+                # Not sent (we saw the fence at our epoch or above), or the
+                # guess was refused: what does the fence hold?
+                refused, current = rcode, await self.fence_epoch()
+                if current is not None:
+                    _FENCE_SEEN[seen_key] = current
+                if current is not None and current >= change.epoch:
+                    if current == change.epoch and await self.addresses() == set(addresses):
+                        return f"dns: already at epoch {change.epoch}"  # idempotent retry
+                    raise FencedOut(
+                        ("dns: server refused the update, prerequisite failed "
+                         f"({dns.rcode.to_text(refused)}): " if refused is not None
+                         else "dns: ") + f"the fence holds epoch {current} >= {change.epoch}")
+                fault_point("dns-before-send")
+                rcode = await self.send(self.update(change.epoch, addresses, current))
         except (OSError, TimeoutError, dns.exception.DNSException) as exc:
             raise RouterError(f"dns: {type(exc).__name__}: {exc}") from exc
         if rcode in _PREREQUISITE_FAILED:

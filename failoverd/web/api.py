@@ -489,11 +489,11 @@ class Api:
             return web.json_response(
                 {"error": "refused", "message": "live drill refused: the dry run failed "
                  f"({', '.join(failed)})", "report": report}, status=409)
-        started = await self._submit(request, "drill", group=group,
-                                     region=getattr(body, "to", None), for_s=hold_s)
-        if started.status != 200:
-            return started
-        answer = json.loads(started.body) if isinstance(started.body, bytes) else {}
+        answer = await self._accepted(request, "drill", group=group,
+                                      region=getattr(body, "to", None), force=False,
+                                      for_s=hold_s)
+        if isinstance(answer, web.Response):
+            return answer
         return web.json_response({**answer, "report": report, "live": True})
 
     async def drill_abort(self, request: web.Request) -> web.Response:
@@ -524,6 +524,15 @@ class Api:
     async def _submit(self, request: web.Request, action: str, *, group: str | None = None,
                       region: str | None = None, force: bool = False,
                       for_s: float | None = None) -> web.Response:
+        answer = await self._accepted(request, action, group=group, region=region,
+                                      force=force, for_s=for_s)
+        return answer if isinstance(answer, web.Response) else web.json_response(answer)
+
+    async def _accepted(self, request: web.Request, action: str, *, group: str | None,
+                        region: str | None, force: bool, for_s: float | None
+                        ) -> dict[str, Any] | web.Response:
+        """Hand an operator request to the coordinator: its answer when
+        accepted, else the error response (409 refused, 503 no answer)."""
         req = OperatorRequest(id=f"{time.time_ns():020d}-{secrets.token_hex(4)}",
                               action=action, by=str(request.get("token", "?")), at=time.time(),
                               group=group, region=region, force=force, for_s=for_s)
@@ -544,9 +553,8 @@ class Api:
         if result.get("status") != "accepted":
             return error(409, "refused", str(result.get("reason", "refused")))
         epoch = result.get("epoch")
-        return web.json_response({
-            "request": req.id, "status": "accepted", "reason": result.get("reason"),
-            "epoch": epoch, "workflow": f"{group}-{epoch}" if group and epoch else None})
+        return {"request": req.id, "status": "accepted", "reason": result.get("reason"),
+                "epoch": epoch, "workflow": f"{group}-{epoch}" if group and epoch else None}
 
     async def _await_result(self, request_id: str) -> dict[str, Any] | None:
         deadline = time.monotonic() + REQUEST_DEADLINE_S
