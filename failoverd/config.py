@@ -483,6 +483,10 @@ class PolicySettings(_Model):
     max_concurrent_sagas: Annotated[int, Field(ge=1, le=4096)] = 64
     # Promote/demote hooks a member runs at once.
     max_concurrent_hooks: Annotated[int, Field(ge=1, le=4096)] = 64
+    # Hooks, exec routes and exec probes run this much nicer than the daemon
+    # (0: at its priority): hundreds of them at once must not starve the
+    # daemon's lease keep-alive; they still get every idle cycle.
+    hook_nice: Annotated[int, Field(ge=0, le=19)] = 10
     # How long a failover takes before history has measured ones to learn from.
     expected_failover_s: PositiveFloat = 60.0
     # The coordinator reacts to watch events; this tick only bounds how long a

@@ -2,9 +2,10 @@
 
 A hook gets ``FAILOVERD_GROUP``, ``FAILOVERD_REGION``, ``FAILOVERD_EPOCH``
 and ``FAILOVERD_ROLE``.  It runs in its own process group, which is killed on
-timeout, and is retried with jittered exponential backoff (tenacity).  Hooks
-must be idempotent: a retry or a crash between success and bookkeeping may
-run one twice for the same epoch.
+timeout, below the daemon's CPU priority (:func:`set_child_nice`), and is
+retried with jittered exponential backoff (tenacity).  Hooks must be
+idempotent: a retry or a crash between success and bookkeeping may run one
+twice for the same epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_
 log = structlog.get_logger("failoverd.processes")
 
 OUTPUT_TAIL = 2000
+# How much nicer than the daemon its children run (``policy.hook_nice``, set
+# by the daemon at load and reload through :func:`set_child_nice`): one
+# process-wide value, since it is about this host's CPU, not a group.
+_child_nice = 0
 # How long a command killed at its timeout may take to exit before it is
 # left to a background reaper.
 KILLED_WAIT_S = 2.0
@@ -59,6 +64,29 @@ def _environment(extra: Mapping[str, str]) -> dict[bytes, bytes]:
     return env
 
 
+def set_child_nice(increment: int) -> None:
+    """Run every later child ``increment`` nicer than the daemon (0: as nice).
+
+    Why: an evacuation runs hundreds of hooks and routes at once; at the
+    daemon's own priority they starve its event loop, and a coordinator that
+    cannot renew its lease in time steps down mid-evacuation (seen with
+    1,000 groups on a 2-core host).  Niced, they still get every idle cycle."""
+    global _child_nice  # noqa: PLW0603 -- one value for the whole process
+    _child_nice = max(0, increment)
+
+
+def _renice(pid: int) -> None:
+    """Lower ``pid``'s priority from the parent, after the spawn: a
+    ``preexec_fn`` would cost the vfork fast path.  The child may run a few
+    instructions at the daemon's priority first; what it forks after that
+    inherits the new value."""
+    if not _child_nice:
+        return
+    with contextlib.suppress(OSError):  # it may have exited already
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, pid, min(own + _child_nice, 19))
+
+
 async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         argv: Sequence[str], env: Mapping[str, str], timeout_s: float) -> str:
     """Run once with ``env`` added to the daemon's environment; the output
@@ -83,6 +111,7 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         raise
     finally:
         os.close(out_w)
+    _renice(proc.pid)
     os.set_blocking(out_r, False)
     output = bytearray()
     exited = loop.create_future()

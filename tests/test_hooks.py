@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 from devstack.stack import wait_until
-from failoverd.processes import run_hook
+from failoverd.processes import run_hook, set_child_nice
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:
@@ -102,3 +104,32 @@ async def test_without_pidfd_hooks_still_run_and_time_out(tmp_path: Path,
     slow = await run_hook(_script(tmp_path, "sleep 30\n"), group="g", region="r", epoch=1,
                           role="active", timeout_s=0.3, attempts=1)
     assert not slow.ok and slow.returncode is None and slow.duration_s < 3
+
+
+async def test_hooks_run_below_the_daemons_priority(tmp_path: Path) -> None:
+    """An evacuation's hundreds of hooks must not starve the daemon's lease
+    keep-alive: children run ``hook_nice`` nicer than the daemon, and what
+    they start inherits it.  The hook reads its priority only after the
+    test (on the loop, so after the spawn's synchronous renice) lets it go."""
+    gate = tmp_path / "gate"
+    argv = _script(tmp_path, f'read _ < {gate}\nsh -c \'cut -d" " -f19 /proc/$$/stat\'\n')
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def nice_of_a_hook(increment: int) -> int:
+        os.mkfifo(gate)
+        set_child_nice(increment)
+        hook = asyncio.create_task(run_hook(argv, group="g", region="r", epoch=1,
+                                            role="active", timeout_s=5, attempts=1))
+        writer = await asyncio.to_thread(gate.open, "w")  # the hook is reading
+        writer.write("go\n")
+        writer.close()
+        result = await hook
+        gate.unlink()
+        assert result.ok, result.output
+        return int(result.output)
+
+    try:
+        assert await nice_of_a_hook(7) == min(own + 7, 19)
+        assert await nice_of_a_hook(0) == own
+    finally:
+        set_child_nice(0)

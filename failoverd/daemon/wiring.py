@@ -41,6 +41,7 @@ from failoverd.etcd.history import History, read_history
 from failoverd.etcd.lease import KeptLease, LeaseLost
 from failoverd.etcd.mirror import KeyMirror
 from failoverd.faults import fault_point
+from failoverd.processes import set_child_nice
 from failoverd.sensing.mqtt import PowerFeeds
 from failoverd.sensing.probes import Prober
 from failoverd.sensing.sources import PowerSources
@@ -140,6 +141,7 @@ class Daemon:
                  overrides: Overrides | None = None, store: Store | None = None,
                  notifier: Notifier | None = None) -> None:
         self.settings = settings
+        set_child_nice(settings.policy.hook_nice)
         self._policy_for: Settings | None = None
         self._policy_cached = engine_policy(settings)
         self._config_path = config_path
@@ -328,6 +330,7 @@ class Daemon:
         if ignored:
             log.warning("these settings need a restart to change", settings=ignored)
         self.settings = new.model_copy(update=fixed)
+        set_child_nice(self.settings.policy.hook_nice)
         if self.prober is not None:
             self.prober.reload()
         if self.power is not None:
