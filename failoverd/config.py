@@ -425,6 +425,29 @@ Route = Annotated[
 ]
 
 
+class PostgresDatabase(_Model):
+    """A group's PostgreSQL: the member of each region checks its own
+    region's server (asyncpg) and publishes role, replay position and lag."""
+
+    kind: Literal["postgres"]
+    # region -> libpq URI of that region's server, as its member reaches it
+    # (postgresql://user@host:port/db; the password from password_file).
+    dsn: Annotated[dict[Name, str], Field(min_length=1)]
+    password_file: Path | None = None
+    # A standby further behind than this is no candidate for automatic
+    # failover (Patroni's maximum_lag_on_failover, 1 MiB by default).
+    max_lag_bytes: Annotated[int, Field(ge=0)] = 1_048_576
+    check_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for region, dsn in self.dsn.items():
+            if not dsn.startswith(("postgresql://", "postgres://")):
+                raise ValueError(f"dsn.{region}: a postgresql:// URI")
+        return self
+
+
 class GroupSettings(_Model):
     name: Name
     regions: list[Name] = Field(min_length=1)
@@ -442,6 +465,21 @@ class GroupSettings(_Model):
     # A failing saga step is retried (jittered backoff) this many times,
     # then the saga is marked failed and an alert recorded.
     step_attempts: Annotated[int, Field(ge=1, le=50)] = 5
+    # The group's database: a region is promoted only when its copy is current.
+    database: PostgresDatabase | None = None
+
+    @model_validator(mode="after")
+    def _check_database(self) -> Self:
+        if self.database is not None:
+            missing = [r for r in self.regions if r not in self.database.dsn]
+            extra = [r for r in self.database.dsn if r not in self.regions]
+            if missing:
+                raise ValueError(f"database.dsn has no server for {', '.join(missing)} "
+                                 "(a region without one could never be promoted)")
+            if extra:
+                raise ValueError(f"database.dsn names regions not in the group: "
+                                 f"{', '.join(extra)}")
+        return self
 
 
 class PolicySettings(_Model):
@@ -804,7 +842,9 @@ def engine_policy(s: Settings) -> Policy:
     never imports the loader."""
     return Policy(
         priorities=tuple((r.name, r.priority) for r in s.regions),
-        groups=tuple(GroupPolicy(g.name, tuple(g.regions)) for g in s.groups),
+        groups=tuple(GroupPolicy(g.name, tuple(g.regions),
+                                 g.database.max_lag_bytes if g.database else None)
+                     for g in s.groups),
         cooldown_s=s.policy.cooldown_s,
         max_evacuations_per_hour=s.policy.evacuation_limit,
         max_auto_failovers_per_group_per_hour=(

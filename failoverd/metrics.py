@@ -23,6 +23,12 @@ ALERTS = Counter("failoverd_alerts_total", "Alerts raised (no candidate, limits)
 PROBE_LATENCY = Histogram("failoverd_probe_latency_seconds", "Probe check duration",
                           ["region", "kind"],
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+DATABASE_CHECK_FAILURES = Counter("failoverd_database_check_failures_total",
+                                  "Checks of this member's region's database that failed",
+                                  ["group"])
+DATABASE_LAG_BYTES = Gauge("failoverd_database_lag_bytes",
+                           "This region's standby: WAL bytes behind its primary",
+                           ["group"])
 PROBE_VERDICT = Gauge("failoverd_probe_verdict", "This member's view of each region "
                       "(1 for the current verdict)", ["region", "verdict"])
 REGION_VERDICT = Gauge("failoverd_region_verdict", "Quorum verdict per region (1 for the "

@@ -43,6 +43,7 @@ ensure_venv() {
 ensure_all() {
     ensure_debs etcd:etcd-server mosquitto:mosquitto chromium:chromium haproxy:haproxy \
         named:bind9 systemd-analyze:systemd nft:nftables upsd:nut-server \
-        certutil:libnss3-tools openssl:openssl promtool:prometheus
+        certutil:libnss3-tools openssl:openssl promtool:prometheus \
+        pg_ctlcluster:postgresql runuser:util-linux
     ensure_venv
 }

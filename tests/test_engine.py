@@ -660,6 +660,7 @@ def test_the_keyspace_table_builds_and_parses_every_key() -> None:
         "active": (keys.active("app"), {"group": "app"}),
         "workflow": (keys.workflow("app"), {"group": "app"}),
         "ack": (keys.ack("app", "west-1"), {"group": "app", "member": "west-1"}),
+        "data": (keys.data("app", "west-1"), {"group": "app", "member": "west-1"}),
         "paused": (keys.paused, {}),
         "drained": (keys.drained("west"), {"region": "west"}),
         "request": (keys.request("r1"), {"request": "r1"}),

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from failoverd.config import ConfigError, load_settings
+from failoverd.core.data import format_bytes
 from failoverd.core.durations import format_duration, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--to", required=True, help="target region")
         if name == "failover":
             sp.add_argument("--force", action="store_true", help="skip the candidate rules")
+            sp.add_argument("--accept-data-loss", action="store_true",
+                            help="with --force: the target's database is behind (or not "
+                            "known to be current) and losing what it has not replayed is "
+                            "accepted (the estimate is recorded)")
             sp.add_argument("--yes", "-y", action="store_true", help="do not ask")
     sub.add_parser("retry", help="run a group's failed saga again from its failed step"
                    ).add_argument("group")
@@ -152,6 +157,22 @@ def print_status(st: dict[str, Any]) -> None:
         if wf and wf["state"] == "running" and current and current.get("detail"):
             # What the saga waits for (a drain, the old region's self-fence).
             print(f"{'':<12}└ {current['name']}: {current['detail']}")
+        for line in data_lines(g.get("data")):
+            print(f"{'':<12}{line}")
+
+
+def data_lines(data: dict[str, Any] | None) -> list[str]:
+    """A database group's copies, one line per region (status)."""
+    if not data:
+        return []
+    lines = []
+    for region, d in data["regions"].items():
+        lag = "" if d["lag_bytes"] is None else f", {format_bytes(d['lag_bytes'])} behind"
+        secs = f", {d['lag_s']:.1f}s" if d.get("lag_s") else ""
+        verdict = "can take over" if d["ok"] else f"NOT a candidate: {d['why']}"
+        lines.append(f"db {region}: {d['role'] or 'no report'}{lag}{secs}"
+                     f"{', replay paused' if d.get('paused') else ''} -> {verdict}")
+    return lines
 
 
 def _secs(v: float | None) -> str:
@@ -236,7 +257,10 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
     if c == "switchover":
         return "POST", f"/v1/groups/{args.group}/switchover", {"to": args.to}
     if c == "failover":
-        return "POST", f"/v1/groups/{args.group}/failover", {"to": args.to, "force": args.force}
+        failover: dict[str, Any] = {"to": args.to, "force": args.force}
+        if args.accept_data_loss:
+            failover["accept_data_loss"] = True
+        return "POST", f"/v1/groups/{args.group}/failover", failover
     if c == "retry":
         return "POST", f"/v1/groups/{args.group}/retry", None
     if c in {"pause", "resume"}:
@@ -379,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             print("failoverctl: failover needs --yes when not on a terminal", file=sys.stderr)
             return EXIT_USAGE
         answer = input(f"Fail {args.group} over to {args.to}"
-                       f"{' (forced)' if args.force else ''}? [y/N] ")
+                       f"{' (forced)' if args.force else ''}"
+                       f"{', accepting data loss' if args.accept_data_loss else ''}? [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             print("aborted", file=sys.stderr)
             return EXIT_REFUSED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from failoverd.core.data import data_state, format_bytes
 from failoverd.core.durations import format_duration
 from failoverd.core.engine import (
     Assessment,
@@ -74,6 +75,12 @@ def drill_checks(view: ClusterView, policy: Policy, group: str, to: str, now: fl
     drained = is_drained(view, policy, to, now)
     checks.append(Check(f"{to} drain", not drained,
                         "drained: not a candidate" if drained else "not drained"))
+    if spec.max_lag_bytes is not None:
+        data = data_state(view.data.get(group, {}), to, rec.region, spec.max_lag_bytes)
+        checks.append(Check(f"{to} data", data.ok, data.why or (
+            f"{to}'s database is {data.role}, "
+            f"{format_bytes(data.lag_bytes or 0)} behind (max "
+            f"{format_bytes(spec.max_lag_bytes)})")))
     decision = decide(with_power_failure(view, rec.region, now), policy, now)
     move = next((c for c in decision.changes if c.group == group), None)
     if move is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from failoverd.core.data import DataState, data_state, format_bytes, loss_estimate
 from failoverd.core.durations import format_duration
 from failoverd.core.model import (
     AUTOMATIC_TRIGGERS,
@@ -31,6 +32,9 @@ URGENT_TRIGGERS = frozenset({"power", "member_loss"})
 class GroupPolicy:
     name: str
     regions: tuple[str, ...]
+    # A group with a database: regions whose copy is further behind than
+    # this are no candidates (None: no database, no data guard).
+    max_lag_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class SetActive:
     # The group's automatic moves within the last hour, this one included
     # (kept in its record: the per-group limit).
     auto_moves: tuple[float, ...] = ()
+    # A forced move into a region whose data was behind: the operator's
+    # accepted loss, in WAL bytes (None: nothing known to be lost).
+    data_loss_bytes: int | None = None
 
     @property
     def automatic(self) -> bool:
@@ -324,7 +331,29 @@ class Assessment:
                             if r != exclude and not self.region(r).not_candidate),
                            key=lambda r: (-self.policy.priority(r), r))
             self._candidates[key] = found
-        return found
+        if group.max_lag_bytes is None:
+            return found
+        return [r for r in found if self.data(group, r).ok]
+
+    def data(self, group: GroupPolicy, region: str) -> DataState:
+        """``region``'s copy of ``group``'s data (ok when the group has no
+        database)."""
+        if group.max_lag_bytes is None:
+            return DataState(region, True, "")
+        rec = self.view.active.get(group.name)
+        return data_state(self.view.data.get(group.name, {}), region,
+                          rec.region if rec is not None else None, group.max_lag_bytes)
+
+    def not_candidate(self, group: GroupPolicy, region: str) -> str:
+        """Why ``region`` may not take ``group`` ("" = it may)."""
+        return self.region(region).not_candidate or self.data(group, region).why
+
+    def skipped_for_data(self, group: GroupPolicy, exclude: str | None) -> list[str]:
+        """The regions otherwise eligible that the data guard refused, with why."""
+        if group.max_lag_bytes is None:
+            return []
+        found = self._candidates.get((group.regions, exclude), [])
+        return [why for r in found if (why := self.data(group, r).why)]
 
 
 def _region_stable_since(view: ClusterView, region: str) -> float | None:
@@ -445,8 +474,10 @@ def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
         hold("paused, holding")
         return
     best = a.candidates(group, rec.region)
+    skipped = a.skipped_for_data(group, rec.region)
     if not best:
-        hold("no candidate, staying", "no candidate region")
+        hold("no candidate, staying", "no candidate region"
+             + (f" ({'; '.join(skipped)})" if skipped else ""))
         return
     blocked = guards.group_guards(rec)
     new_incident = region_wide and not guards.continues(rec.region, trigger)
@@ -463,15 +494,16 @@ def _leave(plan: _Plan, a: Assessment, guards: _Guards, group: GroupPolicy,
         # Rule 6: never held in a dying region; say so loudly.
         overridden.append((group.name, "; ".join(blocked)))
         plan.intents.append(Alert(group.name, f"{why}; moved despite {'; '.join(blocked)}"))
-    change = SetActive(group.name, best[0], rec.epoch + 1, trigger, f"{trigger}: {why}", rec,
-                       planned=trigger == "power",
+    skip_note = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+    change = SetActive(group.name, best[0], rec.epoch + 1, trigger,
+                       f"{trigger}: {why}{skip_note}", rec, planned=trigger == "power",
                        evacuation=rec.region if region_wide else None,
                        overrode=tuple(blocked), auto_moves=guards.moves_with(rec))
     plan.intents.append(change)
     if new_incident and not moves:
         guards.incidents_left = max(guards.incidents_left - 1, 0)  # counted once
     moves.append(change)
-    plan.reasons.append(f"{group.name}: failover {rec.region} -> {best[0]}: {why}")
+    plan.reasons.append(f"{group.name}: failover {rec.region} -> {best[0]}: {why}{skip_note}")
 
 
 def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
@@ -662,10 +694,22 @@ def handle_request(view: ClusterView, policy: Policy, req: OperatorRequest,
     a = Assessment(view, policy, now)
     if not req.force and req.region not in a.candidates(group, rec.region):
         return RequestOutcome(req, False, f"{req.region} is not a candidate: "
-                              f"{a.region(req.region).not_candidate}")
+                              f"{a.not_candidate(group, req.region)}")
     verb = "switchover" if req.action == "switchover" else (
         "forced failover" if req.force else "failover")
-    change = SetActive(group.name, req.region, rec.epoch + 1, "operator",
-                       f"operator {verb} by {req.by}", rec,
-                       planned=req.action == "switchover")
+    reason, loss = f"operator {verb} by {req.by}", None
+    data = a.data(group, req.region)
+    if not data.ok:
+        # Only a forced failover gets here: the operator owns the risk, but
+        # must say so for data (the estimate goes into the history).
+        if not req.accept_data_loss:
+            return RequestOutcome(req, False, f"{data.why}: a forced failover may lose "
+                                  "acknowledged writes; repeat with accept_data_loss "
+                                  "(failoverctl failover --force --accept-data-loss)")
+        loss = loss_estimate(view.data.get(group.name, {}), req.region, rec.region)
+        reason += (f", accepting data loss ({data.why}; about "
+                   f"{format_bytes(loss)} not replayed)" if loss is not None
+                   else f", accepting data loss ({data.why}; loss unknown)")
+    change = SetActive(group.name, req.region, rec.epoch + 1, "operator", reason, rec,
+                       planned=req.action == "switchover", data_loss_bytes=loss)
     return RequestOutcome(req, True, change.reason, change=change)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
 
+from failoverd.core.data import DataReport, parse_data_report
 from failoverd.core.power import Reading, reading_from_json
 from failoverd.core.store import KeyValue, Snapshot
 from failoverd.core.workflow import Workflow, parse_workflow
@@ -37,6 +38,7 @@ KEY_SHAPES: dict[str, str] = {
     "active": "groups/{group}/active",
     "workflow": "groups/{group}/workflow",
     "ack": "groups/{group}/applied/{member}",
+    "data": "groups/{group}/data/{member}",
     "paused": "control/paused",
     "drained": "control/drained/{region}",
     "request": "control/requests/{request}",
@@ -124,6 +126,9 @@ class Keyspace:
 
     def active(self, group: str) -> str:
         return self.key("active", group=group)
+
+    def data(self, group: str, member: str) -> str:
+        return self.key("data", group=group, member=member)
 
     @property
     def members(self) -> str:
@@ -248,6 +253,9 @@ class OperatorRequest:
     group: str | None = None
     region: str | None = None
     force: bool = False
+    # failover --force into a region whose data is behind (or unknown): the
+    # operator accepts losing what it has not replayed.
+    accept_data_loss: bool = False
     # drain: how long (None: the configured default); drill: the hold.
     for_s: float | None = None
     revision: int = 0  # the request key's mod_revision (0 before it is written)
@@ -355,6 +363,8 @@ class ClusterView:
     # workflow, acks; deletions too when folded from the watch): a change
     # marker, so not part of equality.
     group_revisions: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # group -> member -> that live member's look at its region's database.
+    data: Mapping[str, Mapping[str, DataReport]] = field(default_factory=dict)
 
     def regions_with_members(self) -> frozenset[str]:
         return frozenset(m.region for m in self.members.values())
@@ -533,7 +543,8 @@ def parse_request(request_id: str, kv: KeyValue) -> OperatorRequest:
     return OperatorRequest(
         id=request_id, action=_str(d, "action"), by=_str(d, "by"), at=_num(d, "at"),
         group=_opt_str(d, "group"), region=_opt_str(d, "region"),
-        force=d.get("force") is True, for_s=_opt_num(d, "for_s"), revision=kv.mod_revision)
+        force=d.get("force") is True, accept_data_loss=d.get("accept_data_loss") is True,
+        for_s=_opt_num(d, "for_s"), revision=kv.mod_revision)
 
 
 class ViewIndex:
@@ -559,6 +570,7 @@ class ViewIndex:
         self._workflows: dict[str, Workflow] = {}
         self._acks: dict[tuple[str, str], tuple[int, str]] = {}
         self._ack_count: dict[str, int] = {}
+        self._data: dict[str, dict[str, DataReport]] = {}
         self._observations: dict[tuple[str, str], Observation] = {}
         self._relays: dict[str, Reading] = {}  # by key
         self._relay_member: dict[str, str] = {}
@@ -627,6 +639,8 @@ class ViewIndex:
             acks=(dict(self._acks) if self._ack_members() <= members.keys()
                   else {k: v for k, v in self._acks.items() if k[1] in members}),
             group_revisions=dict(self.group_revision),
+            data={g: {m: r for m, r in by.items() if m in members}
+                  for g, by in self._data.items()},
         )
 
     def _ack_members(self) -> set[str]:
@@ -647,6 +661,12 @@ class ViewIndex:
             case "ack":
                 if self._acks.pop((f["group"], f["member"]), None) is not None:
                     self._ack_count[f["member"]] -= 1
+            case "data":
+                by = self._data.get(f["group"])
+                if by is not None:
+                    by.pop(f["member"], None)
+                    if not by:
+                        del self._data[f["group"]]
             case "coordinator":
                 self._coordinator = None
             case "member":
@@ -686,6 +706,11 @@ class ViewIndex:
             case "ack":
                 self._acks[(f["group"], f["member"])] = parse_ack(kv)
                 self._ack_count[f["member"]] = self._ack_count.get(f["member"], 0) + 1
+            case "data":
+                report = parse_data_report(kv.value)
+                if (report.group, report.member) != (f["group"], f["member"]):
+                    raise ValueError("report names another group or member than its key")
+                self._data.setdefault(f["group"], {})[f["member"]] = report
             case "coordinator":
                 self._coordinator = CoordinatorRecord(
                     member=_str(_obj(kv), "member"), term=kv.create_revision, lease=kv.lease)

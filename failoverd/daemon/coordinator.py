@@ -289,15 +289,16 @@ class Coordinator:
 
     def note_changes(self, keys: list[str] | None) -> None:
         """From the watch: did anything decide() reads change?  (Members,
-        observations, power, control, the seat, active records; not acks or
-        workflows.)"""
+        observations, power, control, the seat, active records, database
+        reports; not acks or workflows.)"""
         if keys is None:
             self._inputs_changed = True
             return
         cut = len(self._keys.prefix)
         for key in keys:
             rel = key[cut:]
-            if rel.startswith(DECISION_INPUTS) or rel.endswith("/active"):
+            if rel.startswith(DECISION_INPUTS) or rel.endswith("/active") or (
+                    "/data/" in rel and rel.startswith("groups/")):
                 self._inputs_changed = True
                 return
 
@@ -501,6 +502,8 @@ class Coordinator:
             event["evacuation"] = intent.evacuation
         if intent.overrode:
             event["overrode"] = list(intent.overrode)
+        if intent.data_loss_bytes is not None:
+            event["data_loss_bytes"] = intent.data_loss_bytes  # the operator accepted it
         # The saga that carries the change out, durable with the decision;
         # what needs no I/O is done in this txn (members promote at once).
         wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,

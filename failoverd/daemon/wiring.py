@@ -42,6 +42,7 @@ from failoverd.etcd.lease import KeptLease, LeaseLost
 from failoverd.etcd.mirror import KeyMirror
 from failoverd.faults import fault_point
 from failoverd.processes import set_child_nice
+from failoverd.sensing.database import DatabaseChecker
 from failoverd.sensing.mqtt import PowerFeeds
 from failoverd.sensing.probes import Prober
 from failoverd.sensing.sources import PowerSources
@@ -127,7 +128,8 @@ class Daemon:
     the election, the role reconciler, the prober, the power feeds, the API,
     the isolation guard and the history writer, all as named tasks of one
     root TaskGroup (``watch``, ``history``, ``roles``, ``probes``, ``mqtt``,
-    ``api``, ``isolation``, ``session``, ``reload``, ``shutdown``, and per
+    ``api``, ``isolation``, ``session``, ``reload``, ``shutdown``,
+    ``databases``, and per
     lease session ``lease-keepalive`` and ``election``, which runs the
     :class:`~failoverd.daemon.coordinator.Coordinator` while it holds the seat).
     Signals feed one shutdown path; SIGHUP reloads the config and keeps the
@@ -186,6 +188,8 @@ class Daemon:
         self.watcher.listen("groups/", roles.keys_changed)
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
+        databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
+                                    self._live_lease)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.sources = PowerSources(self.power, lambda: self.settings)
         self.power.on_reading = self._heard_power
@@ -210,6 +214,7 @@ class Daemon:
                 tg.create_task(self.history.run(), name="history")
                 tg.create_task(roles.run(), name="roles")
                 tg.create_task(self.prober.run(), name="probes")
+                tg.create_task(databases.run(), name="databases")
                 tg.create_task(self.power.run(), name="mqtt")
                 tg.create_task(self.sources.run(), name="power-sources")
                 tg.create_task(serve_api(self.api, self.settings.api), name="api")

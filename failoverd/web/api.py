@@ -27,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from failoverd import __version__, metrics
-from failoverd.config import ApiSettings, RegionSettings, Settings, engine_policy
+from failoverd.config import ApiSettings, GroupSettings, RegionSettings, Settings, engine_policy
+from failoverd.core.data import data_state
 from failoverd.core.drill import MAX_HOLD_S
 from failoverd.core.durations import format_duration, parse_duration
 from failoverd.core.engine import (
@@ -98,6 +99,10 @@ class SwitchoverBody(Body):
 class FailoverBody(Body):
     to: str
     force: bool = False
+    accept_data_loss: bool = Field(
+        default=False, description="With force, into a region whose database is behind (or "
+        "not known to be current): the operator accepts losing what it has not replayed; "
+        "the estimate is recorded")
 
 
 class DrillBody(Body):
@@ -425,7 +430,9 @@ class Api:
         group, body = parsed
         return await self._submit(request, "failover", group=group,
                                   region=getattr(body, "to", None),
-                                  force=bool(getattr(body, "force", False)))
+                                  force=bool(getattr(body, "force", False)),
+                                  accept_data_loss=bool(getattr(body, "accept_data_loss",
+                                                                False)))
 
     def _known_group(self, request: web.Request) -> str | web.Response:
         """The path's group, or a 404 when the config has no such group."""
@@ -523,19 +530,22 @@ class Api:
 
     async def _submit(self, request: web.Request, action: str, *, group: str | None = None,
                       region: str | None = None, force: bool = False,
-                      for_s: float | None = None) -> web.Response:
+                      for_s: float | None = None, accept_data_loss: bool = False
+                      ) -> web.Response:
         answer = await self._accepted(request, action, group=group, region=region,
-                                      force=force, for_s=for_s)
+                                      force=force, for_s=for_s,
+                                      accept_data_loss=accept_data_loss)
         return answer if isinstance(answer, web.Response) else web.json_response(answer)
 
     async def _accepted(self, request: web.Request, action: str, *, group: str | None,
-                        region: str | None, force: bool, for_s: float | None
-                        ) -> dict[str, Any] | web.Response:
+                        region: str | None, force: bool, for_s: float | None,
+                        accept_data_loss: bool = False) -> dict[str, Any] | web.Response:
         """Hand an operator request to the coordinator: its answer when
         accepted, else the error response (409 refused, 503 no answer)."""
         req = OperatorRequest(id=f"{time.time_ns():020d}-{secrets.token_hex(4)}",
                               action=action, by=str(request.get("token", "?")), at=time.time(),
-                              group=group, region=region, force=force, for_s=for_s)
+                              group=group, region=region, force=force, for_s=for_s,
+                              accept_data_loss=accept_data_loss)
         rev = await self._store.put(self._keys.request(req.id), req.to_value())
         result = await self._await_result(req.id)
         if result is None:
@@ -645,7 +655,8 @@ def status_document(view: ClusterView, s: Settings, now: float,
                                         "trigger": rec.trigger, "mode": rec.mode}
                                        if (rec := view.active.get(g.name)) else None),
                             "workflow": (wf.summary() if (wf := view.workflows.get(g.name))
-                                         else None)}
+                                         else None),
+                            **({"data": data_document(view, g)} if g.database else {})}
                    for g in s.groups},
         "paused": view.control.paused,
         # Live drills, running or the last of each group.
@@ -660,6 +671,26 @@ def status_document(view: ClusterView, s: Settings, now: float,
         # again for up to a second (Api.status).
         "as_of": now,
     }
+
+
+def data_document(view: ClusterView, g: GroupSettings) -> dict[str, Any]:
+    """A database group's copies, region by region: role, lag, and whether
+    the data guard lets the region take over (with why not)."""
+    assert g.database is not None
+    rec = view.active.get(g.name)
+    reports = view.data.get(g.name, {})
+    out: dict[str, Any] = {"max_lag_bytes": g.database.max_lag_bytes, "regions": {}}
+    for region in g.regions:
+        st = data_state(reports, region, rec.region if rec else None, g.database.max_lag_bytes)
+        mine = max((r for r in reports.values() if r.region == region), key=lambda r: r.at,
+                   default=None)
+        out["regions"][region] = {
+            "role": mine.role if mine else None, "lag_bytes": st.lag_bytes,
+            "lag_s": mine.lag_s if mine else None,
+            "streaming": mine.streaming if mine else None,
+            "paused": mine.paused if mine else None, "at": mine.at if mine else None,
+            "error": mine.error if mine else None, "ok": st.ok, "why": st.why}
+    return out
 
 
 def _body_duration(field: str, text: str | None, most: float, too_long: str

@@ -1,0 +1,158 @@
+"""Real PostgreSQL (Debian ``postgresql``) for tests, benchmarks and the demo:
+a primary and streaming standbys, one per region, on loopback ports.
+
+PostgreSQL refuses to run as root, so as root (CI) every server runs as the
+``postgres`` user the package creates, in a directory of its own under
+/tmp; otherwise as the current user.  Nothing listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from devstack.stack import free_port
+
+
+def pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name))
+    if not versions:
+        raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
+    return versions[-1].parent
+
+
+def _as_postgres() -> list[str]:
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+CONF = """
+listen_addresses = '127.0.0.1'
+port = {port}
+unix_socket_directories = '{sockets}'
+wal_level = replica
+max_wal_senders = 10
+wal_keep_size = '256MB'
+hot_standby = on
+wal_log_hints = on
+wal_receiver_status_interval = 1s
+shared_buffers = 16MB
+max_connections = 40
+fsync = on
+logging_collector = off
+"""
+HBA = """
+local all all trust
+host all all 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+"""
+
+
+class PgServer:
+    """One PostgreSQL server of a :class:`PgReplicaSet`."""
+
+    def __init__(self, root: Path, region: str) -> None:
+        self.root = root
+        self.region = region
+        self.port = free_port()
+        self.datadir = root / region
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str, timeout: float = 60) -> str:
+        out = subprocess.run([*_as_postgres(), *argv], capture_output=True, text=True,
+                             timeout=timeout, cwd=self.root, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {out.stderr.strip() or out.stdout.strip()}")
+        return out.stdout
+
+    def initdb(self) -> None:
+        self._run(str(pg_bin() / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                  "--auth=trust", "-E", "UTF8", "--no-sync")
+        with (self.datadir / "postgresql.conf").open("a") as f:
+            f.write(CONF.format(port=self.port, sockets=self.root))
+        (self.datadir / "pg_hba.conf").write_text(HBA)
+
+    def clone_from(self, primary: PgServer) -> None:
+        """A streaming standby of ``primary`` (pg_basebackup -R)."""
+        self._run(str(pg_bin() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                  "-U", "postgres", "-D", str(self.datadir), "-R", "-X", "stream", "-c", "fast",
+                  "--no-sync")
+        with (self.datadir / "postgresql.auto.conf").open("a") as f:
+            f.write(f"port = {self.port}\n")
+            f.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
+                    f"application_name={self.region}'\n")
+
+    def start(self) -> None:
+        self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.datadir), "-l",
+                  str(self.root / f"{self.region}.log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.datadir / "postmaster.pid").exists():
+            self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w",
+                      "stop")
+
+    def sql(self, query: str) -> str:
+        """Run ``query`` with psql; its unaligned output, stripped."""
+        return self._run(str(pg_bin() / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
+                         "-U", "postgres", "-d", "postgres", "-XtAq", "-c", query).strip()
+
+    def lsn(self) -> int:
+        """Current WAL position (primary) or replayed position (standby), in bytes."""
+        return int(self.sql(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+            "ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint"))
+
+
+class PgReplicaSet:
+    """A primary in ``primary``'s region and a streaming standby in each other."""
+
+    def __init__(self, regions: Iterable[str], primary: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="failoverd-pg-"))
+        os.chmod(self.root, 0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.servers = {r: PgServer(self.root, r) for r in regions}
+        self.primary = primary
+
+    def __getitem__(self, region: str) -> PgServer:
+        return self.servers[region]
+
+    def start(self) -> PgReplicaSet:
+        first = self.servers[self.primary]
+        first.initdb()
+        first.start()
+        for region, server in self.servers.items():
+            if region != self.primary:
+                server.clone_from(first)
+                server.start()
+        self.wait_streaming()
+        return self
+
+    def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Until every standby streams from the primary."""
+        want = len(self.servers) - 1
+        deadline = time.monotonic() + timeout
+        while True:
+            n = int(self.servers[self.primary].sql(
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"))
+            if n >= want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{n} of {want} standbys streaming after {timeout}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                server.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
