@@ -9,6 +9,7 @@ PostgreSQL refuses to run as root, so as root (CI) every server runs as the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -156,3 +157,39 @@ class PgReplicaSet:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 server.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+HOOKS = Path(__file__).resolve().parent.parent / "deploy" / "hooks" / "postgresql"
+
+
+def hook_env_dir(replicas: PgReplicaSet, region: str, group: str, workdir: Path) -> Path:
+    """The env file deploy/hooks/postgresql reads, for ``region``'s member
+    (its own server, and how to reach every region's): the directory to
+    give the daemon as FAILOVERD_PG_ENV_DIR."""
+    d = workdir / f"pg-env-{region}"
+    d.mkdir(parents=True, exist_ok=True)
+    server = replicas[region]
+    lines = [f"PGBIN={pg_bin()}", f"PGDATA={server.datadir}", "PGHOST=127.0.0.1",
+             f"PGPORT={server.port}", "PGUSER=postgres",
+             'RUN_AS="runuser -u postgres --"' if os.geteuid() == 0 else "RUN_AS=",
+             f"STATE_DIR={workdir / f'pg-state-{region}'}", "TIMEOUT_S=30"]
+    lines += [f'CONNINFO_{r}="host=127.0.0.1 port={s.port} user=postgres"'
+              for r, s in replicas.servers.items()]
+    (d / f"{group}.env").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def database_group_toml(replicas: PgReplicaSet, haproxy_socket: str | None = None,
+                        **database: object) -> str:
+    """A group's TOML for the replica set: the PostgreSQL hooks, its
+    [groups.database] and, given HAProxy's socket, a route to the primary."""
+    dsn = ", ".join(f'{r} = "{s.dsn}"' for r, s in replicas.servers.items())
+    text = (f'promote = ["{HOOKS / "promote"}"]\ndemote = ["{HOOKS / "demote"}"]\n'
+            f'rejoin = ["{HOOKS / "rejoin"}"]\n')
+    if haproxy_socket is not None:
+        servers = ", ".join(f'{r} = "{r}"' for r in replicas.servers)
+        text += (f'[[groups.routes]]\nkind = "haproxy"\nsocket = "{haproxy_socket}"\n'
+                 f'backend = "app"\nservers = {{ {servers} }}\n')
+    text += f'[groups.database]\nkind = "postgres"\ndsn = {{ {dsn} }}\n'
+    text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in database.items())
+    return text

@@ -520,9 +520,10 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
     for name, members in groups.items():
         lines += ["[[groups]]", f'name = "{name}"', f"regions = {json.dumps(members)}",
                   "hook_timeout_s = 5", "hook_attempts = 2", f"drain_s = {drain_s}"]
-        if hook is not None:
+        extra = (group_tomls or {}).get(name, group_toml)
+        if hook is not None and "promote =" not in extra:  # a group's own hooks win
             lines += [f'promote = ["{hook}"]', f'demote = ["{hook}"]']
-        lines += [(group_tomls or {}).get(name, group_toml), ""]
+        lines += [extra, ""]
     pol = {"cooldown_s": 0, "tick_s": 0.5, "bootstrap_grace_s": 2,
            "member_loss_grace_s": 0, **(policy or {})}
     lines.append("[policy]")
@@ -878,8 +879,10 @@ class Haproxy:
     ``app`` with one server per region (a port on 127.0.0.1 or "host:port"),
     admin socket in the workdir."""
 
-    def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str) -> None:
+    def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str,
+                 mode: str = "http") -> None:
         self.workdir = workdir
+        self.mode = mode  # "tcp" for PostgreSQL
         self.port = free_port()
         self.socket = str(workdir / "haproxy.sock")
         self.servers = servers
@@ -888,9 +891,9 @@ class Haproxy:
 
     def start(self) -> Haproxy:
         lines = ["global", f"    stats socket {self.socket} mode 600 level admin",
-                 "defaults", "    mode http", "    timeout connect 1s", "    timeout client 5s",
-                 "    timeout server 5s", "frontend fe", f"    bind 127.0.0.1:{self.port}",
-                 "    default_backend app", "backend app"]
+                 "defaults", f"    mode {self.mode}", "    timeout connect 1s",
+                 "    timeout client 5s", "    timeout server 5s", "frontend fe",
+                 f"    bind 127.0.0.1:{self.port}", "    default_backend app", "backend app"]
         for name, port in self.servers.items():
             addr = port if isinstance(port, str) else f"127.0.0.1:{port}"
             lines.append(f"    server {name} {addr}"

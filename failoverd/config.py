@@ -439,6 +439,9 @@ class PostgresDatabase(_Model):
     max_lag_bytes: Annotated[int, Field(ge=0)] = 1_048_576
     check_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # A switchover waits this long, after fencing the old primary, for the
+    # new region to replay its last WAL; then it aborts and switches back.
+    catchup_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -453,6 +456,9 @@ class GroupSettings(_Model):
     regions: list[Name] = Field(min_length=1)
     promote: list[str] = Field(default_factory=list)
     demote: list[str] = Field(default_factory=list)
+    # Database groups: run in the old region after a switchover, to bring
+    # its old primary back as a standby of the new one (pg_rewind).
+    rejoin: list[str] = Field(default_factory=list)
     hook_timeout_s: PositiveFloat = 30.0
     hook_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     routes: list[Route] = Field(default_factory=list)

@@ -191,14 +191,15 @@ def _reap_later(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, role: str,
-                   timeout_s: float, attempts: int, backoff_s: float = 0.5) -> HookResult:
+                   timeout_s: float, attempts: int, backoff_s: float = 0.5,
+                   extra_env: Mapping[str, str] | None = None) -> HookResult:
     """Run ``argv`` until it exits 0 or ``attempts`` are spent; never raises
     for a failing command (a missing executable counts as a failure)."""
     start = time.monotonic()
     if not argv:
         return HookResult(True, 0, 0.0, 0, "")
     env = {"FAILOVERD_GROUP": group, "FAILOVERD_REGION": region,
-           "FAILOVERD_EPOCH": str(epoch), "FAILOVERD_ROLE": role}
+           "FAILOVERD_EPOCH": str(epoch), "FAILOVERD_ROLE": role, **(extra_env or {})}
     tries = 0
     try:
         async for attempt in AsyncRetrying(

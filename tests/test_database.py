@@ -298,3 +298,51 @@ async def test_power_event_promotes_the_current_standby_not_the_lagging_one(
         pg["west"].sql("SELECT pg_wal_replay_resume()")
         await c.close()
         broker.stop()
+
+
+# -- the switchover's pure parts -----------------------------------------------------
+
+def test_the_demote_hooks_final_position_is_read_from_its_output() -> None:
+    from failoverd.daemon.roles import final_lsn  # noqa: PLC0415
+    from failoverd.daemon.saga import format_lsn  # noqa: PLC0415
+
+    assert final_lsn("demote db: fencing\nfinal_lsn=0/4024988\ndemote db: fenced\n") == 0x4024988
+    assert final_lsn("final_lsn=1/0\nfinal_lsn=2/A0\n") == (2 << 32) | 0xA0  # the last one
+    assert final_lsn("a standby: nothing to fence\n") is None
+    assert final_lsn("final_lsn=zz/1\n") is None
+    assert format_lsn((2 << 32) | 0xA0) == "2/A0" and format_lsn(None) == "?"
+
+
+def test_a_database_saga_fences_and_catches_up_before_promoting() -> None:
+    from failoverd.core.workflow import Workflow, may_demote, may_rejoin  # noqa: PLC0415
+
+    wf = Workflow.new("db", 4, "east", "west", "planned", NOW, data=True)
+    assert [s.name for s in wf.steps] == ["precheck", "drain_old", "fence_old", "catchup",
+                                          "promote_new", "reroute", "verify", "rejoin_old"]
+    assert not may_demote(wf, 4)  # draining: the old primary still serves
+    fencing = wf.with_step(replace(wf.steps[2], state="running"), NOW)
+    assert may_demote(fencing, 4) and not may_rejoin(fencing, 4)
+    plain = Workflow.new("app", 4, "east", "west", "planned", NOW)
+    assert not plain.has("catchup") and not may_demote(
+        plain.with_step(replace(plain.steps[2], state="running"), NOW), 4)
+    rejoining = wf.with_step(replace(wf.steps[-1], state="running"), NOW)
+    assert may_rejoin(rejoining, 4) and not may_rejoin(rejoining, 5)
+
+
+def test_a_failed_catchup_switches_back_to_the_fenced_primary() -> None:
+    from failoverd.core.workflow import Workflow  # noqa: PLC0415
+
+    wf = Workflow.new("db", 4, "east", "west", "planned", NOW, data=True)
+    failed = wf.with_step(replace(wf.steps[3], state="failed", error="west did not replay"),
+                          NOW)
+    view = replace(_view([], power_critical=False),
+                   active={"db": ActiveRecord("west", 4, NOW - 5, "", 1, "operator", 7)},
+                   workflows={"db": failed})
+    (change,) = decide(view, POLICY, NOW).changes
+    assert (change.region, change.epoch, change.trigger) == ("east", 5, "rollback")
+    assert "did not catch up" in change.reason
+    paused = replace(view, control=ControlState(paused=True))
+    assert not decide(paused, POLICY, NOW).changes
+    # Another step's failure is an operator's (retry), not a rollback.
+    other = wf.with_step(replace(wf.steps[5], state="failed", error="haproxy"), NOW)
+    assert not decide(replace(view, workflows={"db": other}), POLICY, NOW).changes

@@ -548,6 +548,20 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
                     f"re-asserting {rec.region} at epoch {floor + 1}", rec))
                 plan.reasons.append(f"{group.name}: epoch behind a fence -> {floor + 1}")
                 continue
+        wf = view.workflows.get(group.name)
+        caught = wf.step("catchup") if wf is not None else None
+        if (wf is not None and caught is not None and caught.state == "failed"
+                and wf.epoch == rec.epoch and wf.state == "failed" and wf.from_region
+                and not view.control.paused):
+            # The new region did not replay what the fenced old primary
+            # wrote: unfence by switching back to that primary, which has
+            # every write (never promote into a loss the guard did not allow).
+            plan.intents.append(SetActive(
+                group.name, wf.from_region, rec.epoch + 1, "rollback",
+                f"rollback: {wf.to_region} did not catch up ({caught.error}); back to "
+                f"{wf.from_region}, whose fenced primary has every write", rec))
+            plan.reasons.append(f"{group.name}: rollback {rec.region} -> {wf.from_region}")
+            continue
         if rec.region not in group.regions:
             _leave(plan, a, guards, group, rec, "config",
                    f"{rec.region} is no longer in the group", region_wide=False)

@@ -20,7 +20,7 @@ from failoverd.core.workflow import Workflow, parse_workflow
 
 Trigger = Literal[
     "bootstrap", "member_loss", "health", "power", "operator", "config", "failback",
-    "restore", "drill",
+    "restore", "drill", "rollback",
 ]
 AUTOMATIC_TRIGGERS: frozenset[str] = frozenset(
     {"member_loss", "health", "power", "config", "failback"}
@@ -365,6 +365,9 @@ class ClusterView:
     group_revisions: Mapping[str, int] = field(default_factory=dict, compare=False)
     # group -> member -> that live member's look at its region's database.
     data: Mapping[str, Mapping[str, DataReport]] = field(default_factory=dict)
+    # (group, member) -> what its ack says of a database (the old primary's
+    # final WAL position, the rejoin's outcome).
+    ack_details: Mapping[tuple[str, str], AckDetail] = field(default_factory=dict)
 
     def regions_with_members(self) -> frozenset[str]:
         return frozenset(m.region for m in self.members.values())
@@ -477,6 +480,31 @@ def parse_ack(kv: KeyValue) -> tuple[int, str]:
     return int(_num(d, "epoch")), _str(d, "role")
 
 
+@dataclass(frozen=True)
+class AckDetail:
+    """What a member's ack says beyond (epoch, role), for a database group:
+    the WAL position its demote hook reported when it fenced the old
+    primary, and how its rejoin hook ended (None: not run for that epoch)."""
+
+    final_lsn: int | None = None
+    rejoined: bool | None = None
+    rejoin_error: str = ""
+
+
+def ack_detail(kv: KeyValue) -> AckDetail | None:
+    """None for the usual ack (no database detail: no second parse)."""
+    if '"final_lsn"' not in kv.value and '"rejoined"' not in kv.value:
+        return None
+    d = _obj(kv)
+    lsn = d.get("final_lsn")
+    if lsn is not None and (not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 0):
+        raise ValueError(f"bad final_lsn {lsn!r}")
+    rejoined = d.get("rejoined")
+    if rejoined is not None and not isinstance(rejoined, bool):
+        raise ValueError(f"bad rejoined {rejoined!r}")
+    return AckDetail(lsn, rejoined, str(d.get("rejoin_error", ""))[:500])
+
+
 LIVE_DRILL_PHASES = ("switching", "holding", "returning", "done", "failed", "aborted")
 LIVE_DRILL_RUNNING = frozenset({"switching", "holding", "returning"})
 
@@ -571,6 +599,7 @@ class ViewIndex:
         self._acks: dict[tuple[str, str], tuple[int, str]] = {}
         self._ack_count: dict[str, int] = {}
         self._data: dict[str, dict[str, DataReport]] = {}
+        self._ack_details: dict[tuple[str, str], AckDetail] = {}
         self._observations: dict[tuple[str, str], Observation] = {}
         self._relays: dict[str, Reading] = {}  # by key
         self._relay_member: dict[str, str] = {}
@@ -641,6 +670,7 @@ class ViewIndex:
             group_revisions=dict(self.group_revision),
             data={g: {m: r for m, r in by.items() if m in members}
                   for g, by in self._data.items()},
+            ack_details=dict(self._ack_details),
         )
 
     def _ack_members(self) -> set[str]:
@@ -661,6 +691,7 @@ class ViewIndex:
             case "ack":
                 if self._acks.pop((f["group"], f["member"]), None) is not None:
                     self._ack_count[f["member"]] -= 1
+                self._ack_details.pop((f["group"], f["member"]), None)
             case "data":
                 by = self._data.get(f["group"])
                 if by is not None:
@@ -706,6 +737,8 @@ class ViewIndex:
             case "ack":
                 self._acks[(f["group"], f["member"])] = parse_ack(kv)
                 self._ack_count[f["member"]] = self._ack_count.get(f["member"], 0) + 1
+                if (detail := ack_detail(kv)) is not None:
+                    self._ack_details[(f["group"], f["member"])] = detail
             case "data":
                 report = parse_data_report(kv.value)
                 if (report.group, report.member) != (f["group"], f["member"]):

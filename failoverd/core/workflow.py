@@ -11,6 +11,15 @@ Orders:
 - forced (old region gone or critical): precheck → fence_old → promote_new →
   reroute → verify → demote_old.  The old region is fenced first.
 - bootstrap: promote_new → reroute → verify.
+
+A group with a database (``DATA_ORDERS``) fences the old primary first and
+waits for the new region to replay everything it wrote before promoting:
+- planned: precheck → drain_old → fence_old → catchup → promote_new →
+  reroute → verify → rejoin_old (no acknowledged write lost).
+- forced: precheck → fence_old → catchup → promote_new → reroute → verify
+  → rejoin_old (catchup waits only when the old primary's final WAL
+  position is known: a dead primary's is not, and the data guard bounded
+  the loss before the move).
 """
 
 from __future__ import annotations
@@ -23,6 +32,13 @@ ORDERS: dict[str, tuple[str, ...]] = {
     "planned": ("precheck", "drain_old", "promote_new", "reroute", "verify", "demote_old"),
     "forced": ("precheck", "fence_old", "promote_new", "reroute", "verify", "demote_old"),
     "bootstrap": ("promote_new", "reroute", "verify"),
+}
+DATA_ORDERS: dict[str, tuple[str, ...]] = {
+    "planned": ("precheck", "drain_old", "fence_old", "catchup", "promote_new", "reroute",
+                "verify", "rejoin_old"),
+    "forced": ("precheck", "fence_old", "catchup", "promote_new", "reroute", "verify",
+               "rejoin_old"),
+    "bootstrap": ORDERS["bootstrap"],
 }
 
 
@@ -58,10 +74,18 @@ class Workflow:
 
     @classmethod
     def new(cls, group: str, epoch: int, from_region: str | None, to_region: str, mode: str,
-            now: float) -> Workflow:
+            now: float, data: bool = False) -> Workflow:
+        """``data``: the group has a database (fence, catch up, rejoin)."""
+        order = (DATA_ORDERS if data else ORDERS)[mode]
         return cls(id=f"{group}-{epoch}", group=group, epoch=epoch, from_region=from_region,
                    to_region=to_region, mode=mode, created=now,
-                   steps=tuple(Step(n) for n in ORDERS[mode]), updated=now)
+                   steps=tuple(Step(n) for n in order), updated=now)
+
+    def has(self, name: str) -> bool:
+        return any(s.name == name for s in self.steps)
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
 
     def current(self) -> Step | None:
         """The first step not done (None when every step is done)."""
@@ -126,8 +150,16 @@ def may_promote(wf: Workflow | None, epoch: int) -> bool:
 
 
 def may_demote(wf: Workflow | None, epoch: int) -> bool:
-    """A planned switchover keeps the old region serving until demote_old; a
-    forced one fences at once."""
+    """A planned switchover keeps the old region serving until demote_old
+    (a database's: until fence_old, after the drain); a forced one fences
+    at once."""
     if wf is None or wf.epoch != epoch or wf.mode != "planned":
         return True
-    return wf.reached("demote_old")
+    return wf.reached("fence_old" if wf.has("fence_old") else "demote_old")
+
+
+def may_rejoin(wf: Workflow | None, epoch: int) -> bool:
+    """The old region's database rejoins as a standby once the saga reached
+    rejoin_old (the new primary serves)."""
+    return wf is not None and wf.epoch == epoch and wf.has("rejoin_old") and wf.reached(
+        "rejoin_old")

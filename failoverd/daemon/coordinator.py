@@ -481,8 +481,11 @@ class Coordinator:
         key = self._keys.active(intent.group)
         # A group's first epoch, or the same region re-asserted above a fence
         # (rule 11), has no old region to fence or demote.
+        # A rollback returns to the fenced primary that has every write:
+        # nothing to fence or catch up (the failed target never promoted).
         mode = ("planned" if intent.planned
                 else "bootstrap" if intent.prev is None or intent.prev.region == intent.region
+                or intent.trigger == "rollback"
                 else "forced")
         prev = intent.prev
         # The per-group limit's memory travels with the record; an operator
@@ -506,10 +509,11 @@ class Coordinator:
             event["data_loss_bytes"] = intent.data_loss_bytes  # the operator accepted it
         # The saga that carries the change out, durable with the decision;
         # what needs no I/O is done in this txn (members promote at once).
-        wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
-                          intent.region, mode, now)
         s = self._settings()
         group = s.group_by_name(intent.group)
+        wf = Workflow.new(intent.group, intent.epoch, prev.region if prev else None,
+                          intent.region, mode, now,
+                          data=group is not None and group.database is not None)
         if group is not None:
             wf = fast_forward(wf, group, now, fence_wait_until(
                 wf, view, s.policy.isolation_grace_s, s.peer_timeout_s),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from failoverd import metrics
 from failoverd.config import GroupSettings, Settings
 from failoverd.core.model import ActiveRecord, Keyspace, parse_ack, parse_active, to_json
 from failoverd.core.store import MAX_TXN_OPS, KeyValue, Put, Store, StoreError
-from failoverd.core.workflow import Workflow, may_demote, may_promote, parse_workflow
+from failoverd.core.workflow import (
+    Workflow,
+    may_demote,
+    may_promote,
+    may_rejoin,
+    parse_workflow,
+)
 from failoverd.etcd.history import History
 from failoverd.etcd.mirror import KeyMirror
 from failoverd.processes import HookResult, run_hook
@@ -33,6 +40,18 @@ from failoverd.processes import HookResult, run_hook
 log = structlog.get_logger("failoverd.daemon.roles")
 
 RETRY_MIN_S = 2.0
+# What a database's demote hook prints when it has fenced the old primary:
+# the WAL position the new region must replay before it is promoted.
+_FINAL_LSN = re.compile(r"^final_lsn=([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*$", re.MULTILINE)
+
+
+def final_lsn(output: str) -> int | None:
+    """The last ``final_lsn=X/Y`` line of a hook's output, in bytes."""
+    found = _FINAL_LSN.findall(output)
+    if not found:
+        return None
+    hi, lo = found[-1]
+    return (int(hi, 16) << 32) | int(lo, 16)
 RETRY_MAX_S = 60.0
 
 T = TypeVar("T")
@@ -151,6 +170,9 @@ class RoleReconciler:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._behind: dict[str, int] = {}  # groups whose record is behind us (logged)
         self._not_from_us: dict[str, int] = {}  # group -> epoch whose saga is not from us
+        # Database groups: per group, (epoch, what the ack adds) — the old
+        # primary's final WAL position from the demote hook, the rejoin's end.
+        self._details: dict[str, tuple[int, dict[str, object]]] = {}
         self._slots = asyncio.Semaphore(s.policy.max_concurrent_hooks)
         # One hook at a time per group: a self-fence and a reconciled demote
         # of a newer epoch must not run side by side (chaos seed 12: the
@@ -332,9 +354,12 @@ class RoleReconciler:
             applied = self.state.groups.get(group)
             if applied is None:
                 continue
-            if seen.get(group) == (applied.epoch, applied.role):
+            epoch, extra = self._details.get(group, (0, {}))
+            if epoch != applied.epoch:
+                extra = {}
+            if not extra and seen.get(group) == (applied.epoch, applied.role):
                 continue
-            value = to_json({"epoch": applied.epoch, "role": applied.role})
+            value = to_json({"epoch": applied.epoch, "role": applied.role, **extra})
             if value != self._acked.get(group):
                 values[group] = value
         names = list(values)
@@ -378,6 +403,12 @@ class RoleReconciler:
         # A member that died mid-promote has no record of it and must not
         # come back half-active.
         if applied is not None and applied.role == "standby":
+            # A database: once the new primary serves, every other region's
+            # server follows it (the old primary rewound, standbys re-pointed).
+            det_epoch, det = self._details.get(group.name, (0, {}))
+            if (group.database is not None and not (det_epoch == rec.epoch and "rejoined" in det)
+                    and may_rejoin(wf(), rec.epoch)):
+                return rec.epoch, "rejoin", group.rejoin
             return None
         if not may_demote(wf(), rec.epoch):
             return None  # planned switchover: keep serving while traffic drains
@@ -416,6 +447,44 @@ class RoleReconciler:
             await self._run_role_locked(self._settings(), group, applied.epoch, "standby",
                                         group.demote)
 
+    async def _rejoin(self, s: Settings, group: GroupSettings, epoch: int, argv: list[str]
+                      ) -> bool:
+        """The old primary back as a standby of the new one (the rejoin
+        hook: pg_rewind where needed).  Run once per epoch; its outcome goes
+        into our ack either way — a failed rejoin needs an operator, and
+        retrying a rewind on a loop helps nobody."""
+        if not argv:
+            extra: dict[str, object] = {"rejoined": False,
+                                        "rejoin_error": "no rejoin hook configured"}
+        else:
+            extra = await self._run_rejoin(s, group, epoch, argv)
+        before_epoch, before = self._details.get(group.name, (0, {}))
+        self._details[group.name] = (epoch, {**(before if before_epoch == epoch else {}),
+                                             **extra})
+        return True
+
+    async def _run_rejoin(self, s: Settings, group: GroupSettings, epoch: int,
+                          argv: list[str]) -> dict[str, object]:
+        bound = log.bind(group=group.name, epoch=epoch, role="rejoin")
+        bound.info("rejoin starting", command=argv)
+        result = await self._bounded(run_hook(
+            argv, group=group.name, region=s.region, epoch=epoch, role="rejoin",
+            timeout_s=group.hook_timeout_s, attempts=1,
+            extra_env={"FAILOVERD_ACTIVE_REGION": self.active_regions.get(group.name, "")}))
+        extra: dict[str, object] = {"rejoined": result.ok}
+        if result.ok:
+            bound.info("rejoin done", duration_s=round(result.duration_s, 3))
+        else:
+            extra["rejoin_error"] = (f"exit {result.returncode}: " if result.returncode
+                                     is not None else "timed out: ") + result.output[-300:]
+            bound.error("rejoin failed: the old primary needs an operator",
+                        output=result.output[-500:])
+        await self._history.record("rejoin_done" if result.ok else "rejoin_failed",
+                                   group=group.name, region=s.region, epoch=epoch,
+                                   duration_s=round(result.duration_s, 3),
+                                   output=result.output[-500:])
+        return extra
+
     def _group_lock(self, group: str) -> asyncio.Lock:
         lock = self._group_locks.get(group)
         if lock is None:
@@ -440,6 +509,8 @@ class RoleReconciler:
 
     async def _run_role_locked(self, s: Settings, group: GroupSettings, epoch: int, role: str,
                                argv: list[str]) -> bool:
+        if role == "rejoin":
+            return await self._rejoin(s, group, epoch, argv)
         now = time.monotonic()
         if now < self._retry_at.get(group.name, 0.0):
             return False
@@ -476,6 +547,9 @@ class RoleReconciler:
             "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
         }
         if result.ok:
+            if role == "standby" and group.database is not None:
+                lsn = final_lsn(result.output)
+                self._details[group.name] = (epoch, {} if lsn is None else {"final_lsn": lsn})
             await self.state.commit(group.name, Applied(epoch, role))
             self._retry_at.pop(group.name, None)
             self._retry_delay.pop(group.name, None)

@@ -26,6 +26,7 @@ import structlog
 
 from failoverd import metrics
 from failoverd.config import DnsRoute, GroupSettings, HaproxyRoute, Settings
+from failoverd.core.data import DataReport
 from failoverd.core.model import ClusterView, Keyspace
 from failoverd.core.store import MAX_TXN_OPS, Compare, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.core.workflow import Step, Workflow
@@ -54,6 +55,11 @@ GATES = frozenset({"promote_new", "demote_old"})
 
 class StepFailed(Exception):
     """This attempt of the step failed; it may be retried."""
+
+
+class StepAborted(StepFailed):
+    """The step cannot succeed by retrying (a catch-up past its bound): the
+    saga fails at once, for the coordinator's compensation."""
 
 
 class SagaFenced(Exception):
@@ -133,6 +139,10 @@ def fast_forward(wf: Workflow, group: GroupSettings, now: float,
             detail = "no drain period (drain_s = 0)"
         elif step.name == "fence_old" and (fence_until is not None and fence_until > now):
             return wf  # waits for the old region's self-fence (the saga's step)
+        elif step.name == "fence_old" and wf.has("catchup"):
+            # A database's old primary is fenced by its demote hook, which
+            # starts on this record: running, in the txn of the change.
+            return wf.with_step(replace(step, state="running", started=now), now)
         elif step.name == "fence_old" and (old_acks_wanted or any(
                 isinstance(r, HaproxyRoute) for r in group.routes)):
             return wf  # the saga fences, or waits for the old members' demote
@@ -324,6 +334,10 @@ class Saga:
         """The step after a failed attempt: failed for good (fenced out, or
         out of attempts) or due again after a jittered backoff."""
         attempts = step.attempts + 1
+        if isinstance(exc, StepAborted):
+            bound.error("saga step aborted", error=str(exc))
+            return replace(step, state="failed", error=str(exc), finished=now,
+                           attempts=attempts)
         if isinstance(exc, FencedOut):
             bound.error("saga fenced out: a newer epoch owns the resource", error=str(exc))
             return replace(step, state="failed", error=str(exc), finished=now,
@@ -435,14 +449,24 @@ class Saga:
             await self._each_router(group, replace(change, step="fence"))
             if until is not None:
                 return True, f"{wf.from_region} past its self-fence deadline; fenced"
+            if wf.mode == "planned" and wf.has("catchup"):
+                # No loss: the old primary must be fenced (its demote hook
+                # acked) before the new region catches up and promotes.
+                assert wf.from_region is not None
+                return self._acked(wf, group, view, wf.from_region, "standby", started, now,
+                                   required=True)
             if old_acks_wanted(wf, view, s.policy.fence_ack_wait_s):
                 assert wf.from_region is not None
                 return self._acked(wf, group, view, wf.from_region, "standby", started, now,
                                    required=False, within_s=s.policy.fence_ack_wait_s)
             return True, f"{wf.from_region} fenced"
+        if step.name == "catchup":
+            return self._catchup(wf, group, view, started, now)
         if step.name == "promote_new":
             return self._acked(wf, group, view, wf.to_region, "active", started, now,
                                required=True)
+        if step.name == "rejoin_old":
+            return self._rejoined(wf, group, view, started, now)
         if step.name == "reroute":
             return True, await self._each_router(group, replace(change, step="reroute"))
         if step.name == "verify":
@@ -453,6 +477,59 @@ class Saga:
             return self._acked(wf, group, view, wf.from_region, "standby", started, now,
                                required=False)
         raise StepFailed(f"unknown step {step.name}")
+
+    def _catchup(self, wf: Workflow, group: GroupSettings, view: ClusterView, started: float,
+                 now: float) -> tuple[bool, str]:
+        """Has the new region replayed everything the fenced old primary
+        wrote?  Bounded by ``catchup_timeout_s``: then aborted (the
+        coordinator switches back to the old primary, which has it all)."""
+        db = group.database
+        if db is None:
+            return True, "no database"
+        target = old_primary_final_lsn(wf, view)
+        mine = newest_report(view, wf.group, wf.to_region)
+        at = f"{format_lsn(mine.lsn)}" if mine is not None and mine.lsn is not None else "?"
+        if target is None:
+            if wf.mode == "forced":
+                return True, (f"{wf.from_region}'s final WAL position unknown (not fenced by "
+                              "its hook); the loss is bounded by max_lag_bytes")
+            if (mine is not None and mine.role == "standby" and not mine.streaming
+                    and mine.lsn is not None and mine.lsn >= (mine.receive_lsn or 0)):
+                return True, (f"{wf.to_region} replayed all it received ({at}); the old "
+                              "primary reported no final position")
+        elif mine is not None and mine.role == "standby" and (mine.lsn or 0) >= target:
+            return True, f"{wf.to_region} replayed {at} >= {format_lsn(target)}"
+        if now - started < db.catchup_timeout_s:
+            self._due(wf.group, started + db.catchup_timeout_s)  # reports wake us sooner
+            want = format_lsn(target) if target is not None else "what it received"
+            return False, f"waiting for {wf.to_region} to replay {want} (at {at})"
+        raise StepAborted(f"{wf.to_region} did not replay "
+                          f"{format_lsn(target) if target is not None else 'its WAL'} within "
+                          f"{db.catchup_timeout_s:.0f}s (at {at})")
+
+    def _rejoined(self, wf: Workflow, group: GroupSettings, view: ClusterView,
+                  started: float, now: float) -> tuple[bool, str]:
+        """Did the old region's server come back as a standby of the new
+        primary?  Never fails the saga (traffic has moved): a failed or
+        missing rejoin is said loudly, for an operator."""
+        old = wf.from_region
+        members = [m.member for m in view.members_in(old)] if old else []
+        if not members:
+            return True, (f"NEEDS AN OPERATOR: no live member in {old} to rejoin its "
+                          "server as a standby")
+        outcomes = {m: view.acks.get((wf.group, m)) == (wf.epoch, "standby")
+                    and view.ack_details.get((wf.group, m)) for m in members}
+        done = {m: d for m, d in outcomes.items() if d and d.rejoined is not None}
+        if len(done) == len(members):
+            failed = [f"{m}: {d.rejoin_error}" for m, d in done.items() if not d.rejoined]
+            if failed:
+                return True, f"NEEDS AN OPERATOR: rejoin failed ({'; '.join(failed)})"[:500]
+            return True, f"{old} rejoined as a standby of {wf.to_region}"
+        deadline = group.hook_timeout_s + ACK_SLACK_S
+        if now - started < deadline:
+            self._due(wf.group, started + deadline)
+            return False, f"waiting for {old} to rejoin"
+        return True, f"NEEDS AN OPERATOR: {old} did not report its rejoin"
 
     def _due(self, group: str, at: float) -> None:
         self.due[group] = min(self.due.get(group, at), at)
@@ -517,6 +594,43 @@ class Saga:
             self._due(wf.group, now + VERIFY_RECHECK_S)
             return False, "; ".join(problems)
         raise StepFailed("verify: " + "; ".join(problems))
+
+
+def old_primary_final_lsn(wf: Workflow, view: ClusterView) -> int | None:
+    """The final WAL position the old region's demote hooks reported when
+    they fenced its primary at the saga's epoch (None: none reported)."""
+    found = [d.final_lsn for (g, m), d in view.ack_details.items()
+             if g == wf.group and d.final_lsn is not None
+             and view.acks.get((g, m)) == (wf.epoch, "standby")
+             and (rec := view.members.get(m)) is not None and rec.region == wf.from_region]
+    return max(found) if found else None
+
+
+def newest_report(view: ClusterView, group: str, region: str) -> DataReport | None:
+    return max((r for r in view.data.get(group, {}).values() if r.region == region),
+               key=lambda r: r.at, default=None)
+
+
+def catchup_targets(view: ClusterView, region: str) -> dict[str, int]:
+    """Groups whose saga waits for ``region``'s database to catch up, with
+    the WAL position to reach (its checker then looks often)."""
+    out: dict[str, int] = {}
+    for group, wf in view.workflows.items():
+        if wf.state != "running" or wf.to_region != region:
+            continue
+        current = wf.current()
+        if current is not None and current.name == "catchup":
+            target = old_primary_final_lsn(wf, view)
+            if target is not None:
+                out[group] = target
+    return out
+
+
+def format_lsn(lsn: int | None) -> str:
+    """Bytes as PostgreSQL writes an LSN (``0/3000060``)."""
+    if lsn is None:
+        return "?"
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def _step_summary(step: Step, now: float) -> dict[str, object]:

@@ -33,7 +33,7 @@ from failoverd.daemon.coordinator import Coordinator, NotCoordinator
 from failoverd.daemon.drill import Drill, hook_checks
 from failoverd.daemon.isolation import IsolationGuard
 from failoverd.daemon.roles import Applied, RoleReconciler
-from failoverd.daemon.saga import worst_step_s
+from failoverd.daemon.saga import catchup_targets, worst_step_s
 from failoverd.daemon.sdnotify import Notifier, run_watchdog
 from failoverd.etcd.client import EtcdStore, etcd_failure
 from failoverd.etcd.election import campaign, resign
@@ -189,7 +189,9 @@ class Daemon:
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
         databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
-                                    self._live_lease)
+                                    self._live_lease, catchup_targets=self._catchup_targets)
+        # A saga reaching catchup into our region: look at our server now.
+        self.watcher.listen("groups/", lambda _keys: databases.wake())
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.sources = PowerSources(self.power, lambda: self.settings)
         self.power.on_reading = self._heard_power
@@ -452,6 +454,13 @@ class Daemon:
                 metrics.clear_labelled(gauge)
             metrics.GROUPS_HELD.set(0)
             structlog.contextvars.unbind_contextvars("term")
+
+    def _catchup_targets(self) -> dict[str, int]:
+        """Groups whose switchover waits for our region's database."""
+        if not any(g.database is not None for g in self.settings.groups):
+            return {}
+        view = self._mirror_view()
+        return catchup_targets(view, self.settings.region) if view is not None else {}
 
     def _decision_inputs(self, keys: list[str] | None) -> None:
         coord = self.coordinator

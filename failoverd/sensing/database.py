@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ SELECT pg_is_in_recovery() AS standby,
 # A report whose news is unchanged is re-written this often (readers judge
 # freshness by its time); LSNs moving alone are written once per interval.
 REFRESH_S = 30.0
+# While a switchover waits for this region to catch up, its server is
+# looked at this often (the wait is the write outage).
+CATCHUP_CHECK_S = 0.02
 
 
 def report_from_row(group: str, member: str, region: str, row: Any, now: float
@@ -80,8 +83,12 @@ class DatabaseChecker:
 
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  lease_id: Callable[[], int | None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 catchup_targets: Callable[[], Mapping[str, int]] = dict) -> None:
         self._keys = keys
+        # group -> WAL position a switchover waits for this region to replay.
+        self._catchup_targets = catchup_targets
+        self._wake = asyncio.Event()
         self._settings = settings
         self._clock = clock
         self._published = LeasedPublisher(store, lease_id, clock)
@@ -93,28 +100,49 @@ class DatabaseChecker:
         return [(g, g.database, g.database.dsn[s.region]) for g in s.groups
                 if g.database is not None and s.region in g.database.dsn]
 
+    def wake(self) -> None:
+        """Something changed that may start a catch-up: look now."""
+        self._wake.set()
+
+    async def _until(self, due: float, names: set[str]) -> None:
+        """Sleep until ``due``, or until a wake finds a catch-up waiting on
+        one of ``names`` (other wakes — every group change — sleep on)."""
+        while (left := due - time.monotonic()) > 0:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+            if names and names & self._catchup_targets().keys():
+                return
+
     async def run(self) -> None:
         try:
             while True:
                 mine = self._mine()
                 started = time.monotonic()
+                targets = self._catchup_targets()
                 if mine:
-                    await self.check_all(mine)
+                    await self.check_all(mine, targets)
                 interval = min((db.check_interval_s for _, db, _ in mine), default=1.0)
-                await asyncio.sleep(max(interval - (time.monotonic() - started), 0.05))
+                names = {g.name for g, _, _ in mine}
+                if names & targets.keys():
+                    interval = CATCHUP_CHECK_S
+                await self._until(started + interval, names)
         finally:
             for conn in self._connections.values():
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1)
 
-    async def check_all(self, mine: list[tuple[GroupSettings, PostgresDatabase, str]]
-                        ) -> None:
+    async def check_all(self, mine: list[tuple[GroupSettings, PostgresDatabase, str]],
+                        targets: Mapping[str, int] | None = None) -> None:
         """Check every group's server at once, then publish what changed."""
         s = self._settings()
         reports = await asyncio.gather(*(self._check(g.name, db, dsn, s.member, s.region)
                                          for g, db, dsn in mine))
         for (_, db, _), report in zip(mine, reports, strict=True):
-            await self._publish(report, db)
+            await self._publish(report, db, (targets or {}).get(report.group))
         try:
             await self._published.flush()
         except StoreError as exc:
@@ -158,10 +186,13 @@ class DatabaseChecker:
         if conn is not None:
             conn.terminate()
 
-    async def _publish(self, report: DataReport, db: PostgresDatabase) -> None:
+    async def _publish(self, report: DataReport, db: PostgresDatabase,
+                       target: int | None = None) -> None:
         lag = report.own_lag_bytes
+        # Reaching a switchover's catch-up target is news: written at once.
+        caught_up = target is not None and (report.lsn or 0) >= target
         news = (report.role, report.streaming, report.paused,
-                lag is not None and lag > db.max_lag_bytes, report.error)
+                lag is not None and lag > db.max_lag_bytes, report.error, caught_up)
         minor = (report.lsn, report.receive_lsn, report.primary_lsn, report.lag_s)
         try:
             await self._published.publish(

@@ -1,0 +1,161 @@
+"""Planned switchover of a PostgreSQL group without losing an acknowledged
+write, and its abort: real PostgreSQL (a primary and two streaming
+standbys), HAProxy in TCP mode in front, etcd, the daemons and the
+deploy/hooks/postgresql scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from devstack.postgres import PgReplicaSet, database_group_toml, hook_env_dir
+from devstack.stack import (
+    OPERATOR_TOKEN,
+    EtcdCluster,
+    Haproxy,
+    LocalCluster,
+    call,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+REGIONS = {"east": 100, "west": 50, "south": 10}
+
+
+@dataclass
+class Writer:
+    """Inserts a numbered row every 10 ms through HAProxy and keeps the
+    numbers the database acknowledged (a commit that returned)."""
+
+    port: int
+    acked: list[tuple[int, float]] = field(default_factory=list)
+    errors: int = 0
+
+    async def run(self) -> None:
+        n = 0
+        conn = None
+        while True:
+            n += 1
+            try:
+                if conn is None:
+                    async with asyncio.timeout(1):
+                        conn = await asyncpg.connect(host="127.0.0.1", port=self.port,
+                                                     user="postgres", database="postgres")
+                async with asyncio.timeout(1):
+                    await conn.execute("INSERT INTO acked (n) VALUES ($1)", n)
+                self.acked.append((n, time.monotonic()))
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError):
+                self.errors += 1
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            await asyncio.sleep(0.01)
+
+    def outage_ms(self) -> float:
+        """The longest gap between two acknowledged writes."""
+        times = [t for _, t in self.acked]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0) * 1000
+
+
+@pytest.fixture
+async def db_cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+                     ) -> AsyncIterator[tuple[LocalCluster, PgReplicaSet, Haproxy]]:
+    pg = PgReplicaSet(list(REGIONS), "east").start()
+    pg["east"].sql("CREATE TABLE acked (n int PRIMARY KEY)")
+    hp = Haproxy(tmp_path, {r: s.port for r, s in pg.servers.items()}, "east", mode="tcp")
+    hp.start()
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS,
+                     {"db": list(REGIONS)}, drain_s=0, policy={"cooldown_s": 0},
+                     group_toml=database_group_toml(pg, hp.socket, check_interval_s=0.2,
+                                                    catchup_timeout_s=3))
+    try:
+        for region in REGIONS:
+            c.add(f"{region}-1", region,
+                  env={"FAILOVERD_PG_ENV_DIR": str(hook_env_dir(pg, region, "db", tmp_path))})
+        await c.wait_active("db", "east", 20)
+        await _saga_done(c, 1)
+        yield c, pg, hp
+    finally:
+        await c.close()
+        hp.stop()
+        pg.stop()
+
+
+async def _saga_done(c: LocalCluster, epoch: int, timeout: float = 30) -> dict:
+    async def done() -> object:
+        wf = (await c.view()).workflows.get("db")
+        if wf is not None and wf.epoch == epoch and wf.state == "failed":
+            raise AssertionError(f"saga failed: {wf.error}")
+        return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
+    wf = await wait_until(done, timeout, f"the saga of epoch {epoch} done")
+    return {s.name: s.detail for s in wf.steps}  # type: ignore[attr-defined]
+
+
+async def test_planned_switchover_loses_no_acknowledged_write(db_cluster) -> None:
+    c, pg, hp = db_cluster
+    writer = Writer(hp.port)
+    task = asyncio.create_task(writer.run())
+    await wait_until(lambda: len(writer.acked) >= 50, 10, "writes flowing through HAProxy")
+    status, body = await call(c.daemons["south-1"].api, "POST", "/v1/groups/db/switchover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200, body
+    rec = await c.wait_active("db", "west", 20)
+    steps = await _saga_done(c, rec.epoch)
+    before = len(writer.acked)
+    await wait_until(lambda: len(writer.acked) >= before + 50, 15, "writes flowing to west")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    acked = {n for n, _ in writer.acked}
+    present = {int(x) for x in pg["west"].sql("SELECT n FROM acked").split()}
+    missing = acked - present
+    print(f"switchover: {len(acked)} writes acknowledged, {len(missing)} missing, "
+          f"write outage {writer.outage_ms():.0f} ms, epoch {rec.epoch}; steps: {steps}")
+    assert not missing, f"acknowledged writes lost: {sorted(missing)[:20]}"
+    assert "replayed" in steps["catchup"] and "fenced" not in steps["catchup"]
+
+    # The old primary never takes a write again: it is a standby of west now
+    # (rewound and rejoined), and south follows west too.
+    assert "rejoined as a standby of west" in steps["rejoin_old"], steps
+    with pytest.raises(RuntimeError, match="read-only"):
+        pg["east"].sql("INSERT INTO acked (n) VALUES (-1)")
+
+    async def both_follow_west() -> bool:
+        return pg["west"].sql("SELECT count(*) FROM pg_stat_replication "
+                              "WHERE state = 'streaming'") == "2"
+    await wait_until(both_follow_west, 20, "east and south streaming from west")
+
+
+async def test_a_catchup_that_cannot_finish_switches_back(db_cluster) -> None:
+    """West's replay is paused (a few bytes behind: still a candidate): the
+    switchover fences east, west never replays east's last WAL, and after
+    catchup_timeout_s the coordinator switches back to east's primary,
+    which starts again with every write."""
+    c, pg, _ = db_cluster
+    pg["west"].sql("SELECT pg_wal_replay_pause()")
+    pg["east"].sql("INSERT INTO acked (n) VALUES (1)")
+    status, body = await call(c.daemons["south-1"].api, "POST", "/v1/groups/db/switchover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200, body
+
+    async def rolled_back() -> object:
+        rec = (await c.view()).active.get("db")
+        return rec if rec is not None and rec.trigger == "rollback" else None
+    rec = await wait_until(rolled_back, 30, "the rollback to east")
+    assert rec.region == "east" and "did not catch up" in rec.reason
+    await _saga_done(c, rec.epoch)
+    assert pg["east"].sql("SELECT pg_is_in_recovery()") == "f"
+    assert pg["east"].sql("SELECT count(*) FROM acked WHERE n = 1") == "1"
+    failed = [e for e in await c.history(200) if e.get("kind") == "alert"]
+    assert any("catchup" in e.get("reason", "") for e in failed), failed
+    pg["west"].sql("SELECT pg_wal_replay_resume()")
