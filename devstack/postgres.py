@@ -8,7 +8,9 @@ PostgreSQL refuses to run as root, so as root (CI) every server runs as the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -16,7 +18,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import asyncpg
 
 from devstack.stack import free_port
 
@@ -157,6 +162,50 @@ class PgReplicaSet:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 server.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class PgWriter:
+    """Inserts a numbered row into ``acked`` every 10 ms through ``port``
+    (HAProxy in front of the primary) and keeps the numbers the database
+    acknowledged (a commit that returned), with when."""
+
+    port: int
+    acked: list[tuple[int, float]] = field(default_factory=list)
+    errors: int = 0
+
+    async def run(self) -> None:
+        n = 0
+        conn = None
+        while True:
+            n += 1
+            try:
+                if conn is None:
+                    async with asyncio.timeout(1):
+                        conn = await asyncpg.connect(host="127.0.0.1", port=self.port,
+                                                     user="postgres", database="postgres")
+                async with asyncio.timeout(1):
+                    await conn.execute("INSERT INTO acked (n) VALUES ($1)", n)
+                self.acked.append((n, time.monotonic()))
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError):
+                self.errors += 1
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            await asyncio.sleep(0.01)
+
+    def outage_ms(self) -> float:
+        """The longest gap between two acknowledged writes."""
+        times = [t for _, t in self.acked]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0) * 1000
+
+
+
+    def missing_in(self, server: PgServer) -> set[int]:
+        """Acknowledged numbers that ``server`` does not hold."""
+        present = {int(x) for x in server.sql("SELECT n FROM acked").split()}
+        return {n for n, _ in self.acked} - present
 
 
 HOOKS = Path(__file__).resolve().parent.parent / "deploy" / "hooks" / "postgresql"

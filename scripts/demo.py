@@ -12,6 +12,11 @@ failoverd per region (east, west, central), then plays a scenario:
   crash       the coordinator is killed -9 in the middle of a switchover; the
               next coordinator finishes the saga
   switchover  an operator's planned switchover with failoverctl
+  database    PostgreSQL primary in east, streaming standbys in west and
+              central, a writer through HAProxy; east's generator fails: the
+              switchover fences east, waits for west to replay its last WAL,
+              promotes west and rejoins east; prints writes acknowledged,
+              found, missing (must be 0) and the write outage
 
 On a terminal (or with --keep) the stack stays up for failoverctl and the
 status page until Ctrl-C or ``scripts/demo stop``; otherwise (or with --exit)
@@ -42,6 +47,7 @@ import aiomqtt
 import dns.asyncquery
 import dns.message
 
+from devstack.postgres import PgReplicaSet, PgWriter, database_group_toml, hook_env_dir
 from devstack.stack import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
@@ -61,7 +67,7 @@ REGIONS = {"east": 100, "west": 50, "central": 25}
 ADDRESS = {"east": "127.0.1.1", "west": "127.0.2.1", "central": "127.0.3.1"}
 NAME = "app.example.test."
 SENSOR_PERIOD_S = 5.0
-SCENARIOS = ("power", "nut", "health", "crash", "switchover")
+SCENARIOS = ("power", "nut", "health", "crash", "switchover", "database")
 
 
 def say(msg: str = "") -> None:
@@ -538,6 +544,114 @@ PLAYS: dict[str, Callable[[Stack], Awaitable[None]]] = {
 }
 
 
+# -- the database scenario (a stack of its own) ----------------------------------
+class DbStack:
+    """The database scenario's processes: etcd, mosquitto, PostgreSQL in
+    three regions, HAProxy (TCP) in front of the primary, three daemons."""
+
+    def __init__(self, work: Path, ttl: int) -> None:
+        self.work, self.ttl = work, ttl
+        self.etcd = EtcdCluster(work, size=3)
+        self.broker = Mosquitto(work)
+        self.pg = PgReplicaSet(list(REGIONS), "east")
+        self.hp: Haproxy | None = None
+        self.c: LocalCluster | None = None
+
+    async def start(self) -> LocalCluster:
+        self.etcd.start()
+        self.broker.start()
+        say(f"==> etcd: 3 members; mosquitto on {self.broker.url}")
+        pg = self.pg.start()
+        pg["east"].sql("CREATE TABLE acked (n int PRIMARY KEY)")
+        say("==> PostgreSQL " + ", ".join(
+            f"{r} {'primary' if r == 'east' else 'standby'} :{srv.port}"
+            for r, srv in pg.servers.items()) + f" (data under {pg.root})")
+        self.hp = Haproxy(self.work, {r: srv.port for r, srv in pg.servers.items()}, "east",
+                          mode="tcp").start()
+        say(f"==> HAProxy (TCP) on 127.0.0.1:{self.hp.port} in front of the primary")
+        c = self.c = LocalCluster(
+            self.work, "demo-db", self.etcd.endpoints, REGIONS, {"db": list(REGIONS)},
+            ttl=self.ttl, mqtt=[self.broker.url], drain_s=0, log_level="info",
+            policy={"power_grace_s": 0, "cooldown_s": 0, "bootstrap_grace_s": 5},
+            group_toml=database_group_toml(pg, self.hp.socket, check_interval_s=0.5))
+        for region in ("central", "east", "west"):
+            c.add(f"{region}-1", region, env={
+                "FAILOVERD_PG_ENV_DIR": str(hook_env_dir(pg, region, "db", self.work))})
+        pids = [d.proc.pid for d in c.daemons.values() if d.proc is not None]
+        pids += [m.proc.pid for m in self.etcd.members if m.proc is not None]
+        pids += [p.pid for p in (self.broker.proc, self.hp.proc) if p is not None]
+        pids += [int((srv.datadir / "postmaster.pid").read_text().split()[0])
+                 for srv in pg.servers.values() if (srv.datadir / "postmaster.pid").exists()]
+        (self.work / "pids").write_text("".join(f"{pid}\n" for pid in pids))
+        return c
+
+    async def stop(self) -> None:
+        if self.c is not None:
+            await self.c.close()
+        if self.hp is not None:
+            self.hp.stop()
+        self.broker.stop()
+        self.etcd.stop()
+        self.pg.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.work / "pids").unlink()
+
+
+async def database_demo(work: Path, ttl: int) -> None:
+    """A writer inserts a numbered row every 10 ms through HAProxy; east's
+    generator fails.  The switchover fences east's primary, waits for west
+    to replay its last WAL, promotes west, reroutes, and rejoins east as a
+    standby: no acknowledged write may be lost."""
+    say("\n==> scenario: database - PostgreSQL in three regions, a power event in east")
+    stack = DbStack(work, ttl)
+    try:
+        c = await stack.start()
+        assert stack.hp is not None
+        rec = await c.wait_active("db", "east", 30)
+        say(f"==> failoverd: db active in east (epoch {rec.epoch}); the data guard "
+            "watches each region's replay")
+        writer = PgWriter(stack.hp.port)
+        writing = asyncio.create_task(writer.run(), name="writer")
+        try:
+            await wait_until(lambda: len(writer.acked) >= 200, 20, "writes through HAProxy")
+            say(f"==> writer: {len(writer.acked)} rows acknowledged so far, one every 10 ms")
+            async with aiomqtt.Client("127.0.0.1", stack.broker.port) as mq:
+                t0 = time.time()
+                await mq.publish("failoverd/power/east/gen",
+                                 json.dumps({"state": "generator_failed", "ts": t0}), qos=1)
+            say("==> east generator: failed (sensor message published)")
+            after = await c.wait_active("db", "west", 30)
+            wf = await wait_until(lambda: _saga_of(c, after.epoch), 60, "the switchover")
+            n = len(writer.acked)
+            await wait_until(lambda: len(writer.acked) >= n + 200, 20, "writes to west")
+        finally:
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
+        missing = writer.missing_in(stack.pg["west"])
+        for st in wf.steps:
+            say(f"    {st.name:<12} +{(st.finished or t0) - t0:6.3f}s  {st.detail}")
+        say(f"==> writes acknowledged {len(writer.acked)}, found in west "
+            f"{len(writer.acked) - len(missing)}, missing {len(missing)}; write outage "
+            f"{writer.outage_ms():.0f} ms; epoch {rec.epoch} -> {after.epoch}")
+        say("RESULT " + json.dumps({"scenario": "database", "acknowledged": len(writer.acked),
+                                    "missing": len(missing),
+                                    "outage_ms": round(writer.outage_ms()),
+                                    "epoch": after.epoch}))
+        if missing:
+            raise AssertionError(f"{len(missing)} acknowledged writes lost")
+    finally:
+        await stack.stop()
+
+
+async def _saga_of(c: LocalCluster, epoch: int) -> Any:
+    """The group's saga of ``epoch`` once done (raises when it failed)."""
+    wf = (await c.view()).workflows.get("db")
+    if wf is not None and wf.epoch == epoch and wf.state == "failed":
+        raise AssertionError(f"the switchover failed: {wf.error}")
+    return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
+
+
 # -- running and stopping ------------------------------------------------------
 def _alive(pid: int) -> bool:
     try:
@@ -615,6 +729,9 @@ async def run(args: argparse.Namespace) -> int:
     rc = 0
 
     async def play() -> None:
+        if args.scenario == "database":
+            await database_demo(work, args.ttl)
+            return
         await stack.start()
         await PLAYS[args.scenario](stack)
 
@@ -629,7 +746,8 @@ async def run(args: argparse.Namespace) -> int:
             exc = player.exception()
             say(f"\n==> the scenario failed: {exc!r}; logs in {work}")
             rc = 1
-        elif not args.exit and (args.keep or sys.stdin.isatty()):
+        elif not args.exit and args.scenario != "database" and (
+                args.keep or sys.stdin.isatty()):
             _help(stack, work)
             await stopper
         stopper.cancel()

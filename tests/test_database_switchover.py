@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from devstack.postgres import PgReplicaSet, database_group_toml, hook_env_dir
+from devstack.postgres import PgReplicaSet, PgWriter, database_group_toml, hook_env_dir
 from devstack.stack import (
     OPERATOR_TOKEN,
     EtcdCluster,
@@ -28,42 +24,6 @@ from devstack.stack import (
 
 pytestmark = pytest.mark.cluster
 REGIONS = {"east": 100, "west": 50, "south": 10}
-
-
-@dataclass
-class Writer:
-    """Inserts a numbered row every 10 ms through HAProxy and keeps the
-    numbers the database acknowledged (a commit that returned)."""
-
-    port: int
-    acked: list[tuple[int, float]] = field(default_factory=list)
-    errors: int = 0
-
-    async def run(self) -> None:
-        n = 0
-        conn = None
-        while True:
-            n += 1
-            try:
-                if conn is None:
-                    async with asyncio.timeout(1):
-                        conn = await asyncpg.connect(host="127.0.0.1", port=self.port,
-                                                     user="postgres", database="postgres")
-                async with asyncio.timeout(1):
-                    await conn.execute("INSERT INTO acked (n) VALUES ($1)", n)
-                self.acked.append((n, time.monotonic()))
-            except (OSError, TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError):
-                self.errors += 1
-                if conn is not None:
-                    conn.terminate()
-                    conn = None
-            await asyncio.sleep(0.01)
-
-    def outage_ms(self) -> float:
-        """The longest gap between two acknowledged writes."""
-        times = [t for _, t in self.acked]
-        return max((b - a for a, b in itertools.pairwise(times)), default=0) * 1000
 
 
 @pytest.fixture
@@ -102,7 +62,7 @@ async def _saga_done(c: LocalCluster, epoch: int, timeout: float = 30) -> dict:
 
 async def test_planned_switchover_loses_no_acknowledged_write(db_cluster) -> None:
     c, pg, hp = db_cluster
-    writer = Writer(hp.port)
+    writer = PgWriter(hp.port)
     task = asyncio.create_task(writer.run())
     await wait_until(lambda: len(writer.acked) >= 50, 10, "writes flowing through HAProxy")
     status, body = await call(c.daemons["south-1"].api, "POST", "/v1/groups/db/switchover",
@@ -116,10 +76,8 @@ async def test_planned_switchover_loses_no_acknowledged_write(db_cluster) -> Non
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
-    acked = {n for n, _ in writer.acked}
-    present = {int(x) for x in pg["west"].sql("SELECT n FROM acked").split()}
-    missing = acked - present
-    print(f"switchover: {len(acked)} writes acknowledged, {len(missing)} missing, "
+    missing = writer.missing_in(pg["west"])
+    print(f"switchover: {len(writer.acked)} writes acknowledged, {len(missing)} missing, "
           f"write outage {writer.outage_ms():.0f} ms, epoch {rec.epoch}; steps: {steps}")
     assert not missing, f"acknowledged writes lost: {sorted(missing)[:20]}"
     assert "replayed" in steps["catchup"] and "fenced" not in steps["catchup"]

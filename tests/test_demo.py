@@ -73,6 +73,21 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
+def test_demo_database_scenario_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    """The database scenario: a power event in east moves the PostgreSQL
+    primary to west with every acknowledged write, and says so."""
+    out = subprocess.run([*DEMO, "--exit", "--scenario", "database",
+                          "--workdir", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=180,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = _result(out.stdout)
+    assert r["scenario"] == "database" and r["epoch"] == 2
+    assert r["acknowledged"] > 300 and r["missing"] == 0
+    assert 0 < r["outage_ms"] < 10_000
+    assert "east rejoined as a standby of west" in out.stdout
+
+
 def test_demo_stays_up_then_the_stop_command_stops_everything(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     log = tmp_path / "demo.out"

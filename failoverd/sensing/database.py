@@ -155,8 +155,8 @@ class DatabaseChecker:
                 conn = await self._connection(dsn, db)
                 row = await conn.fetchrow(QUERY)
             report = report_from_row(group, member, region, row, self._clock())
-        except (OSError, TimeoutError, asyncpg.PostgresError,
-                asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as exc:
             await self._drop(dsn)
             error = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
             metrics.DATABASE_CHECK_FAILURES.labels(group).inc()
