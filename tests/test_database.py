@@ -327,6 +327,11 @@ def test_a_database_saga_fences_and_catches_up_before_promoting() -> None:
         plain.with_step(replace(plain.steps[2], state="running"), NOW), 4)
     rejoining = wf.with_step(replace(wf.steps[-1], state="running"), NOW)
     assert may_rejoin(rejoining, 4) and not may_rejoin(rejoining, 5)
+    # A catch-up that failed never lets the new region promote.
+    from failoverd.core.workflow import may_promote  # noqa: PLC0415
+    aborted = wf.with_step(replace(wf.steps[3], state="failed", error="timeout"), NOW)
+    assert aborted.state == "failed" and not may_promote(aborted, 4)
+    assert may_promote(wf.with_step(replace(wf.steps[4], state="running"), NOW), 4)
 
 
 def test_a_failed_catchup_switches_back_to_the_fenced_primary() -> None:
@@ -346,3 +351,44 @@ def test_a_failed_catchup_switches_back_to_the_fenced_primary() -> None:
     # Another step's failure is an operator's (retry), not a rollback.
     other = wf.with_step(replace(wf.steps[5], state="failed", error="haproxy"), NOW)
     assert not decide(replace(view, workflows={"db": other}), POLICY, NOW).changes
+
+
+@pytest.mark.cluster
+async def test_a_lagging_standby_as_the_only_candidate_keeps_the_group_on_real_postgres(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str, pg: PgReplicaSet) -> None:
+    """East and west only; west's replay is paused far behind: east's power
+    event moves nothing, and an alert says why (Azure 2018: better stay
+    than lose the writes)."""
+    broker = Mosquitto(tmp_path).start()
+    dsn = ", ".join(f'{r} = "{pg[r].dsn}"' for r in ("east", "west"))
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100, "west": 50},
+                     {"db": ["east", "west"]}, mqtt=[broker.url],
+                     policy={"power_grace_s": 1, "expected_failover_s": 5},
+                     group_toml=("[groups.database]\nkind = \"postgres\"\n"
+                                 f"dsn = {{ {dsn} }}\ncheck_interval_s = 0.2\n"))
+    pg["west"].sql("SELECT pg_wal_replay_pause()")
+    try:
+        c.add("east-1", "east")
+        c.add("west-1", "west")
+        before = await c.wait_active("db", "east", 20)
+        _fill(pg, 3)
+
+        async def west_behind() -> bool:
+            r = (await c.view()).data.get("db", {}).get("west-1")
+            return r is not None and (r.own_lag_bytes or 0) > 2 * MIB
+        await wait_until(west_behind, 15, "west's lag in etcd")
+        async with aiomqtt.Client("127.0.0.1", broker.port) as mq:
+            await mq.publish("failoverd/power/east/gen",
+                             json.dumps({"state": "generator_failed", "ts": time.time()}), qos=1)
+
+        async def alerted() -> dict[str, Any] | None:
+            return next((e for e in await c.history(200) if e.get("kind") == "alert"
+                         and "no candidate region" in e.get("reason", "")), None)
+        alert = await wait_until(alerted, 15, "the no-candidate alert")
+        assert "west is" in alert["reason"] and "behind" in alert["reason"]
+        rec = (await c.view()).active["db"]
+        assert (rec.region, rec.epoch) == ("east", before.epoch)
+    finally:
+        pg["west"].sql("SELECT pg_wal_replay_resume()")
+        await c.close()
+        broker.stop()

@@ -27,8 +27,11 @@ REGIONS = {"east": 100, "west": 50, "south": 10}
 
 
 @pytest.fixture
-async def db_cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
+async def db_cluster(request: pytest.FixtureRequest, tmp_path: Path, etcd: EtcdCluster,
+                     cluster_name: str
                      ) -> AsyncIterator[tuple[LocalCluster, PgReplicaSet, Haproxy]]:
+    """The stack; the coordinator in south (away from the regions that
+    move).  ``request.param``: catchup_timeout_s (default 3)."""
     pg = PgReplicaSet(list(REGIONS), "east").start()
     pg["east"].sql("CREATE TABLE acked (n int PRIMARY KEY)")
     hp = Haproxy(tmp_path, {r: s.port for r, s in pg.servers.items()}, "east", mode="tcp")
@@ -36,11 +39,14 @@ async def db_cluster(tmp_path: Path, etcd: EtcdCluster, cluster_name: str
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS,
                      {"db": list(REGIONS)}, drain_s=0, policy={"cooldown_s": 0},
                      group_toml=database_group_toml(pg, hp.socket, check_interval_s=0.2,
-                                                    catchup_timeout_s=3))
+                                                    catchup_timeout_s=getattr(
+                                                        request, "param", 3)))
     try:
-        for region in REGIONS:
+        for region in ("south", "east", "west"):
             c.add(f"{region}-1", region,
                   env={"FAILOVERD_PG_ENV_DIR": str(hook_env_dir(pg, region, "db", tmp_path))})
+            if region == "south":
+                await c.wait_coordinator(15)
         await c.wait_active("db", "east", 20)
         await _saga_done(c, 1)
         yield c, pg, hp
@@ -113,7 +119,50 @@ async def test_a_catchup_that_cannot_finish_switches_back(db_cluster) -> None:
     assert rec.region == "east" and "did not catch up" in rec.reason
     await _saga_done(c, rec.epoch)
     assert pg["east"].sql("SELECT pg_is_in_recovery()") == "f"
+    # West was never promoted: the failed saga stopped before promote_new.
+    assert pg["west"].sql("SELECT pg_is_in_recovery()") == "t"
+    assert not any(e.get("kind") == "promote_done" and e.get("region") == "west"
+                   for e in await c.history(200))
     assert pg["east"].sql("SELECT count(*) FROM acked WHERE n = 1") == "1"
     failed = [e for e in await c.history(200) if e.get("kind") == "alert"]
     assert any("catchup" in e.get("reason", "") for e in failed), failed
     pg["west"].sql("SELECT pg_wal_replay_resume()")
+
+
+@pytest.mark.parametrize("db_cluster", [20], indirect=True)
+async def test_the_fence_holds_through_a_coordinator_crash_mid_saga(db_cluster) -> None:
+    """The coordinator dies while the switchover waits for west to catch up:
+    east's primary stays fenced (no write is acknowledged meanwhile), the
+    next coordinator finishes the saga, and nothing acknowledged is lost."""
+    c, pg, hp = db_cluster
+    writer = PgWriter(hp.port)
+    task = asyncio.create_task(writer.run())
+    await wait_until(lambda: len(writer.acked) >= 30, 10, "writes flowing")
+    pg["west"].sql("SELECT pg_wal_replay_pause()")
+    seat = (await c.view()).coordinator
+    assert seat is not None and seat.member == "south-1"
+    status, body = await call(c.daemons["east-1"].api, "POST", "/v1/groups/db/switchover",
+                              OPERATOR_TOKEN, {"to": "west"})
+    assert status == 200, body
+
+    async def catching_up() -> bool:
+        wf = (await c.view()).workflows.get("db")
+        step = wf.step("catchup") if wf is not None else None
+        return step is not None and step.state == "running"
+    await wait_until(catching_up, 15, "the saga waiting at catchup")
+    c.daemons["south-1"].kill9()
+    fenced_at = len(writer.acked)
+    with pytest.raises(RuntimeError):  # shut down: it takes nothing
+        pg["east"].sql("INSERT INTO acked (n) VALUES (-1)")
+    new = await c.wait_coordinator(20, not_term=seat.term)
+    assert len(writer.acked) == fenced_at, "a write was acknowledged while fenced"
+    pg["west"].sql("SELECT pg_wal_replay_resume()")
+    rec = await c.wait_active("db", "west", 10)
+    steps = await _saga_done(c, rec.epoch)
+    await wait_until(lambda: len(writer.acked) >= fenced_at + 30, 15, "writes to west")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert not writer.missing_in(pg["west"])
+    assert "replayed" in steps["catchup"], steps
+    assert new.member in {"east-1", "west-1"}

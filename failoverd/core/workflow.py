@@ -145,8 +145,16 @@ def parse_workflow(value: str, mod_revision: int) -> Workflow:
 
 def may_promote(wf: Workflow | None, epoch: int) -> bool:
     """A member promotes for ``epoch`` once the saga reaches promote_new (or
-    when no saga carries that epoch: bootstrap of old records, hand edits)."""
-    return wf is None or wf.epoch != epoch or wf.reached("promote_new")
+    when no saga carries that epoch: bootstrap of old records, hand edits).
+    A database's saga that failed before promote_new (its catch-up did not
+    finish) never lets the new region promote: that would lose writes and
+    race the rollback to the fenced primary."""
+    if wf is None or wf.epoch != epoch:
+        return True
+    if wf.state == "failed" and wf.has("catchup"):
+        step = wf.step("promote_new")
+        return step is not None and step.state != "pending"
+    return wf.reached("promote_new")
 
 
 def may_demote(wf: Workflow | None, epoch: int) -> bool:
