@@ -10,7 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import chaos, evacuate, footprint, health, load, power, routers, takeover
+from bench import (
+    chaos,
+    database,
+    evacuate,
+    footprint,
+    health,
+    load,
+    power,
+    routers,
+    takeover,
+)
 
 
 async def main() -> int:
@@ -18,8 +28,10 @@ async def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
     ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint",
-                                       "evacuate", "load", "chaos"), action="append",
-                    help="chaos runs only when named (it takes ~45 s per schedule)")
+                                       "evacuate", "load", "chaos", "database"),
+                    action="append",
+                    help="chaos and database run only when named (chaos takes ~45 s per "
+                         "schedule; database ~15 min: Patroni's defaults wait 30 s a run)")
     ap.add_argument("--schedules", type=int, default=200, help="chaos: how many schedules")
     ap.add_argument("--first-seed", type=int, default=1000, help="chaos: the first seed")
     ap.add_argument("--groups", type=int, action="append",
@@ -28,6 +40,8 @@ async def main() -> int:
                     help="how long the footprint is sampled (default 60 s)")
     ap.add_argument("--load-s", type=float, default=30.0,
                     help="load: how long the spam and the dashboard run (default 30 s)")
+    ap.add_argument("--db-runs", type=int, default=10,
+                    help="database: runs per system and scenario (default 10)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
@@ -41,6 +55,8 @@ async def main() -> int:
         rows += await evacuate.run(args.ttl, args.groups or [10, 100, 1000])
     if not args.only or "load" in args.only:
         rows += await load.run(min(args.trials, 10), args.ttl, args.load_s)
+    if args.only and "database" in args.only:
+        rows += await database.run(args.ttl, args.db_runs)
     if args.only and "chaos" in args.only:
         rows += await chaos.run(args.schedules, args.first_seed)
     if args.json:

@@ -879,10 +879,15 @@ class Haproxy:
     ``app`` with one server per region (a port on 127.0.0.1 or "host:port"),
     admin socket in the workdir."""
 
-    def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str,
-                 mode: str = "http") -> None:
+    def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str | None,
+                 mode: str = "http", backend_options: Iterable[str] = (),
+                 server_options: Mapping[str, str] | None = None) -> None:
+        """``active`` None: every server enabled (health checks choose:
+        ``backend_options`` and ``server_options``, e.g. Patroni's REST API)."""
         self.workdir = workdir
         self.mode = mode  # "tcp" for PostgreSQL
+        self.backend_options = list(backend_options)
+        self.server_options = dict(server_options or {})
         self.port = free_port()
         self.socket = str(workdir / "haproxy.sock")
         self.servers = servers
@@ -893,11 +898,14 @@ class Haproxy:
         lines = ["global", f"    stats socket {self.socket} mode 600 level admin",
                  "defaults", f"    mode {self.mode}", "    timeout connect 1s",
                  "    timeout client 5s", "    timeout server 5s", "frontend fe",
-                 f"    bind 127.0.0.1:{self.port}", "    default_backend app", "backend app"]
+                 f"    bind 127.0.0.1:{self.port}", "    default_backend app", "backend app",
+                 *(f"    {o}" for o in self.backend_options)]
         for name, port in self.servers.items():
             addr = port if isinstance(port, str) else f"127.0.0.1:{port}"
             lines.append(f"    server {name} {addr}"
-                         + ("" if name == self.active else " disabled"))
+                         + ("" if self.active in (None, name) else " disabled")
+                         + (f" {self.server_options[name]}" if name in self.server_options
+                            else ""))
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(
