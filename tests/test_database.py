@@ -331,6 +331,7 @@ def test_a_database_saga_fences_and_catches_up_before_promoting() -> None:
     from failoverd.core.workflow import may_promote  # noqa: PLC0415
     aborted = wf.with_step(replace(wf.steps[3], state="failed", error="timeout"), NOW)
     assert aborted.state == "failed" and not may_promote(aborted, 4)
+    assert not may_rejoin(aborted, 4)  # nobody follows a region that never promoted
     assert may_promote(wf.with_step(replace(wf.steps[4], state="running"), NOW), 4)
 
 

@@ -121,8 +121,11 @@ async def test_a_catchup_that_cannot_finish_switches_back(db_cluster) -> None:
     assert pg["east"].sql("SELECT pg_is_in_recovery()") == "f"
     # West was never promoted: the failed saga stopped before promote_new.
     assert pg["west"].sql("SELECT pg_is_in_recovery()") == "t"
+    history = await c.history(200)
     assert not any(e.get("kind") == "promote_done" and e.get("region") == "west"
-                   for e in await c.history(200))
+                   for e in history)
+    # Nobody followed west (it never became primary): no rejoin ran.
+    assert not any(e.get("kind") in {"rejoin_done", "rejoin_failed"} for e in history)
     assert pg["east"].sql("SELECT count(*) FROM acked WHERE n = 1") == "1"
     failed = [e for e in await c.history(200) if e.get("kind") == "alert"]
     assert any("catchup" in e.get("reason", "") for e in failed), failed

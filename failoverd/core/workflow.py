@@ -167,7 +167,12 @@ def may_demote(wf: Workflow | None, epoch: int) -> bool:
 
 
 def may_rejoin(wf: Workflow | None, epoch: int) -> bool:
-    """The old region's database rejoins as a standby once the saga reached
-    rejoin_old (the new primary serves)."""
-    return wf is not None and wf.epoch == epoch and wf.has("rejoin_old") and wf.reached(
-        "rejoin_old")
+    """The other regions' databases follow the new primary once the saga
+    reached rejoin_old (the new primary serves).  Not when the saga failed
+    before it: the new region never became primary (a catch-up that did
+    not finish), and following it would rewind the fenced primary that has
+    every write."""
+    if wf is None or wf.epoch != epoch:
+        return False
+    step = wf.step("rejoin_old")
+    return step is not None and step.state in {"running", "done"}
