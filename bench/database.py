@@ -199,7 +199,8 @@ class PatroniPair:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
 
     async def role(self, name: str) -> str:
-        """``primary``/``replica`` by the REST API, or "" when it does not answer."""
+        """``primary``, ``replica`` (streaming), another state by the REST
+        API, or "" when it does not answer."""
         url = f"http://127.0.0.1:{self.nodes[name]['rest']}/patroni"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as s, \
@@ -211,7 +212,7 @@ class PatroniPair:
             return "primary"
         if body.get("role") == "replica" and body.get("replication_state") == "streaming":
             return "replica"
-        return str(body.get("role", ""))
+        return f"{body.get('role', '')} ({body.get('replication_state', body.get('state'))})"
 
     async def start(self) -> None:
         self.start_node("east")
@@ -219,6 +220,10 @@ class PatroniPair:
         self.start_node("west")
         await wait_until(lambda: self._is("west", "replica"), 60, "Patroni west streaming")
         self.sql("east", "CREATE TABLE acked (n int PRIMARY KEY)")
+
+        async def replicated() -> bool:
+            return self.sql("west", "SELECT to_regclass('acked') IS NOT NULL") == "t"
+        await wait_until(replicated, 30, "the table on west")
         self.hp = Haproxy(self.root, {r: n["pg"] for r, n in self.nodes.items()}, None,
                           mode="tcp",
                           backend_options=["option httpchk OPTIONS /primary",
