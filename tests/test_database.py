@@ -261,8 +261,12 @@ async def test_power_event_promotes_the_current_standby_not_the_lagging_one(
                          "west's lag and south's catching up in etcd")
         api = c.daemons["south-1"].api
         # Status, failoverctl status and the drill all say why west may not take over.
-        _, st = await call(api, "GET", "/v1/status", VIEWER_TOKEN)
-        data = st["groups"]["db"]["data"]["regions"]
+        async def status_shows_it() -> dict[str, Any] | None:
+            # The status document is rebuilt at most once a second.
+            _, st = await call(api, "GET", "/v1/status", VIEWER_TOKEN)
+            regions = st["groups"]["db"]["data"]["regions"]
+            return regions if regions["south"]["ok"] and not regions["west"]["ok"] else None
+        data = await wait_until(status_shows_it, 5, "the status document to catch up")
         assert data["east"]["role"] == "primary" and data["east"]["ok"]
         assert not data["west"]["ok"] and data["west"]["paused"]
         assert "behind" in data["west"]["why"] and data["south"]["ok"]

@@ -169,3 +169,39 @@ async def test_the_fence_holds_through_a_coordinator_crash_mid_saga(db_cluster) 
     assert not writer.missing_in(pg["west"])
     assert "replayed" in steps["catchup"], steps
     assert new.member in {"east-1", "west-1"}
+
+
+async def test_after_a_site_power_loss_the_old_primary_rejoins_when_it_returns(
+        db_cluster) -> None:
+    """East's site loses power (its daemon killed, PostgreSQL stopped
+    immediate): west is promoted with every write the writer saw
+    acknowledged; when east comes back its member fences and rejoins it
+    (crash recovery, pg_rewind) as a standby of west."""
+    c, pg, hp = db_cluster
+    writer = PgWriter(hp.port)
+    task = asyncio.create_task(writer.run())
+    await wait_until(lambda: len(writer.acked) >= 30, 10, "writes flowing")
+    c.daemons["east-1"].kill9()
+    pg["east"].stop("immediate")
+    rec = await c.wait_active("db", "west", 20)
+    steps = await _saga_done(c, rec.epoch)
+    assert rec.trigger == "member_loss" and "NEEDS AN OPERATOR" in steps["rejoin_old"]
+    n = len(writer.acked)
+    await wait_until(lambda: len(writer.acked) >= n + 30, 15, "writes to west")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert not writer.missing_in(pg["west"])
+
+    c.restart("east-1")  # power is back: the member finds west active
+
+    async def east_follows_west() -> bool:
+        return pg["west"].sql("SELECT count(*) FROM pg_stat_replication "
+                              "WHERE application_name = 'east' AND state = 'streaming'") == "1"
+    await wait_until(east_follows_west, 30, "east rewound and streaming from west")
+    assert pg["east"].sql("SELECT pg_is_in_recovery()") == "t"
+
+    async def recorded() -> bool:  # history is written in batches
+        return any(e.get("kind") == "rejoin_done" and e.get("region") == "east"
+                   for e in await c.history(200))
+    await wait_until(recorded, 10, "rejoin_done in history")
