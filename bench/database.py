@@ -109,7 +109,7 @@ async def failoverd_run(scenario: str, etcd: EtcdCluster, broker: Mosquitto, ttl
             c.add(f"{region}-1", region,
                   env={"FAILOVERD_PG_ENV_DIR": str(hook_env_dir(pg, region, "db", work))})
         before = await c.wait_active("db", "east", 30)
-        await wait_until(lambda: _saga_done(c, before.epoch), 30, "the bootstrap saga")
+        await c.wait_saga_done("db", before.epoch, 30)
         writing = asyncio.create_task(writer.run())
         await wait_until(lambda: len(writer.acked) >= WRITES_BEFORE, 20, "writes")
         if scenario == "switchover":
@@ -120,7 +120,7 @@ async def failoverd_run(scenario: str, etcd: EtcdCluster, broker: Mosquitto, ttl
             c.daemons["east-1"].kill9()
             pg["east"].stop("immediate")
         after = await c.wait_active("db", "west", 60)
-        wf = await wait_until(lambda: _saga_done(c, after.epoch), 60, "the saga")
+        wf = await c.wait_saga_done("db", after.epoch, 60)
         acked = len(writer.acked)
         await wait_until(lambda: len(writer.acked) >= acked + WRITES_AFTER, 30, "writes to west")
         catchup = next((s for s in wf.steps if s.name == "catchup"), None)
@@ -134,13 +134,6 @@ async def failoverd_run(scenario: str, etcd: EtcdCluster, broker: Mosquitto, ttl
         await c.close()
         hp.stop()
         pg.stop()
-
-
-async def _saga_done(c: LocalCluster, epoch: int) -> Any:
-    wf = (await c.view()).workflows.get("db")
-    if wf is not None and wf.epoch == epoch and wf.state == "failed":
-        raise AssertionError(f"saga failed: {wf.error}")
-    return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
 
 
 # -- Patroni ---------------------------------------------------------------------
@@ -294,9 +287,8 @@ async def patroni_run(scenario: str, etcd: EtcdCluster, dcs: tuple[int, int, int
         await wait_until(lambda: pair._is("west", "primary"), 120, "west primary")
         acked = len(writer.acked)
         await wait_until(lambda: len(writer.acked) >= acked + WRITES_AFTER, 60, "writes to west")
-        present = {int(x) for x in pair.sql("west", "SELECT n FROM acked").split()}
         return {"outage_ms": writer.outage_ms(),
-                "lost": len({k for k, _ in writer.acked} - present),
+                "lost": len(writer.missing_from(pair.sql("west", "SELECT n FROM acked"))),
                 "acked": len(writer.acked), "catchup_ms": float("nan")}
     finally:
         if writing is not None:

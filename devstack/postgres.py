@@ -204,8 +204,12 @@ class PgWriter:
 
     def missing_in(self, server: PgServer) -> set[int]:
         """Acknowledged numbers that ``server`` does not hold."""
-        present = {int(x) for x in server.sql("SELECT n FROM acked").split()}
-        return {n for n, _ in self.acked} - present
+        return self.missing_from(server.sql("SELECT n FROM acked"))
+
+    def missing_from(self, rows: str) -> set[int]:
+        """Acknowledged numbers absent from ``rows`` (psql's output of
+        ``SELECT n FROM acked``)."""
+        return {n for n, _ in self.acked} - {int(x) for x in rows.split()}
 
 
 HOOKS = Path(__file__).resolve().parent.parent / "deploy" / "hooks" / "postgresql"

@@ -702,6 +702,15 @@ class LocalCluster:
             return r if r is not None and r.region == region else None
         return await wait_until(rec, timeout, f"{group} active in {region}")
 
+    async def wait_saga_done(self, group: str, epoch: int, timeout: float) -> Any:
+        """The group's saga of ``epoch`` once done; raises at once when it failed."""
+        async def done() -> Any:
+            wf = (await self.view()).workflows.get(group)
+            if wf is not None and wf.epoch == epoch and wf.state == "failed":
+                raise AssertionError(f"the {group} saga of epoch {epoch} failed: {wf.error}")
+            return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
+        return await wait_until(done, timeout, f"the {group} saga of epoch {epoch} done")
+
     async def close(self) -> None:
         for d in self.daemons.values():
             d.stop()

@@ -621,7 +621,7 @@ async def database_demo(work: Path, ttl: int) -> None:
                                  json.dumps({"state": "generator_failed", "ts": t0}), qos=1)
             say("==> east generator: failed (sensor message published)")
             after = await c.wait_active("db", "west", 30)
-            wf = await wait_until(lambda: _saga_of(c, after.epoch), 60, "the switchover")
+            wf = await c.wait_saga_done("db", after.epoch, 60)
             n = len(writer.acked)
             await wait_until(lambda: len(writer.acked) >= n + 200, 20, "writes to west")
         finally:
@@ -642,14 +642,6 @@ async def database_demo(work: Path, ttl: int) -> None:
             raise AssertionError(f"{len(missing)} acknowledged writes lost")
     finally:
         await stack.stop()
-
-
-async def _saga_of(c: LocalCluster, epoch: int) -> Any:
-    """The group's saga of ``epoch`` once done (raises when it failed)."""
-    wf = (await c.view()).workflows.get("db")
-    if wf is not None and wf.epoch == epoch and wf.state == "failed":
-        raise AssertionError(f"the switchover failed: {wf.error}")
-    return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
 
 
 # -- running and stopping ------------------------------------------------------

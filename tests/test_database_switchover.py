@@ -57,13 +57,9 @@ async def db_cluster(request: pytest.FixtureRequest, tmp_path: Path, etcd: EtcdC
 
 
 async def _saga_done(c: LocalCluster, epoch: int, timeout: float = 30) -> dict:
-    async def done() -> object:
-        wf = (await c.view()).workflows.get("db")
-        if wf is not None and wf.epoch == epoch and wf.state == "failed":
-            raise AssertionError(f"saga failed: {wf.error}")
-        return wf if wf is not None and wf.epoch == epoch and wf.state == "done" else None
-    wf = await wait_until(done, timeout, f"the saga of epoch {epoch} done")
-    return {s.name: s.detail for s in wf.steps}  # type: ignore[attr-defined]
+    """The steps' details of the db saga of ``epoch``, once done."""
+    wf = await c.wait_saga_done("db", epoch, timeout)
+    return {st.name: st.detail for st in wf.steps}
 
 
 async def test_planned_switchover_loses_no_acknowledged_write(db_cluster) -> None:

@@ -93,7 +93,9 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024 ** 3:.1f} GiB"
 
 
-def _newest(reports: Iterable[DataReport], region: str) -> DataReport | None:
+def newest_report(reports: Iterable[DataReport], region: str) -> DataReport | None:
+    """``region``'s newest report (several members of a region check the
+    same server)."""
     return max((r for r in reports if r.region == region), key=lambda r: r.at, default=None)
 
 
@@ -107,7 +109,7 @@ def data_state(reports: Mapping[str, DataReport], region: str, active: str | Non
     region replayed (a standby cut off from its primary underestimates its
     own lag).  No report is no evidence: not a candidate.  With no active
     region yet (``active`` None: bootstrap), only a primary qualifies."""
-    mine = _newest(reports.values(), region)
+    mine = newest_report(reports.values(), region)
     if mine is not None and mine.role == "primary" and active in (region, None):
         # The region that serves, or (no active region yet: bootstrap)
         # wherever the database's primary already is.
@@ -124,7 +126,7 @@ def data_state(reports: Mapping[str, DataReport], region: str, active: str | Non
         # Two primaries: promoting this one would keep a split brain going.
         return DataState(region, False, f"{region}'s database is a primary too", role="primary")
     lag = mine.own_lag_bytes or 0
-    primary = _newest(reports.values(), active) if active is not None else None
+    primary = newest_report(reports.values(), active) if active is not None else None
     if primary is not None and primary.role == "primary" and primary.lsn is not None \
             and mine.lsn is not None:
         lag = max(lag, primary.lsn - mine.lsn)

@@ -40,6 +40,7 @@ from failoverd.processes import HookResult, run_hook
 log = structlog.get_logger("failoverd.daemon.roles")
 
 RETRY_MIN_S = 2.0
+RETRY_MAX_S = 60.0
 # What a database's demote hook prints when it has fenced the old primary:
 # the WAL position the new region must replay before it is promoted.
 _FINAL_LSN = re.compile(r"^final_lsn=([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*$", re.MULTILINE)
@@ -52,7 +53,7 @@ def final_lsn(output: str) -> int | None:
         return None
     hi, lo = found[-1]
     return (int(hi, 16) << 32) | int(lo, 16)
-RETRY_MAX_S = 60.0
+
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import structlog
 
 from failoverd import metrics
 from failoverd.config import DnsRoute, GroupSettings, HaproxyRoute, Settings
-from failoverd.core.data import DataReport
+from failoverd.core.data import newest_report
 from failoverd.core.model import ClusterView, Keyspace
 from failoverd.core.store import MAX_TXN_OPS, Compare, Get, Op, Put, Store, StoreError, TxnResult
 from failoverd.core.workflow import Step, Workflow
@@ -487,7 +487,7 @@ class Saga:
         if db is None:
             return True, "no database"
         target = old_primary_final_lsn(wf, view)
-        mine = newest_report(view, wf.group, wf.to_region)
+        mine = newest_report(view.data.get(wf.group, {}).values(), wf.to_region)
         at = f"{format_lsn(mine.lsn)}" if mine is not None and mine.lsn is not None else "?"
         if target is None:
             if wf.mode == "forced":
@@ -604,11 +604,6 @@ def old_primary_final_lsn(wf: Workflow, view: ClusterView) -> int | None:
              and view.acks.get((g, m)) == (wf.epoch, "standby")
              and (rec := view.members.get(m)) is not None and rec.region == wf.from_region]
     return max(found) if found else None
-
-
-def newest_report(view: ClusterView, group: str, region: str) -> DataReport | None:
-    return max((r for r in view.data.get(group, {}).values() if r.region == region),
-               key=lambda r: r.at, default=None)
 
 
 def catchup_targets(view: ClusterView, region: str) -> dict[str, int]:

@@ -191,7 +191,7 @@ class Daemon:
         databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
                                     self._live_lease, catchup_targets=self._catchup_targets)
         # A saga reaching catchup into our region: look at our server now.
-        self.watcher.listen("groups/", lambda _keys: databases.wake())
+        self.watcher.listen("groups/", databases.keys_changed)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
         self.sources = PowerSources(self.power, lambda: self.settings)
         self.power.on_reading = self._heard_power

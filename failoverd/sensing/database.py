@@ -100,9 +100,16 @@ class DatabaseChecker:
         return [(g, g.database, g.database.dsn[s.region]) for g in s.groups
                 if g.database is not None and s.region in g.database.dsn]
 
-    def wake(self) -> None:
-        """Something changed that may start a catch-up: look now."""
-        self._wake.set()
+    def keys_changed(self, keys: list[str] | None) -> None:
+        """From the watch (``groups/``): a change of one of our database
+        groups may start a catch-up — look now.  Other groups' changes (an
+        evacuation of 1,000 of them) do not wake us."""
+        names = {g.name for g, _, _ in self._mine()}
+        if not names:
+            return
+        cut = len(self._keys.groups)
+        if keys is None or any(k[cut:].split("/", 1)[0] in names for k in keys):
+            self._wake.set()
 
     async def _until(self, due: float, names: set[str]) -> None:
         """Sleep until ``due``, or until a wake finds a catch-up waiting on

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from failoverd import __version__, metrics
 from failoverd.config import ApiSettings, GroupSettings, RegionSettings, Settings, engine_policy
-from failoverd.core.data import data_state
+from failoverd.core.data import data_state, newest_report
 from failoverd.core.drill import MAX_HOLD_S
 from failoverd.core.durations import format_duration, parse_duration
 from failoverd.core.engine import (
@@ -682,8 +682,7 @@ def data_document(view: ClusterView, g: GroupSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"max_lag_bytes": g.database.max_lag_bytes, "regions": {}}
     for region in g.regions:
         st = data_state(reports, region, rec.region if rec else None, g.database.max_lag_bytes)
-        mine = max((r for r in reports.values() if r.region == region), key=lambda r: r.at,
-                   default=None)
+        mine = newest_report(reports.values(), region)
         out["regions"][region] = {
             "role": mine.role if mine else None, "lag_bytes": st.lag_bytes,
             "lag_s": mine.lag_s if mine else None,
