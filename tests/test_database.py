@@ -86,6 +86,8 @@ def test_data_state_judges_a_regions_copy(reports: list[DataReport], region: str
 def test_a_report_survives_its_json() -> None:
     r = standby("west", 5, 9, paused=True)
     assert parse_data_report(r.to_value()) == r
+    caught_up = replace(standby("west", 0, 0), lag_s=0.0)  # zero is not "unknown"
+    assert parse_data_report(caught_up.to_value()) == caught_up
     with pytest.raises(ValueError, match="role"):
         parse_data_report(json.dumps({"group": "g", "member": "m", "region": "r",
                                       "role": "leader", "at": 1}))

@@ -52,8 +52,11 @@ class DataReport:
         return max(ahead - self.lsn, 0)
 
     def to_value(self) -> str:
+        # Empty fields left out; 0 and 0.0 kept (a caught-up standby's
+        # lag_s is 0, not unknown — `0 in (False,)` is true in Python).
         d = asdict(self)
-        return json.dumps({k: v for k, v in d.items() if v not in (None, "", False)
+        return json.dumps({k: v for k, v in d.items()
+                           if not (v is None or v is False or v == "")
                            or k in {"group", "member", "region", "role", "at"}},
                           separators=(",", ":"), sort_keys=True)
 
