@@ -41,6 +41,11 @@ TARGETS_1000 = {"commit": 1.0, "hook": 3.0, "saga": 10.0, "bootstrap": 10.0, "id
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def batch_hooks() -> bool:
+    """FAILOVERD_BENCH_HOOK_BATCH=1: the groups' hooks take many groups a run."""
+    return os.environ.get("FAILOVERD_BENCH_HOOK_BATCH", "0") == "1"
+
+
 def decide_cpu_s(groups: int, repeat: int = 5) -> float:
     """CPU time of one ``decide`` that evacuates ``groups`` groups (best of N)."""
     now = 1_000_000.0
@@ -149,7 +154,8 @@ async def one(groups: int, ttl: int) -> dict[str, Any]:
                 "member_loss_grace_s": 5, "tick_s": 1.0,
                 **({"hook_nice": int(os.environ["FAILOVERD_BENCH_HOOK_NICE"])}
                    if os.environ.get("FAILOVERD_BENCH_HOOK_NICE") else {})},
-        group_toml=f'[[groups.routes]]\nkind = "exec"\ncommand = ["{route}"]\n')
+        group_toml=(("hook_batch = true\n" if batch_hooks() else "")
+                    + f'[[groups.routes]]\nkind = "exec"\ncommand = ["{route}"]\n'))
     out: dict[str, Any] = {}
     try:
         t0 = time.time()

@@ -533,19 +533,32 @@ def write_config(path: Path, *, cluster: str, endpoints: list[str], regions: dic
 
 
 def write_hook(path: Path, log: Path) -> Path:
-    """A promote/demote hook that appends one JSON line per run to ``log``.
-    bash's ``$EPOCHREALTIME``, not ``date``: one process per hook, so 1,000
-    hooks in a benchmark measure failoverd, not forks of the fixture."""
+    """A promote/demote hook that appends one JSON line per group applied to
+    ``log``; with ``FAILOVERD_BATCH=1`` (``hook_batch``) it reads its groups
+    from standard input, and says ``failed GROUP`` for those named in
+    ``HOOK_FAIL_GROUPS``.  bash's ``$EPOCHREALTIME``, not ``date``: one
+    process per hook, so 1,000 hooks in a benchmark measure failoverd, not
+    forks of the fixture."""
+    line = (f"printf '{{\"t\": %s, \"role\": \"%s\", \"group\": \"%s\", "
+            f"\"region\": \"%s\", \"epoch\": %s, \"member\": \"%s\"}}\\n' "
+            f"\"$EPOCHREALTIME\" \"$FAILOVERD_ROLE\" \"$g\" \"$FAILOVERD_REGION\" \"$e\" "
+            f"\"$HOOK_MEMBER\" >> {log}\n")
     path.write_text(
         "#!/bin/bash\n"
         # A member started with HOOK_DEMOTE_DELAY demotes that slowly (the
         # line is written when the demote ends).
         '[ "$FAILOVERD_ROLE" = standby ] && [ -n "$HOOK_DEMOTE_DELAY" ] '
         '&& sleep "$HOOK_DEMOTE_DELAY"\n'
-        f"printf '{{\"t\": %s, \"role\": \"%s\", \"group\": \"%s\", \"region\": \"%s\", "
-        f"\"epoch\": %s, \"member\": \"%s\"}}\\n' \"$EPOCHREALTIME\" \"$FAILOVERD_ROLE\" "
-        f"\"$FAILOVERD_GROUP\" \"$FAILOVERD_REGION\" \"$FAILOVERD_EPOCH\" "
-        f"\"$HOOK_MEMBER\" >> {log}\n"
+        'if [ "$FAILOVERD_BATCH" != 1 ]; then\n'
+        '  g=$FAILOVERD_GROUP e=$FAILOVERD_EPOCH\n'
+        f"  {line}"
+        "  exit 0\n"
+        "fi\n"
+        "while read -r g e; do\n"
+        '  case " $HOOK_FAIL_GROUPS " in *" $g "*) echo "failed $g (HOOK_FAIL_GROUPS)"; '
+        "continue;; esac\n"
+        f"  {line}"
+        "done\n"
     )
     path.chmod(0o755)
     return path

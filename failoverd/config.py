@@ -461,6 +461,10 @@ class GroupSettings(_Model):
     rejoin: list[str] = Field(default_factory=list)
     hook_timeout_s: PositiveFloat = 30.0
     hook_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    # The promote/demote commands take many groups at once: one line per
+    # group (``GROUP EPOCH``) on standard input, ``FAILOVERD_BATCH=1``; groups
+    # with the same command and role that need it together share one run.
+    hook_batch: bool = False
     routes: list[Route] = Field(default_factory=list)
     # Planned switchover: how long the old region drains before promotion.
     drain_s: Annotated[float, Field(ge=0)] = 5.0
@@ -476,6 +480,9 @@ class GroupSettings(_Model):
 
     @model_validator(mode="after")
     def _check_database(self) -> Self:
+        if self.database is not None and self.hook_batch:
+            raise ValueError("hook_batch: a database group's hooks handle one server each "
+                             "(the demote hook reports its final WAL position)")
         if self.database is not None:
             missing = [r for r in self.regions if r not in self.database.dsn]
             extra = [r for r in self.database.dsn if r not in self.regions]
@@ -527,6 +534,9 @@ class PolicySettings(_Model):
     max_concurrent_sagas: Annotated[int, Field(ge=1, le=4096)] = 64
     # Promote/demote hooks a member runs at once.
     max_concurrent_hooks: Annotated[int, Field(ge=1, le=4096)] = 64
+    # Groups in one run of a batch hook (groups with ``hook_batch``); more
+    # go in further runs, each taking one of the hook slots above.
+    max_hook_batch: Annotated[int, Field(ge=1, le=10_000)] = 250
     # Hooks, exec routes and exec probes run this much nicer than the daemon
     # (0: at its priority): hundreds of them at once must not starve the
     # daemon's lease keep-alive; they still get every idle cycle.

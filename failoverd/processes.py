@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -88,9 +90,11 @@ def _renice(pid: int) -> None:
 
 
 async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
-        argv: Sequence[str], env: Mapping[str, str], timeout_s: float) -> str:
-    """Run once with ``env`` added to the daemon's environment; the output
-    tail on exit 0, else :class:`HookFailed`.
+        argv: Sequence[str], env: Mapping[str, str], timeout_s: float,
+        stdin: bytes = b"", keep: int = OUTPUT_TAIL) -> str:
+    """Run once with ``env`` added to the daemon's environment and ``stdin``
+    as its standard input; the last ``keep`` characters of its output on
+    exit 0, else :class:`HookFailed`.
 
     Spawned with ``subprocess.Popen`` (vfork) and watched through a pidfd and
     the output pipe on the event loop: asyncio's subprocess transports cost
@@ -101,9 +105,15 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
     """
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
+    # Standard input from an unlinked file, not a pipe: a batch's lines may
+    # exceed a pipe's buffer, and the child reads them at its own pace.
+    feed = tempfile.TemporaryFile() if stdin else None  # noqa: SIM115 -- closed below
     try:
+        if feed is not None:
+            feed.write(stdin)
+            feed.seek(0)
         proc = subprocess.Popen(list(argv), env=_environment(env),  # noqa: ASYNC220 -- vfork
-                                stdin=subprocess.DEVNULL,
+                                stdin=feed if feed is not None else subprocess.DEVNULL,
                                 stdout=out_w, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     except BaseException:
@@ -111,6 +121,8 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         raise
     finally:
         os.close(out_w)
+        if feed is not None:
+            feed.close()
     _renice(proc.pid)
     os.set_blocking(out_r, False)
     output = bytearray()
@@ -120,8 +132,8 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         try:
             while chunk := os.read(out_r, 65536):
                 output.extend(chunk)
-                if len(output) > 4 * OUTPUT_TAIL:
-                    del output[:-OUTPUT_TAIL]
+                if len(output) > 4 * keep:
+                    del output[:-keep]
             loop.remove_reader(out_r)  # end of file
         except BlockingIOError:
             pass
@@ -160,7 +172,7 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         if pidfd is not None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-    text = output.decode(errors="replace")[-OUTPUT_TAIL:]
+    text = output.decode(errors="replace")[-keep:]
     if proc.returncode != 0:
         raise HookFailed(proc.returncode, text)
     return text
@@ -223,3 +235,93 @@ async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, 
         return HookResult(False, tries, time.monotonic() - start, failed.returncode,
                           failed.output)
     return HookResult(True, tries, time.monotonic() - start, 0, out)
+
+
+# A batch command names a group it could not apply on a line of its own:
+# ``failed GROUP [why]``.
+_FAILED_LINE = re.compile(r"^failed[ \t]+(\S+)[ \t]*(.*)$", re.MULTILINE)
+# A batch keeps this much of its output per group (to find those lines).
+BATCH_OUTPUT_PER_ITEM = 512
+BATCH_OUTPUT_MAX = 1 << 20
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One group's line of a batch command's standard input."""
+
+    name: str
+    line: str
+
+
+def failed_in_batch(output: str, names: set[str]) -> dict[str, str]:
+    """The groups a batch's output says failed (``failed GROUP [why]``
+    lines), with why; lines naming a group not in the batch are ignored."""
+    return {m.group(1): m.group(2).strip() or "failed" for m in _FAILED_LINE.finditer(output)
+            if m.group(1) in names}
+
+
+async def run_batch(argv: Sequence[str], items: Sequence[BatchItem], *, env: Mapping[str, str],
+                    timeout_s: float, attempts: int, backoff_s: float = 0.5
+                    ) -> dict[str, HookResult]:
+    """Run ``argv`` once for all of ``items`` (one line each on its standard
+    input, ``FAILOVERD_BATCH=1`` in its environment), then again for the
+    ones that failed, until none did or ``attempts`` are spent; the result
+    per item name.  Never raises for a failing command.
+
+    Exit 0 applies every item except those its output names on a
+    ``failed GROUP [why]`` line; any other exit (or the timeout, which is
+    the whole batch's) fails every item of that attempt.  Why batches: an
+    evacuation asks a member for 1,000 promotes at once, and 1,000
+    processes cost a 2-core host seconds of CPU that the daemon and the
+    routes need (docs/architecture.md)."""
+    start = time.monotonic()
+    results: dict[str, HookResult] = {}
+    remaining = list(items)
+    if not argv:
+        return {i.name: HookResult(True, 0, 0.0, 0, "") for i in items}
+    batch_env = {**env, "FAILOVERD_BATCH": "1"}
+    tries = 0
+    last: dict[str, tuple[int | None, str]] = {}
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_random_exponential(multiplier=backoff_s, max=10 * backoff_s),
+            reraise=False,
+        ):
+            with attempt:
+                tries += 1
+                last = await _batch_once(argv, remaining, batch_env, timeout_s)
+                took = time.monotonic() - start
+                for item in remaining:
+                    if item.name not in last:
+                        results[item.name] = HookResult(True, tries, took, 0, "")
+                remaining = [i for i in remaining if i.name in last]
+                if remaining:
+                    log.warning("batch attempt failed", command=list(argv), attempt=tries,
+                                failed=len(remaining), of=len(items),
+                                example=next(iter(last.values()))[1][-300:])
+                    raise HookFailed(None, "")
+    except RetryError:
+        pass
+    took = time.monotonic() - start
+    for item in remaining:
+        code, why = last.get(item.name, (None, "failed"))
+        results[item.name] = HookResult(False, tries, took, code, why)
+    return results
+
+
+async def _batch_once(argv: Sequence[str], items: Sequence[BatchItem], env: Mapping[str, str],
+                      timeout_s: float) -> dict[str, tuple[int | None, str]]:
+    """One run of a batch: the items that failed, with (exit status, why)."""
+    stdin = "".join(f"{i.line}\n" for i in items).encode()
+    keep = min(BATCH_OUTPUT_PER_ITEM * len(items) + OUTPUT_TAIL, BATCH_OUTPUT_MAX)
+    try:
+        out = await run_once(argv, env, timeout_s, stdin=stdin, keep=keep)
+    except OSError as exc:
+        why = f"cannot run {argv[0]}: {exc.strerror}"
+        return {i.name: (None, why) for i in items}
+    except HookFailed as exc:
+        why = f"{exc}: {exc.output[-OUTPUT_TAIL:]}"
+        return {i.name: (exc.returncode, why) for i in items}
+    failed = failed_in_batch(out, {i.name for i in items})
+    return {name: (0, f"the batch said: {why}") for name, why in failed.items()}

@@ -59,8 +59,11 @@ def start(c: LocalCluster) -> None:
 async def test_fifty_groups_evacuate_on_generator_failed_as_one_incident(
         tmp_path: Path, etcd: EtcdCluster, cluster_name: str, broker: Mosquitto):
     groups = {f"app{i:02d}": ["east", "west", "south"] for i in range(50)}
+    # Half the groups' hooks take many groups a run (hook_batch), half one.
+    batched = sorted(groups)[::2]
     c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, REGIONS, groups,
-                     policy=DEFAULT_GUARDS, mqtt=[broker.url], drain_s=0)
+                     policy=DEFAULT_GUARDS, mqtt=[broker.url], drain_s=0,
+                     group_tomls=dict.fromkeys(batched, "hook_batch = true"))
     try:
         start(c)
         names = sorted(groups)
@@ -68,6 +71,7 @@ async def test_fifty_groups_evacuate_on_generator_failed_as_one_incident(
         await wait_until(lambda: mqtt_ready(c), 10, "members on the broker")
         before = await c.view()
         t0 = time.time()
+        before_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0 - 1))
         await publish(broker, "east", "gen", "generator_failed")
         await wait_until(lambda: active_in(c, names, "west"), 15, "every group in west")
         after = await c.view()
@@ -112,6 +116,13 @@ async def test_fifty_groups_evacuate_on_generator_failed_as_one_incident(
                     if h["member"] == "w1" and h["role"] == "active"}
             return all((g, after.active[g].epoch) in done for g in names)
         await wait_until(promoted, 30, "every promote hook in west")
+        # The batched groups' promotes shared runs; the others had one each.
+        runs = [e for e in c.daemons["w1"].log_events()
+                if e.get("event") == "promote starting" and e["timestamp"] >= before_iso]
+        in_batches = sum(e["groups"] for e in runs if e.get("batch"))
+        assert in_batches == len(batched) and sum(1 for e in runs if e.get("batch")) < 10
+        assert sorted(e["group"] for e in runs if not e.get("batch")) == [
+            g for g in names if g not in batched]
     finally:
         await c.close()
 

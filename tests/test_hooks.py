@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from devstack.stack import wait_until
-from failoverd.processes import run_hook, set_child_nice
+from failoverd.processes import BatchItem, run_batch, run_hook, set_child_nice
 
 
-def _script(tmp_path: Path, body: str) -> list[str]:
-    p = tmp_path / "hook.sh"
+def _script(tmp_path: Path, body: str, name: str = "hook.sh") -> list[str]:
+    p = tmp_path / name
     p.write_text("#!/bin/sh\n" + body)
     p.chmod(0o755)
     return [str(p)]
@@ -133,3 +133,53 @@ async def test_hooks_run_below_the_daemons_priority(tmp_path: Path) -> None:
         assert await nice_of_a_hook(0) == own
     finally:
         set_child_nice(0)
+
+
+def _batch_script(tmp_path: Path) -> list[str]:
+    """Logs each run's groups; says ``failed G`` once for each G with a
+    ``fail-G`` file (then removes it)."""
+    return _script(tmp_path, f'''echo "run $FAILOVERD_BATCH $FAILOVERD_ROLE" >> {tmp_path}/runs
+while read -r g e; do
+  if [ -f "{tmp_path}/fail-$g" ]; then rm "{tmp_path}/fail-$g"; echo "failed $g disk full"
+  else echo "$g $e" >> {tmp_path}/applied; fi
+done
+''')
+
+
+async def test_a_batch_runs_once_for_its_groups_and_again_only_for_the_failed(
+        tmp_path: Path) -> None:
+    argv = _batch_script(tmp_path)
+    (tmp_path / "fail-b").touch()
+    items = [BatchItem(g, f"{g} {e}") for g, e in (("a", 3), ("b", 4), ("c", 5))]
+    results = await run_batch(argv, items, env={"FAILOVERD_ROLE": "active"}, timeout_s=5,
+                              attempts=3, backoff_s=0.01)
+    assert {g: (r.ok, r.attempts) for g, r in results.items()} == {
+        "a": (True, 1), "b": (True, 2), "c": (True, 1)}
+    assert (tmp_path / "runs").read_text().splitlines() == ["run 1 active", "run 1 active"]
+    assert (tmp_path / "applied").read_text().splitlines() == ["a 3", "c 5", "b 4"]
+
+
+async def test_a_failing_batch_fails_each_group_with_its_reason(tmp_path: Path) -> None:
+    argv = _batch_script(tmp_path)
+    (tmp_path / "fail-x").touch()
+    items = [BatchItem("x", "x 1"), BatchItem("y", "y 1")]
+    results = await run_batch(argv, items, env={}, timeout_s=5, attempts=1)
+    assert not results["x"].ok and "disk full" in results["x"].output
+    assert results["y"].ok
+    broken = _script(tmp_path, "cat > /dev/null; echo no route to the API; exit 4\n",
+                     name="broken.sh")
+    results = await run_batch(broken, items, env={}, timeout_s=5, attempts=2, backoff_s=0.01)
+    assert all(not r.ok and r.returncode == 4 and r.attempts == 2
+               and "no route to the API" in r.output for r in results.values())
+    missing = await run_batch([str(tmp_path / "nope")], items, env={}, timeout_s=5, attempts=1)
+    assert all(not r.ok and "cannot run" in r.output for r in missing.values())
+
+
+async def test_a_batch_reads_more_groups_than_a_pipe_holds(tmp_path: Path) -> None:
+    """stdin is a file: 5,000 lines (about 300 KB) reach the command whole."""
+    argv = _script(tmp_path, f"wc -l > {tmp_path}/count\n")
+    items = [BatchItem(f"group-with-a-long-name-{i:05d}-{'x' * 30}", f"g{i} 1")
+             for i in range(5000)]
+    results = await run_batch(argv, items, env={}, timeout_s=10, attempts=1)
+    assert all(r.ok for r in results.values())
+    assert (tmp_path / "count").read_text().strip() == "5000"

@@ -674,3 +674,62 @@ async def test_a_self_fence_never_applies_an_older_epoch_than_a_running_demote(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_batch_hooks_apply_hundreds_of_groups_in_a_few_runs(
+        store: EtcdStore, cluster_name: str, tmp_path: Path) -> None:
+    """``hook_batch``: 300 groups active in our region are promoted by
+    ceil(300 / max_hook_batch) runs of the hook, each group acked; a group
+    the batch says it failed is retried alone, and the others not again."""
+    from failoverd.core.model import ActiveRecord  # noqa: PLC0415
+    from failoverd.daemon.roles import Applied, RoleReconciler  # noqa: PLC0415
+
+    keys = Keyspace(cluster_name)
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f'''#!/bin/sh
+n=0
+while read -r g e; do
+  n=$((n + 1))
+  if [ -f "{tmp_path}/fail-$g" ]; then rm "{tmp_path}/fail-$g"; echo "failed $g busy"
+  else echo "$FAILOVERD_ROLE $g $e" >> {tmp_path}/applied; fi
+done
+echo "$n" >> {tmp_path}/runs
+''')
+    hook.chmod(0o755)
+    names = [f"g{i:03d}" for i in range(300)]
+    settings = Settings.model_validate({
+        "cluster": keys.cluster, "member": "e1", "region": "east", "state_dir": str(tmp_path),
+        "regions": [{"name": "east"}, {"name": "west"}],
+        "groups": [{"name": g, "regions": ["east", "west"], "promote": [str(hook)],
+                    "demote": [str(hook)], "hook_batch": True, "hook_attempts": 1}
+                   for g in names],
+        "policy": {"tick_s": 0.2, "max_hook_batch": 128}})
+    (tmp_path / "fail-g007").touch()
+    for g in names:
+        await store.put(keys.active(g),
+                        ActiveRecord("east", 1, time.time(), "test", 1, "bootstrap").to_value())
+    lease = (await store.grant(30))[0]
+    wake = asyncio.Event()
+    roles = RoleReconciler(store, keys, lambda: settings, History(store, keys, "e1", "east"),
+                           wake, lease_id=lambda: lease)
+    task = asyncio.create_task(roles.run())
+
+    def runs() -> list[int]:
+        path = tmp_path / "runs"
+        return [int(n) for n in path.read_text().split()] if path.exists() else []
+    try:
+        await wait_until(lambda: all(roles.state.groups.get(g) == Applied(1, "active")
+                                     for g in names), 20, "every group promoted")
+        # 128 + 128 + 44 at once, then g007 alone after its backoff.
+        assert sorted(runs()[:3]) == [44, 128, 128] and runs()[3:] == [1]
+        applied = (tmp_path / "applied").read_text().splitlines()
+        assert sorted(applied) == sorted(f"active {g} 1" for g in names)
+
+        async def all_acked() -> bool:
+            acked = {kv.key for kv in (await store.get_prefix(keys.groups)).kvs}
+            return all(keys.ack(g, "e1") in acked for g in names)
+        await wait_until(all_acked, 10, "an ack for every group")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -11,6 +11,7 @@ reach nothing runs: the last applied role holds (static stability).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from failoverd.core.workflow import (
 )
 from failoverd.etcd.history import History
 from failoverd.etcd.mirror import KeyMirror
-from failoverd.processes import HookResult, run_hook
+from failoverd.processes import BatchItem, HookResult, run_batch, run_hook
 
 log = structlog.get_logger("failoverd.daemon.roles")
 
@@ -259,6 +260,8 @@ class RoleReconciler:
         pending_acks: list[str] = []
         standby_at: dict[str, Applied] = {}
         seen: dict[str, tuple[int, str] | None] = {}
+        batches: dict[tuple[str, tuple[str, ...], float, int],
+                      list[tuple[GroupSettings, int]]] = {}
         for name, (active_kv, wf_kv, ack_kv) in found.items():
             group = s.group_by_name(name)
             if group is None:
@@ -295,7 +298,7 @@ class RoleReconciler:
                 log.warning("ignoring malformed workflow", group=group.name, error=str(exc))
                 continue
             if work is not None:
-                self._start(s, group, *work)
+                self._start(s, group, *work, batches=batches)
             else:
                 applied = self.state.groups.get(group.name)
                 if (rec.region != s.region and applied is not None
@@ -306,13 +309,35 @@ class RoleReconciler:
                     # from our region waits for our demote: say so now.
                     standby_at[group.name] = Applied(rec.epoch, "standby")
                 pending_acks.append(group.name)
+        for (role, argv, _, _), waiting in batches.items():
+            self._start_batches(s, role, list(argv), waiting)
         await self.state.commit_many(standby_at)
         await self._ack_all(pending_acks, seen)
 
+    def _start_batches(self, s: Settings, role: str, argv: list[str],
+                       work: list[tuple[GroupSettings, int]]) -> None:
+        """Groups with ``hook_batch`` that need the same command now: one
+        run per ``max_hook_batch`` of them, each holding one hook slot."""
+        size = s.policy.max_hook_batch
+        for i in range(0, len(work), size):
+            chunk = work[i:i + size]
+            coro = self._apply_batch(s, role, argv, chunk)
+            task = (asyncio.ensure_future(coro) if self._tg is None
+                    else self._tg.create_task(coro, name=f"hook-batch-{chunk[0][0].name}"))
+            for group, _ in chunk:
+                self._running[group.name] = task
+
     def _start(self, s: Settings, group: GroupSettings, epoch: int, role: str,
-               argv: list[str]) -> None:
+               argv: list[str], batches: dict[tuple[str, tuple[str, ...], float, int],
+                                              list[tuple[GroupSettings, int]]]) -> None:
+        """Start the group's hook, or put it in ``batches`` (``hook_batch``:
+        started together once the pass has seen every group)."""
         if time.monotonic() < self._retry_at.get(group.name, 0.0):
             self._dirty.add(group.name)  # looked at again on the next tick
+            return
+        if group.hook_batch and role != "rejoin":
+            batches.setdefault((role, tuple(argv), group.hook_timeout_s, group.hook_attempts),
+                               []).append((group, epoch))
             return
         coro = self._apply(s, group, epoch, role, argv)
         if self._tg is None:  # not running (tests call reconcile_once directly)
@@ -328,6 +353,56 @@ class RoleReconciler:
             self._ack_wanted.set()
         self._dirty.add(group.name)  # look again: the record may have moved meanwhile
         self._wake.set()
+
+    async def _apply_batch(self, s: Settings, role: str, argv: list[str],
+                           work: list[tuple[GroupSettings, int]]) -> None:
+        # Every group's lock, in name order (no two batches can deadlock; a
+        # self-fence takes one lock).
+        async with contextlib.AsyncExitStack() as locks:
+            for group, _ in sorted(work, key=lambda w: w[0].name):
+                await locks.enter_async_context(self._group_lock(group.name))
+            done = await self._run_batch_locked(s, role, argv, work)
+        if done:
+            self._to_ack.update(done)
+            self._ack_wanted.set()
+        self._dirty.update(group.name for group, _ in work)  # the records may have moved
+        self._wake.set()
+
+    async def _run_batch_locked(self, s: Settings, role: str, argv: list[str],
+                                work: list[tuple[GroupSettings, int]]) -> list[str]:
+        """Run one batch of a ``hook_batch`` command (each group's lock
+        held); the groups it applied, their state file written."""
+        now = time.monotonic()
+        todo = [(g, e) for g, e in work if self._may_run(g.name, e, role, now)]
+        if not todo:
+            return []
+        first = todo[0][0]
+        action = "promote" if role == "active" else "demote"
+        log.info(f"{action} starting", groups=len(todo), first=first.name, role=role,
+                 command=argv, batch=True)
+        task = asyncio.create_task(self._bounded(run_batch(
+            argv, [BatchItem(g.name, f"{g.name} {e}") for g, e in todo],
+            env={"FAILOVERD_REGION": s.region, "FAILOVERD_ROLE": role},
+            timeout_s=first.hook_timeout_s, attempts=first.hook_attempts)),
+            name=f"hook-batch-{first.name}-{action}")
+        try:
+            results = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            results = await task  # shutting down: record what the batch applied
+            for g, e in todo:
+                if results[g.name].ok:
+                    self.state.save(g.name, Applied(e, role))
+            log.info(f"{action} batch done during shutdown",
+                     ok=sum(r.ok for r in results.values()), of=len(todo))
+            raise
+        ok = {g.name: Applied(e, role) for g, e in todo if results[g.name].ok}
+        await self.state.commit_many(ok)
+        for g, e in todo:
+            await self._recorded(s, g, e, role, results[g.name], now, batch=len(todo))
+        log.info(f"{action} batch done", groups=len(todo), failed=len(todo) - len(ok),
+                 first=first.name, duration_s=round(max(
+                     (r.duration_s for r in results.values()), default=0.0), 3))
+        return list(ok)
 
     async def _ack_loop(self) -> None:
         """Acks of hooks that finished together go out in one txn."""
@@ -492,7 +567,7 @@ class RoleReconciler:
             lock = self._group_locks[group] = asyncio.Lock()
         return lock
 
-    async def _bounded(self, hook: Coroutine[Any, Any, HookResult]) -> HookResult:
+    async def _bounded(self, hook: Coroutine[Any, Any, T]) -> T:
         """At most ``max_concurrent_hooks`` hook processes at once; the
         bookkeeping after a hook (state file, ack) does not hold a slot."""
         async with self._slots:
@@ -513,15 +588,10 @@ class RoleReconciler:
         if role == "rejoin":
             return await self._rejoin(s, group, epoch, argv)
         now = time.monotonic()
-        if now < self._retry_at.get(group.name, 0.0):
+        if not self._may_run(group.name, epoch, role, now):
             return False
-        applied = self.state.groups.get(group.name)
-        if applied is not None and applied.epoch > epoch:
-            # Decided before the group's last hook finished at a newer
-            # epoch: never apply a lower one (rule 11).
-            log.warning("skipping a hook for an older epoch", group=group.name, epoch=epoch,
-                        role=role, applied=applied.epoch)
-            return False
+        if group.hook_batch:  # a self-fence of one group: a batch of one
+            return bool(await self._run_batch_locked(s, role, argv, [(group, epoch)]))
         action = "promote" if role == "active" else "demote"
         bound = log.bind(group=group.name, epoch=epoch, role=role)
         # No history event here: ``_done``/``_failed`` carry the duration,
@@ -542,27 +612,51 @@ class RoleReconciler:
                 self.state.save(group.name, Applied(epoch, role))
                 bound.info(f"{action} done during shutdown", attempts=result.attempts)
             raise
-        fields: dict[str, object] = {
-            "group": group.name, "region": s.region, "epoch": epoch,
-            "attempts": result.attempts,
-            "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
-        }
         if result.ok:
             if role == "standby" and group.database is not None:
                 lsn = final_lsn(result.output)
                 self._details[group.name] = (epoch, {} if lsn is None else {"final_lsn": lsn})
             await self.state.commit(group.name, Applied(epoch, role))
+        await self._recorded(s, group, epoch, role, result, now)
+        return result.ok
+
+    def _may_run(self, group: str, epoch: int, role: str, now: float) -> bool:
+        """Not while the group's last failure backs off, and never a hook
+        for an epoch older than the one applied."""
+        if now < self._retry_at.get(group, 0.0):
+            return False
+        applied = self.state.groups.get(group)
+        if applied is not None and applied.epoch > epoch:
+            # Decided before the group's last hook finished at a newer
+            # epoch: never apply a lower one (rule 11).
+            log.warning("skipping a hook for an older epoch", group=group, epoch=epoch,
+                        role=role, applied=applied.epoch)
+            return False
+        return True
+
+    async def _recorded(self, s: Settings, group: GroupSettings, epoch: int, role: str,
+                        result: HookResult, started: float, batch: int = 0) -> None:
+        """A finished hook's bookkeeping (its state is on disk if it
+        succeeded): the retry backoff, the log line, the history event."""
+        action = "promote" if role == "active" else "demote"
+        fields: dict[str, object] = {
+            "group": group.name, "region": s.region, "epoch": epoch,
+            "attempts": result.attempts,
+            "duration_s": round(result.duration_s, 3), "returncode": result.returncode,
+            **({"batch": batch} if batch else {}),
+        }
+        bound = log.bind(group=group.name, epoch=epoch, role=role)
+        if result.ok:
             self._retry_at.pop(group.name, None)
             self._retry_delay.pop(group.name, None)
-            bound.info(f"{action} done", attempts=result.attempts,
-                       duration_s=fields["duration_s"])
+            if not batch:  # a batch logs once for all its groups
+                bound.info(f"{action} done", attempts=result.attempts,
+                           duration_s=fields["duration_s"])
             await self._history.record(f"{action}_done", **fields)
-            return True
-        else:
-            delay = min(self._retry_delay.get(group.name, RETRY_MIN_S / 2) * 2, RETRY_MAX_S)
-            self._retry_delay[group.name] = delay
-            self._retry_at[group.name] = now + delay
-            bound.error(f"{action} failed", attempts=result.attempts, output=result.output[-500:],
-                        retry_in_s=delay)
-            await self._history.record(f"{action}_failed", **fields, output=result.output[-500:])
-            return False
+            return
+        delay = min(self._retry_delay.get(group.name, RETRY_MIN_S / 2) * 2, RETRY_MAX_S)
+        self._retry_delay[group.name] = delay
+        self._retry_at[group.name] = started + delay
+        bound.error(f"{action} failed", attempts=result.attempts, output=result.output[-500:],
+                    retry_in_s=delay)
+        await self._history.record(f"{action}_failed", **fields, output=result.output[-500:])
