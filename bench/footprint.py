@@ -53,6 +53,22 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def thread_ticks(pids: list[int]) -> dict[str, int]:
+    """CPU ticks per thread name (``comm``: the main thread is ``failoverd``,
+    gRPC's and the executors' threads have their own), summed over ``pids``."""
+    out: dict[str, int] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                head, _, rest = (task / "stat").read_text().rpartition(")")
+            except OSError:
+                continue  # the thread ended
+            name = head.split("(", 1)[1]
+            fields = rest.split()
+            out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+    return out
+
+
 WINDOW_S = 5.0  # CPU time is counted in 10 ms ticks: 5 s windows resolve 0.2 %
 
 
@@ -102,8 +118,10 @@ async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, ob
             await floor_proc.stdout.readline()
         pids = [d.pid for d in c.daemons.values()]
         profilers = py_spy(c.daemons, work, seconds, 100)  # FAILOVERD_BENCH_PROFILE=1
+        threads0, t0 = thread_ticks(pids), time.monotonic()
         (cpu, rss), (fcpu, frss) = await asyncio.gather(sample(pids, seconds),
                                                         sample([floor_proc.pid], seconds))
+        threads1, took = thread_ticks(pids), time.monotonic() - t0
         for p in profilers:
             p.wait()
     finally:
@@ -121,6 +139,10 @@ async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, ob
             f"mean {mean:.2f})", cpu,
             f"probing alone: p50 {pct(fcpu, 50):.2f} %, mean {sum(fcpu) / len(fcpu):.2f} %",
             unit="%"),
+        row("footprint: CPU % per daemon by thread", [mean], ", ".join(
+            f"{name} {(n - threads0.get(name, 0)) / TICK / took / len(pids) * 100:.2f}"
+            for name, n in sorted(threads1.items(), key=lambda kv: threads0.get(kv[0], 0)
+                                  - kv[1]) if n > threads0.get(name, 0)), unit="%"),
         row("footprint: RSS per daemon", rss,
             f"same imports, probing alone: {max(frss):.1f} MiB", unit="MiB"),
     ]

@@ -733,3 +733,22 @@ echo "$n" >> {tmp_path}/runs
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_renewals_share_one_keepalive_stream_until_it_fails(store: EtcdStore) -> None:
+    """A resting daemon renews on one open stream (a new gRPC stream per
+    renewal was most of its etcd CPU); a renewal sent while another waits
+    goes alone; a revoked lease ends the stream and is reported lost."""
+    lease, ttl = await store.grant(10)
+    assert [await store.keepalive(lease) for _ in range(5)] == [ttl] * 5
+    streams = store._keepalive_streams  # white box: the point of the test
+    first = streams[lease]
+    assert await store.keepalive(lease) == ttl and streams[lease] is first
+    # Two at once: the second does not wait behind the first.
+    assert await asyncio.gather(store.keepalive(lease), store.keepalive(lease)) == [ttl, ttl]
+    assert streams[lease] is first
+    await store.revoke(lease)
+    assert lease not in streams
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive(lease)
+    assert lease not in streams

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 import structlog
@@ -19,13 +19,17 @@ import structlog
 from failoverd import metrics
 from failoverd.config import Settings
 from failoverd.core.model import Keyspace, parse_member
-from failoverd.core.store import Store, StoreError
+from failoverd.core.store import KeyValue, Store, StoreError
 from failoverd.daemon.roles import RoleReconciler
+from failoverd.etcd.mirror import KeyMirror
 
 log = structlog.get_logger("failoverd.daemon.isolation")
 
 CHECK_EVERY_S = 1.0
 PEER_REFRESH_S = 5.0
+# Peers' round trips change with the WAN, slowly: measured this often (and
+# when the peer set changes), not at every refresh of the list.
+PEER_RTT_S = 30.0
 
 
 def self_fence_deadline(absent_since: float, decided_at: float, grace_s: float,
@@ -100,8 +104,11 @@ class IsolationGuard:
 
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  roles: RoleReconciler, lease_alive: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 mirror: KeyMirror | None = None) -> None:
         self._store = store
+        self._mirror = mirror
+        self._next_rtt = 0.0
         self._keys = keys
         self._settings = settings
         self._roles = roles
@@ -144,23 +151,34 @@ class IsolationGuard:
         await asyncio.gather(*fences)
 
     async def _refresh_peers(self) -> None:
-        try:
-            snap = await self._store.get_prefix(self._keys.members)
-        except StoreError:
-            return
+        """The other regions' members, from the watch's copy when it has one
+        (no read per refresh), then their round trips when due."""
+        kvs: Iterable[KeyValue]
+        if self._mirror is not None and self._mirror.ready.is_set():
+            prefix = self._keys.members
+            kvs = [kv for k, kv in self._mirror.kvs.items() if k.startswith(prefix)]
+        else:
+            try:
+                kvs = (await self._store.get_prefix(self._keys.members)).kvs
+            except StoreError:
+                return
         me = self._settings()
         peers = {}
-        for kv in snap.kvs:
+        for kv in kvs:
             try:
                 m = parse_member(kv)
             except (ValueError, KeyError, TypeError):
                 continue
             if m.region != me.region and m.api_url:
                 peers[m.member] = m.api_url
+        now = self._clock()
         if peers != self.peers:
             log.info("isolation peers", peers=sorted(peers))
+            self._next_rtt = now
         self.peers = peers
-        await self._measure_rtt()
+        if now >= self._next_rtt:
+            self._next_rtt = now + PEER_RTT_S
+            await self._measure_rtt()
 
     async def _measure_rtt(self) -> None:
         """While etcd is up, time one /healthz round to each peer: the peer

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -206,7 +207,8 @@ class Daemon:
                            {"name": c.name, "ok": c.ok, "detail": c.detail}
                            for c in hook_checks(self.settings, group)])
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
-                               lambda: self._live_lease() is not None)
+                               lambda: self._live_lease() is not None,
+                               mirror=self.watcher.mirror)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         for warning in self.settings.policy.deprecations():
             log.warning("deprecated setting", detail=warning)
@@ -396,18 +398,33 @@ class Daemon:
             tg.create_task(self.lease.run(), name="lease-keepalive")
             tg.create_task(self._campaign(self.lease), name="election")
 
+    def _seat_held_by_another(self, lease: KeptLease) -> bool:
+        """The watch's copy shows the coordinator key under someone else's
+        lease (its deletion wakes us through the watch)."""
+        mirror = self.watcher.mirror
+        seat = mirror.kvs.get(self.keys.coordinator) if mirror.ready.is_set() else None
+        return seat is not None and seat.lease != lease.id
+
     async def _campaign(self, lease: KeptLease) -> None:
         seat_changed = self.watcher.subscribe("coordinator")
         everything = self.watcher.subscribe("")
+        last_try = -math.inf
         while True:
             seat_changed.clear()
-            try:
-                term = await campaign(self.store, self.keys, self.settings.member, lease)
-            except StoreError as exc:
-                log.warning("campaign failed", error=str(exc))
-                term = None
-            if term is not None:
-                await self._lead(lease, term, everything)
+            # A follower does not ask etcd every tick for a seat the watch
+            # shows taken (one txn a second per follower, at rest): the
+            # seat's deletion wakes it.  It still asks once per lease TTL,
+            # in case the watch missed that (the txn decides, not the copy).
+            if (not self._seat_held_by_another(lease)
+                    or time.monotonic() - last_try >= lease.ttl):
+                last_try = time.monotonic()
+                try:
+                    term = await campaign(self.store, self.keys, self.settings.member, lease)
+                except StoreError as exc:
+                    log.warning("campaign failed", error=str(exc))
+                    term = None
+                if term is not None:
+                    await self._lead(lease, term, everything)
             try:
                 async with asyncio.timeout(max(min(self.settings.policy.tick_s,
                                                    lease.remaining()), 0.05)):

@@ -30,6 +30,8 @@ from etcd3aio._protobuf import (
     Compare as PbCompare,
 )
 from etcd3aio._protobuf import (
+    LeaseKeepAliveRequest,
+    LeaseStub,
     WatchCreateRequest,
     WatchRequest,
     WatchStub,
@@ -145,6 +147,12 @@ class EtcdStore:
         self._lease_svc = LeaseService(self._channel)
         self._auth_svc = AuthService(self._channel)
         self._watch_stub = WatchStub(self._channel)
+        self._lease_stub = LeaseStub(self._channel)
+        # Per lease, one keep-alive stream kept open between renewals (a new
+        # gRPC stream per renewal was most of a resting daemon's etcd CPU),
+        # and whether a renewal is using it.
+        self._keepalive_streams: dict[int, Any] = {}
+        self._keepalive_busy: set[int] = set()
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._logged_in = False
 
@@ -200,7 +208,8 @@ class EtcdStore:
             if "lease not found" in (detail or ""):
                 raise LeaseNotFound(f"etcd {what}: {detail}") from exc
             raise StoreError(f"etcd {what}: {detail or type(exc).__name__}") from exc
-        except (ValueError, TypeError, AttributeError, LookupError, grpc.RpcError) as exc:
+        except (ValueError, TypeError, AttributeError, LookupError, grpc.RpcError,
+                asyncio.InvalidStateError) as exc:
             # Something the client library did not expect either: still a
             # store error (the caller holds its last good state), not a crash.
             metrics.ETCD_ERRORS.labels(op).inc()
@@ -214,6 +223,54 @@ class EtcdStore:
         return int(resp.ID), int(resp.TTL)
 
     async def keepalive(self, lease: int) -> int:
+        """Renew ``lease`` once; its TTL.  On the lease's open stream when it
+        is free (one request, one answer, in order); a renewal sent while
+        another is still waiting — the lease's runner retries an attempt
+        that gets no answer in time — goes on a stream of its own, so a
+        stream stuck on a dead endpoint never holds a renewal back.  A
+        stream that fails, times out or is abandoned is closed and not used
+        again: an answer it owed can never be taken for a later request's."""
+        if lease in self._keepalive_busy:
+            return await self._keepalive_alone(lease)
+        self._keepalive_busy.add(lease)
+        ok = False
+        try:
+            ttl = await self._call("lease keepalive", lambda: self._keepalive_on_stream(lease))
+            ok = True
+        finally:
+            self._keepalive_busy.discard(lease)
+            if not ok:
+                stream = self._keepalive_streams.pop(lease, None)
+                if stream is not None:
+                    stream.cancel()
+        if ttl <= 0:
+            stream = self._keepalive_streams.pop(lease, None)
+            if stream is not None:
+                stream.cancel()
+            raise LeaseNotFound(f"lease {lease:x} expired")
+        return ttl
+
+    async def _keepalive_on_stream(self, lease: int) -> int:
+        stream = self._keepalive_streams.get(lease)
+        if stream is None:
+            # A daemon renews one lease at a time; streams of leases it
+            # stopped renewing (lost to their deadline) are closed here.
+            for old in [k for k in self._keepalive_streams if k not in self._keepalive_busy]:
+                self._keepalive_streams.pop(old).cancel()
+            stream = self._lease_stub.LeaseKeepAlive(metadata=self._metadata or None)
+            self._keepalive_streams[lease] = stream
+        try:
+            await stream.write(LeaseKeepAliveRequest(ID=lease))
+            resp = await stream.read()
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            # The stream ended since the last renewal (its etcd member went
+            # away): the caller drops it and the next renewal opens another.
+            raise StoreError(f"etcd keepalive: stream ended ({exc})") from exc
+        if resp is grpc.aio.EOF:
+            raise StoreError("etcd keepalive: stream closed without an answer")
+        return int(resp.TTL)
+
+    async def _keepalive_alone(self, lease: int) -> int:
         async def once() -> int:
             stream = self._lease_svc.keep_alive(lease)
             try:
@@ -233,6 +290,9 @@ class EtcdStore:
         return ttl
 
     async def revoke(self, lease: int) -> None:
+        stream = self._keepalive_streams.pop(lease, None)
+        if stream is not None:
+            stream.cancel()
         with contextlib.suppress(LeaseNotFound):
             await self._call(
                 "lease revoke", lambda: self._lease_svc.revoke(lease, timeout=self._timeout)
@@ -387,4 +447,7 @@ class EtcdStore:
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX_S)
 
     async def close(self) -> None:
+        for stream in self._keepalive_streams.values():
+            stream.cancel()
+        self._keepalive_streams.clear()
         await self._channel.close()
