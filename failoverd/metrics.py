@@ -61,9 +61,15 @@ POWER_STATES = ("normal", "utility_lost", "on_generator", "on_battery", "critica
 
 def set_one_of(gauge: Gauge, label: str, values: tuple[str, ...], current: str,
                **labels: str) -> None:
-    """A state gauge: 1 for ``current`` in ``label``, 0 for every other value."""
+    """A state gauge: 1 for ``current`` in ``label``, 0 for every other value.
+    ``labels`` then ``label`` must be the gauge's label order (set through
+    :func:`set_labelled`: the coordinator exports this every tick, and
+    ``Gauge.labels`` with keywords was a sixth of a resting coordinator's
+    cycle)."""
+    del label  # named for the reader; the position is what counts
+    first = tuple(labels.values())
     for v in values:
-        gauge.labels(**labels, **{label: v}).set(1 if v == current else 0)
+        set_labelled(gauge, 1 if v == current else 0, *first, v)
 
 
 # Per labelled gauge, its children and the value each was last set to.

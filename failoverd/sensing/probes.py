@@ -192,12 +192,13 @@ class Prober:
         jitter = self._settings().probing.jitter
         # Spread first checks over one interval so members do not align.
         await asyncio.sleep(random.uniform(0, probe.interval_s * jitter * 2))
+        latency_metric = metrics.PROBE_LATENCY.labels(reg.settings.name, probe.kind)
         while True:
             started = time.monotonic()
             async with sem:
                 ok, detail = await check(probe, session, reg.settings.name)
             elapsed = time.monotonic() - started
-            metrics.PROBE_LATENCY.labels(reg.settings.name, probe.kind).observe(elapsed)
+            latency_metric.observe(elapsed)
             latency = elapsed * 1000
             reg.states[i] = step(reg.states[i], ok, rise=probe.rise, fall=probe.fall,
                                  now=self._clock(), latency_ms=latency, detail=detail)
@@ -230,22 +231,28 @@ class Prober:
 
     async def _publish(self, reg: _Region) -> None:
         reg.published_at = time.monotonic()
-        obs = self.observation(reg)
-        key = self._keys.observation(obs.member, obs.target)
-        said = (obs.verdict, obs.ready)
+        s = self._settings()
+        target = reg.settings.name
+        key = self._keys.observation(s.member, target)
+        said = region_verdict(list(zip(reg.settings.probes, reg.states, strict=True)))
         before = self._published.identity(key)
+        built: list[Observation] = []
+
+        def render() -> str:
+            # Built only if written: most probes change nothing.
+            built.append(self.observation(reg))
+            return built[-1].to_value()
         try:
-            # Rendered only if written (most publishes are unchanged).
-            written = await self._published.publish(key, obs.to_value, said,
-                                                    self._settings().probing.refresh_s)
+            written = await self._published.publish(key, render, said, s.probing.refresh_s)
         except StoreError as exc:
-            log.warning("cannot publish observation", target=obs.target, error=str(exc))
+            log.warning("cannot publish observation", target=target, error=str(exc))
             return
         if written and said != before:
-            metrics.set_one_of(metrics.PROBE_VERDICT, "verdict", metrics.VERDICTS, obs.verdict,
-                               region=obs.target)
-            log.info("observation changed", target=obs.target, verdict=obs.verdict,
-                     ready=obs.ready, detail=obs.detail)
+            verdict, ready = said
+            metrics.set_one_of(metrics.PROBE_VERDICT, "verdict", metrics.VERDICTS, verdict,
+                               region=target)
+            log.info("observation changed", target=target, verdict=verdict, ready=ready,
+                     detail=built[-1].detail if built else "")
 
 
 class _Restart(Exception):
