@@ -69,6 +69,16 @@ def _utf8(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
+def generator_nice() -> int:
+    """How much nicer than the cluster the load generators run
+    (``FAILOVERD_BENCH_LOAD_NICE``, default 10; 0: as the cluster).  On one
+    2-core box they share the CPU with the daemons they load; deployed, the
+    spam and the dashboards come from other hosts.  Niced, they still reach
+    their rates (printed), and the figures measure what the load costs the
+    cluster rather than the generators' share of the box."""
+    return int(os.environ.get("FAILOVERD_BENCH_LOAD_NICE", "10"))
+
+
 def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
          noisy: bool, out: Path) -> None:
     """Sensor spam for ``regions`` (in turn) from a process of its own, over a
@@ -77,6 +87,7 @@ def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
     ``names`` distinct sensor names — or, with ``noisy``, half of them from
     one UPS per region (a sensor the members know, so no broker-side filter
     can spare them)."""
+    os.nice(generator_nice())
     with socket.create_connection(("127.0.0.1", port)) as sock:
         # CONNECT: protocol MQTT 3.1.1, clean session, keepalive off.
         sock.sendall(_mqtt_packet(0x10, _utf8("MQTT") + bytes([4, 2, 0, 0])
@@ -107,6 +118,7 @@ def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
 def dashboard(apis: list[str], seconds: float, rate: int, out: Path) -> None:
     """A busy dashboard, from a process of its own: ``GET /v1/status`` of
     every member, ``rate`` requests/s in all, with one viewer token."""
+    os.nice(generator_nice())
     async def main() -> dict[int, int]:
         codes: dict[int, int] = {}
         headers = {"Authorization": f"Bearer {VIEWER_TOKEN}"}

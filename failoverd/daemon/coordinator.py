@@ -131,6 +131,9 @@ class Coordinator:
         self._tick_s = tick_s
         self._history_limit = history_limit
         self._wake = wake
+        # Power news the engine acts on (our own member heard it): cuts a
+        # pacing pause short.
+        self._urgent = asyncio.Event()
         self._local_power = local_power
         self._clock = clock
         self._last_reason = ""
@@ -285,6 +288,7 @@ class Coordinator:
         """Our own member heard a power reading: decide on it now (it is
         relayed to etcd meanwhile, where the other members' copies go)."""
         self._inputs_changed = True
+        self._urgent.set()
         self._wake.set()
 
     def note_changes(self, keys: list[str] | None) -> None:
@@ -315,8 +319,13 @@ class Coordinator:
         """
         gap = min(PACE * max(self._work_s - PACE_FREE_S, 0.0), MAX_PACE_S) - (
             time.monotonic() - self._cycle_ended)  # the last cycle's work
-        if gap > 0:
-            await asyncio.sleep(gap)
+        if gap > 0 and not self._urgent.is_set():
+            # A power event is not held back by the pause (it is rare: a
+            # new state or a Last Will, not a flood of runtime ticks).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(gap):
+                    await self._urgent.wait()
+        self._urgent.clear()
 
     def _track_absence(self, view: ClusterView, now: float) -> ClusterView:
         present = view.regions_with_members()
