@@ -153,6 +153,7 @@ class EtcdStore:
         # and whether a renewal is using it.
         self._keepalive_streams: dict[int, Any] = {}
         self._keepalive_busy: set[int] = set()
+        self._keepalive_tokens: dict[int, tuple[tuple[str, str], ...]] = {}
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._logged_in = False
 
@@ -252,6 +253,11 @@ class EtcdStore:
 
     async def _keepalive_on_stream(self, lease: int) -> int:
         stream = self._keepalive_streams.get(lease)
+        if stream is not None and self._keepalive_tokens.get(lease) != self._metadata:
+            # Opened under an auth token we have since replaced (a retry
+            # after logging in again): a stream carries its token for life.
+            self._keepalive_streams.pop(lease).cancel()
+            stream = None
         if stream is None:
             # A daemon renews one lease at a time; streams of leases it
             # stopped renewing (lost to their deadline) are closed here.
@@ -259,6 +265,7 @@ class EtcdStore:
                 self._keepalive_streams.pop(old).cancel()
             stream = self._lease_stub.LeaseKeepAlive(metadata=self._metadata or None)
             self._keepalive_streams[lease] = stream
+            self._keepalive_tokens[lease] = self._metadata
         try:
             await stream.write(LeaseKeepAliveRequest(ID=lease))
             resp = await stream.read()
