@@ -298,6 +298,8 @@ async def test_expired_auth_token_is_renewed(tmp_path: Path, cluster_name: str) 
         keys = Keyspace(cluster_name)
         await store.put(keys.prefix + "k", "1")  # logs in on first use
         first = store._metadata
+        lease, ttl = await store.grant(60)
+        assert await store.keepalive(lease) == ttl  # its stream opened under the first token
 
         async def first_token_refused() -> bool:
             probe = Etcd3Client(etcd.endpoints, token=dict(first)["token"])
@@ -317,6 +319,9 @@ async def test_expired_auth_token_is_renewed(tmp_path: Path, cluster_name: str) 
                                  [Put(keys.prefix + "t", "y")])
         assert not result.succeeded and store._metadata != first
         assert (await store.get(keys.prefix + "t")).value == "y"
+        # Renewals go on, on a stream under the new token.
+        assert await store.keepalive(lease) == ttl
+        assert store._keepalive_tokens[lease] == store._metadata
         await store.close()
         (tmp_path / "bad").write_text("wrong\n")
         bad = EtcdStore(settings.model_copy(update={"password_file": tmp_path / "bad"}))
