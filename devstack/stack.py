@@ -684,6 +684,16 @@ class LocalCluster:
         self.daemons[member] = d
         return d.start()
 
+    async def wait_api(self, member: str, timeout: float = 10.0) -> None:
+        """Until ``member``'s API answers (it listens a moment after the
+        daemon joins etcd: a busy machine can tell the difference)."""
+        async def answers() -> bool:
+            try:
+                return (await call(self.daemons[member].api, "GET", "/healthz"))[0] > 0
+            except OSError:
+                return False
+        await wait_until(answers, timeout, f"{member}'s API", interval=0.05)
+
     def restart(self, member: str) -> DaemonProc:
         self.daemons[member].stop()
         return self.daemons[member].start()
@@ -903,10 +913,13 @@ class Haproxy:
 
     def __init__(self, workdir: Path, servers: Mapping[str, int | str], active: str | None,
                  mode: str = "http", backend_options: Iterable[str] = (),
-                 server_options: Mapping[str, str] | None = None) -> None:
+                 server_options: Mapping[str, str] | None = None,
+                 more_backends: Iterable[str] = ()) -> None:
         """``active`` None: every server enabled (health checks choose:
-        ``backend_options`` and ``server_options``, e.g. Patroni's REST API)."""
+        ``backend_options`` and ``server_options``, e.g. Patroni's REST API).
+        ``more_backends``: further backends like ``app`` (one per group)."""
         self.workdir = workdir
+        self.more_backends = list(more_backends)
         self.mode = mode  # "tcp" for PostgreSQL
         self.backend_options = list(backend_options)
         self.server_options = dict(server_options or {})
@@ -920,14 +933,15 @@ class Haproxy:
         lines = ["global", f"    stats socket {self.socket} mode 600 level admin",
                  "defaults", f"    mode {self.mode}", "    timeout connect 1s",
                  "    timeout client 5s", "    timeout server 5s", "frontend fe",
-                 f"    bind 127.0.0.1:{self.port}", "    default_backend app", "backend app",
-                 *(f"    {o}" for o in self.backend_options)]
-        for name, port in self.servers.items():
-            addr = port if isinstance(port, str) else f"127.0.0.1:{port}"
-            lines.append(f"    server {name} {addr}"
-                         + ("" if self.active in (None, name) else " disabled")
-                         + (f" {self.server_options[name]}" if name in self.server_options
-                            else ""))
+                 f"    bind 127.0.0.1:{self.port}", "    default_backend app"]
+        for backend in ("app", *self.more_backends):
+            lines += [f"backend {backend}", *(f"    {o}" for o in self.backend_options)]
+            for name, port in self.servers.items():
+                addr = port if isinstance(port, str) else f"127.0.0.1:{port}"
+                lines.append(f"    server {name} {addr}"
+                             + ("" if self.active in (None, name) else " disabled")
+                             + (f" {self.server_options[name]}" if name in self.server_options
+                                else ""))
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(

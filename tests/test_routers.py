@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -249,3 +250,46 @@ async def test_exec_router_gets_the_change(tmp_path: Path):
     failing = ExecRouter(ExecRoute(kind="exec", command=["/bin/false"]))
     with pytest.raises(RouterError):
         await failing.apply(Change("app", "east", "west", 7, "reroute"))
+
+
+async def test_haproxy_changes_of_many_groups_share_one_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An evacuation's reroutes behind one HAProxy (a backend per group) go
+    on shared runtime-API connections, each group's commands together and
+    read back on their own; a command refused for one group fails that
+    group alone."""
+    from failoverd.traffic import routers  # noqa: PLC0415
+
+    backends = [f"g{i:02d}" for i in range(40)]
+    apps = {r: await HttpService(r).start() for r in ("east", "west")}
+    hp = Haproxy(tmp_path, {r: s.port for r, s in apps.items()}, active="east",
+                 more_backends=backends).start()
+    connections: list[int] = []
+    real = routers.runtime_api
+
+    async def counted(socket: str, line: str, timeout_s: float) -> str:
+        connections.append(line.count(";") + 1)
+        return await real(socket, line, timeout_s)
+    monkeypatch.setattr(routers, "runtime_api", counted)
+    try:
+        def router(backend: str, servers: dict[str, str]) -> HaproxyRouter:
+            return HaproxyRouter(HaproxyRoute(kind="haproxy", socket=hp.socket,
+                                              backend=backend, servers=servers))
+        good = {"east": "east", "west": "west"}
+        routes = [router(b, good) for b in backends]
+        broken = router("app", {**good, "south": "nosuch"})
+        results = await asyncio.gather(
+            *(r.apply(Change(r.route.backend, "east", "west", 2, "reroute")) for r in routes),
+            broken.apply(Change("app", "east", "west", 2, "reroute")), return_exceptions=True)
+        assert all(r == "west=ready, east=maint" for r in results[:-1]), results
+        assert isinstance(results[-1], RouterError) and "No such server" in str(results[-1])
+        # 41 changes of 3-4 commands each, in lines of at most RUNTIME_LINE_MAX.
+        assert sum(connections) == 40 * 3 + 4 and len(connections) <= 4
+        for r in routes:
+            states = await r.states()
+            assert states["west"] & (ADMIN_MAINT | ADMIN_DRAIN) == 0
+            assert states["east"] & ADMIN_MAINT
+    finally:
+        hp.stop()
+        for s in apps.values():
+            await s.stop()

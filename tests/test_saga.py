@@ -170,6 +170,7 @@ async def test_safety_rule_7_coordinator_killed_after_each_step_successor_finish
     s.c.add("w1", "west")
     await s.wait_done(1)
     assert (await s.c.view()).coordinator.member == "c1"
+    await s.c.wait_api("w1")
     status, data = await call(s.c.daemons["w1"].api, "POST", f"/v1/groups/app/{action}",
                               OPERATOR_TOKEN, {"to": "west"})
     assert status == 200, data

@@ -23,6 +23,7 @@ import hmac
 import json
 import re
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,6 +85,137 @@ class Router(Protocol):
 ADMIN_MAINT, ADMIN_DRAIN = 0x01, 0x08
 
 
+async def runtime_api(socket: str, line: str, timeout_s: float) -> str:
+    """One line of ';'-separated runtime-API commands on one connection
+    (non-interactive: HAProxy answers them in order and closes)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            if socket.startswith("/"):
+                reader, writer = await asyncio.open_unix_connection(socket)
+            else:
+                host, _, port = socket.rpartition(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(line.encode() + b"\n")
+                await writer.drain()
+                return (await reader.read()).decode(errors="replace")
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        raise RouterError(f"haproxy {socket}: {type(exc).__name__}: {exc}") from exc
+
+
+def runtime_api_answers(out: str) -> list[list[str]]:
+    """The answer of each command of one line, in order: HAProxy ends every
+    answer with an empty line (a ``set server`` that worked answers nothing
+    else; one refused answers why; ``show servers state`` its table)."""
+    answers: list[list[str]] = []
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.strip():
+            current.append(line)
+        else:
+            answers.append(current)
+            current = []
+    return answers  # an unterminated last answer (a cut connection) is not one
+
+
+# A shared line's length: HAProxy reads a command line into one buffer
+# (tune.bufsize, 16 kB by default).
+RUNTIME_LINE_MAX = 8000
+
+
+@dataclass
+class _Queued:
+    commands: list[str]
+    answers: asyncio.Future[list[list[str]]]
+
+
+class RuntimeApi:
+    """One HAProxy socket's commands from concurrent sagas, on shared
+    connections.
+
+    An evacuation moves hundreds of groups behind one HAProxy at once; each
+    saga's commands (its ``set server`` lines and the read-back) are queued,
+    and whoever holds the turn sends everything queued by then on one
+    connection, within ``RUNTIME_LINE_MAX``; callers that queue meanwhile go
+    in the next turn.  Atomicity is per caller, as before: its commands stay
+    together and in order (ready first, then the others out), and it reads
+    back its own table.  Errors: a connection that fails fails every caller
+    of that turn with the same :class:`RouterError` (each saga retries its
+    own change, which is idempotent)."""
+
+    def __init__(self, socket: str, timeout_s: float) -> None:
+        self.socket = socket
+        self.timeout_s = timeout_s
+        self._queue: list[_Queued] = []
+        self._lock = asyncio.Lock()
+
+    async def run(self, commands: list[str]) -> list[list[str]]:
+        """Each command's answer (see :func:`runtime_api_answers`)."""
+        queued = _Queued(commands, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        try:
+            # Bounded as a call of its own was: the turn in flight, then ours.
+            async with asyncio.timeout(2 * self.timeout_s):
+                await asyncio.sleep(0)  # let the commands of this moment join
+                while not queued.answers.done():
+                    async with self._lock:
+                        if not queued.answers.done():
+                            await self._send()
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            if queued in self._queue:
+                self._queue.remove(queued)
+            if isinstance(exc, TimeoutError):
+                raise RouterError(f"haproxy {self.socket}: no answer within "
+                                  f"{2 * self.timeout_s:.0f}s") from exc
+            raise
+        return queued.answers.result()
+
+    async def _send(self) -> None:
+        batch: list[_Queued] = []
+        size = 0
+        while self._queue:
+            nxt = self._queue[0]
+            length = sum(len(c) + 2 for c in nxt.commands)
+            if batch and size + length > RUNTIME_LINE_MAX:
+                break
+            batch.append(self._queue.pop(0))
+            size += length
+        commands = [c for q in batch for c in q.commands]
+        try:
+            out = await runtime_api(self.socket, "; ".join(commands), self.timeout_s)
+            answers = runtime_api_answers(out)
+            if len(answers) < len(commands):
+                raise RouterError(f"haproxy {self.socket}: {len(answers)} answers to "
+                                  f"{len(commands)} commands")
+        except (RouterError, asyncio.CancelledError) as exc:
+            failure = exc if isinstance(exc, RouterError) else RouterError(
+                f"haproxy {self.socket}: cancelled")
+            for q in batch:
+                if not q.answers.done():
+                    q.answers.set_exception(failure)
+                    q.answers.exception()  # retrieved: a cancelled caller never looks
+            raise
+        at = 0
+        for q in batch:
+            q.answers.set_result(answers[at:at + len(q.commands)])
+            at += len(q.commands)
+
+
+_RUNTIME_APIS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RuntimeApi]] = (
+    weakref.WeakKeyDictionary())
+
+
+def shared_runtime_api(socket: str, timeout_s: float) -> RuntimeApi:
+    """The :class:`RuntimeApi` of ``socket`` for this event loop."""
+    apis = _RUNTIME_APIS.setdefault(asyncio.get_running_loop(), {})
+    api = apis.get(socket)
+    if api is None:
+        api = apis[socket] = RuntimeApi(socket, timeout_s)
+    return api
+
+
 class HaproxyRouter:
     kind = "haproxy"
 
@@ -92,27 +224,12 @@ class HaproxyRouter:
         self.timeout_s = timeout_s
 
     async def command(self, line: str) -> str:
-        """One runtime-API command (non-interactive: HAProxy closes after it)."""
-        try:
-            return await self._command(line)
-        except (OSError, TimeoutError) as exc:
-            raise RouterError(f"haproxy {self.route.socket}: {type(exc).__name__}: {exc}"
-                              ) from exc
+        """One line of runtime-API commands on a connection of its own."""
+        return await runtime_api(self.route.socket, line, self.timeout_s)
 
-    async def _command(self, line: str) -> str:
-        async with asyncio.timeout(self.timeout_s):
-            sock = self.route.socket
-            if sock.startswith("/"):
-                reader, writer = await asyncio.open_unix_connection(sock)
-            else:
-                host, _, port = sock.rpartition(":")
-                reader, writer = await asyncio.open_connection(host, int(port))
-            try:
-                writer.write(line.encode() + b"\n")
-                await writer.drain()
-                return (await reader.read()).decode(errors="replace")
-            finally:
-                writer.close()
+    async def _commands(self, commands: list[str]) -> list[list[str]]:
+        """Commands on the socket's shared connection (see :class:`RuntimeApi`)."""
+        return await shared_runtime_api(self.route.socket, self.timeout_s).run(commands)
 
     def _parse_states(self, out: str) -> dict[str, int]:
         states: dict[str, int] = {}
@@ -125,8 +242,8 @@ class HaproxyRouter:
 
     async def states(self) -> dict[str, int]:
         """server name -> admin state bits, from ``show servers state``."""
-        return self._parse_states(
-            await self.command(f"show servers state {self.route.backend}"))
+        [table] = await self._commands([f"show servers state {self.route.backend}"])
+        return self._parse_states("\n".join(table))
 
     async def _drain_skipped(self, change: Change) -> str:
         """Why the old server is not drained, or "" to drain it.  A drain
@@ -164,19 +281,17 @@ class HaproxyRouter:
             want = {new: "ready"} | {s: "maint" for r, s in servers.items()
                                      if r != change.to_region}
         # Every command and the read-back on one connection, in order (the
-        # runtime API runs ';'-separated commands one after the other).
-        line = "; ".join([*(f"set server {self.route.backend}/{server} state {state}"
-                            for server, state in want.items()),
-                          f"show servers state {self.route.backend}"])
-        out = await self.command(line)
-        header = out.find("# be_id")
-        # Before the state table: only the table's version line; anything
-        # else is a refused `set server` (HAProxy answers those with text).
-        refused = [ln for ln in out[:max(header, 0)].splitlines()
-                   if ln.strip() and not ln.strip().isdigit()]
-        if refused or header < 0:
+        # runtime API runs ';'-separated commands one after the other),
+        # shared with other sagas' changes to the same HAProxy.
+        *sets, table = await self._commands(
+            [*(f"set server {self.route.backend}/{server} state {state}"
+               for server, state in want.items()),
+             f"show servers state {self.route.backend}"])
+        # A `set server` that worked answers nothing; a refused one says why.
+        refused = [ln for answer in sets for ln in answer]
+        if refused or not any(ln.startswith("# be_id") for ln in table):
             raise RouterError(f"haproxy: {'; '.join(refused)[:200] or 'no state table'}")
-        got = self._parse_states(out[header:])
+        got = self._parse_states("\n".join(table))
         for server, state in want.items():
             bits = got.get(server)
             ok = bits is not None and (
