@@ -202,6 +202,14 @@ def _reap_later(proc: subprocess.Popen[bytes]) -> None:
         threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
 
 
+def _retrying(attempts: int, backoff_s: float) -> AsyncRetrying:
+    """A hook's attempts: jittered exponential backoff, the last failure
+    reported as a :class:`RetryError` (not raised from inside)."""
+    return AsyncRetrying(stop=stop_after_attempt(attempts),
+                         wait=wait_random_exponential(multiplier=backoff_s, max=10 * backoff_s),
+                         reraise=False)
+
+
 async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, role: str,
                    timeout_s: float, attempts: int, backoff_s: float = 0.5,
                    extra_env: Mapping[str, str] | None = None) -> HookResult:
@@ -214,11 +222,7 @@ async def run_hook(argv: Sequence[str], *, group: str, region: str, epoch: int, 
            "FAILOVERD_EPOCH": str(epoch), "FAILOVERD_ROLE": role, **(extra_env or {})}
     tries = 0
     try:
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_random_exponential(multiplier=backoff_s, max=10 * backoff_s),
-            reraise=False,
-        ):
+        async for attempt in _retrying(attempts, backoff_s):
             with attempt:
                 tries += 1
                 try:
@@ -283,11 +287,7 @@ async def run_batch(argv: Sequence[str], items: Sequence[BatchItem], *, env: Map
     tries = 0
     last: dict[str, tuple[int | None, str]] = {}
     try:
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_random_exponential(multiplier=backoff_s, max=10 * backoff_s),
-            reraise=False,
-        ):
+        async for attempt in _retrying(attempts, backoff_s):
             with attempt:
                 tries += 1
                 last = await _batch_once(argv, remaining, batch_env, timeout_s)
