@@ -89,6 +89,27 @@ def _renice(pid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, min(own + _child_nice, 19))
 
 
+def _stdin_file(data: bytes) -> int:
+    """``data`` in a file with no name, at its start, for a child's standard
+    input: not a pipe, since a batch's lines may exceed a pipe's buffer and
+    the child reads at its own pace; in memory (memfd) where the kernel has
+    it, else an unlinked temporary file."""
+    try:
+        fd = os.memfd_create("failoverd-stdin", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(prefix="failoverd-stdin-")
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
         argv: Sequence[str], env: Mapping[str, str], timeout_s: float,
         stdin: bytes = b"", keep: int = OUTPUT_TAIL) -> str:
@@ -105,13 +126,8 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
     """
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
-    # Standard input from an unlinked file, not a pipe: a batch's lines may
-    # exceed a pipe's buffer, and the child reads them at its own pace.
-    feed = tempfile.TemporaryFile() if stdin else None  # noqa: SIM115 -- closed below
+    feed = _stdin_file(stdin) if stdin else None
     try:
-        if feed is not None:
-            feed.write(stdin)
-            feed.seek(0)
         proc = subprocess.Popen(list(argv), env=_environment(env),  # noqa: ASYNC220 -- vfork
                                 stdin=feed if feed is not None else subprocess.DEVNULL,
                                 stdout=out_w, stderr=subprocess.STDOUT,
@@ -122,7 +138,7 @@ async def run_once(  # noqa: PLR0915 -- one spawn, its two watchers and cleanup
     finally:
         os.close(out_w)
         if feed is not None:
-            feed.close()
+            os.close(feed)
     _renice(proc.pid)
     os.set_blocking(out_r, False)
     output = bytearray()
