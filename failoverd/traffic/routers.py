@@ -182,6 +182,8 @@ class RuntimeApi:
                 break
             batch.append(self._queue.pop(0))
             size += length
+        if not batch:
+            return
         commands = [c for q in batch for c in q.commands]
         try:
             out = await runtime_api(self.socket, "; ".join(commands), self.timeout_s)
@@ -189,9 +191,11 @@ class RuntimeApi:
             if len(answers) < len(commands):
                 raise RouterError(f"haproxy {self.socket}: {len(answers)} answers to "
                                   f"{len(commands)} commands")
-        except (RouterError, asyncio.CancelledError) as exc:
+        except BaseException as exc:
+            # Every caller of this turn gets an outcome, whatever went wrong
+            # (one left waiting would never be sent again: it left the queue).
             failure = exc if isinstance(exc, RouterError) else RouterError(
-                f"haproxy {self.socket}: cancelled")
+                f"haproxy {self.socket}: {type(exc).__name__}")
             for q in batch:
                 if not q.answers.done():
                     q.answers.set_exception(failure)
