@@ -25,6 +25,7 @@ from failoverd.traffic.routers import (
     HaproxyRouter,
     RouterError,
     WebhookRouter,
+    runtime_api_answers,
 )
 
 ADDRS = {"east": ["192.0.2.10"], "west": ["198.51.100.10", "198.51.100.11"]}
@@ -293,3 +294,15 @@ async def test_haproxy_changes_of_many_groups_share_one_connection(
         hp.stop()
         for s in apps.values():
             await s.stop()
+
+
+def test_runtime_api_answers_are_split_per_command():
+    """HAProxy 2.6's answer to `set (ok); set (refused); show; set (ok);
+    show`, as captured: five answers; a cut connection's last one is not."""
+    table = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state\n"
+             "3 app 1 east 127.0.0.1 2 0\n3 app 2 west 127.0.0.1 2 4\n")
+    out = "\nNo such server.\n\n" + table + "\n\n" + table + "\n"
+    answers = runtime_api_answers(out)
+    assert [len(a) for a in answers] == [0, 1, 4, 0, 4]
+    assert answers[1] == ["No such server."] and answers[2][1].startswith("# be_id")
+    assert len(runtime_api_answers(out[:-1])) == 4  # the last table never ended
