@@ -41,18 +41,27 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+# Ports free_port gave out in this process: never given twice, so a server
+# that is down for a moment (an etcd member killed, to be started again on
+# its port) cannot lose its port to another component of the same test
+# (chaos CI: "bind: address already in use" on an etcd restart).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free loopback port *outside* the kernel's ephemeral range: a server
     restarted on a port from that range (an etcd member killed and started
     again) can find it taken by some client connection's source port."""
     low, high = _ephemeral_range()
-    candidates = [p for p in range(10000, 65000) if not low <= p <= high]
+    candidates = [p for p in range(10000, 65000)
+                  if not low <= p <= high and p not in _HANDED_OUT]
     for port in random.sample(candidates, 50):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as s:  # everything sampled was taken: any free port
         s.bind(("127.0.0.1", 0))
