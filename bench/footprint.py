@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -69,6 +70,20 @@ def thread_ticks(pids: list[int]) -> dict[str, int]:
     return out
 
 
+def etcd_requests(etcd: EtcdCluster) -> dict[str, int]:
+    """gRPC requests etcd received, per method, summed over its members
+    (streams count each message: a keep-alive stream's renewals too)."""
+    out: dict[str, int] = {}
+    for m in etcd.members:
+        with urllib.request.urlopen(m.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith("grpc_server_msg_received_total{"):
+                method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+                out[method] = out.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 WINDOW_S = 5.0  # CPU time is counted in 10 ms ticks: 5 s windows resolve 0.2 %
 
 
@@ -119,9 +134,11 @@ async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, ob
         pids = [d.pid for d in c.daemons.values()]
         profilers = py_spy(c.daemons, work, seconds, 100)  # FAILOVERD_BENCH_PROFILE=1
         threads0, t0 = thread_ticks(pids), time.monotonic()
+        etcd0 = etcd_requests(etcd)
         (cpu, rss), (fcpu, frss) = await asyncio.gather(sample(pids, seconds),
                                                         sample([floor_proc.pid], seconds))
         threads1, took = thread_ticks(pids), time.monotonic() - t0
+        etcd1 = etcd_requests(etcd)
         for p in profilers:
             p.wait()
     finally:
@@ -143,6 +160,10 @@ async def run(trials: int, ttl: int, seconds: float = 60.0) -> list[dict[str, ob
             f"{name} {(n - threads0.get(name, 0)) / TICK / took / len(pids) * 100:.2f}"
             for name, n in sorted(threads1.items(), key=lambda kv: threads0.get(kv[0], 0)
                                   - kv[1]) if n > threads0.get(name, 0)), unit="%"),
+        row("footprint: etcd requests/s at rest, all daemons", [
+            (sum(etcd1.values()) - sum(etcd0.values())) / took], ", ".join(
+            f"{k} {(v - etcd0.get(k, 0)) / took:.2f}/s" for k, v in sorted(etcd1.items())
+            if v > etcd0.get(k, 0)), unit="/s"),
         row("footprint: RSS per daemon", rss,
             f"same imports, probing alone: {max(frss):.1f} MiB", unit="MiB"),
     ]

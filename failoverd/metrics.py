@@ -59,17 +59,13 @@ VERDICTS = ("up", "down", "unknown", "unprobed")
 POWER_STATES = ("normal", "utility_lost", "on_generator", "on_battery", "critical", "unknown")
 
 
-def set_one_of(gauge: Gauge, label: str, values: tuple[str, ...], current: str,
-               **labels: str) -> None:
-    """A state gauge: 1 for ``current`` in ``label``, 0 for every other value.
-    ``labels`` then ``label`` must be the gauge's label order (set through
-    :func:`set_labelled`: the coordinator exports this every tick, and
-    ``Gauge.labels`` with keywords was a sixth of a resting coordinator's
-    cycle)."""
-    del label  # named for the reader; the position is what counts
-    first = tuple(labels.values())
+def set_one_of(gauge: Gauge, values: tuple[str, ...], current: str, *labels: str) -> None:
+    """A state gauge (its labels: ``labels``, then the state): 1 for
+    ``current``, 0 for every other value.  Set through :func:`set_labelled`:
+    the coordinator exports this every tick, and ``Gauge.labels`` with
+    keywords was a sixth of a resting coordinator's cycle."""
     for v in values:
-        set_labelled(gauge, 1 if v == current else 0, *first, v)
+        set_labelled(gauge, 1 if v == current else 0, *labels, v)
 
 
 # Per labelled gauge, its children and the value each was last set to.

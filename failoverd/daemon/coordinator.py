@@ -864,10 +864,10 @@ def _export(decision: Decision) -> None:
     """The coordinator's judgement of every region, as metrics (judged once,
     by the decision)."""
     for r in decision.regions:
-        metrics.set_one_of(metrics.REGION_VERDICT, "verdict", metrics.VERDICTS,
-                           r.health.verdict, region=r.name)
-        metrics.set_one_of(metrics.POWER_STATE, "state", metrics.POWER_STATES,
-                           r.power.state, region=r.name)
+        metrics.set_one_of(metrics.REGION_VERDICT, metrics.VERDICTS,
+                           r.health.verdict, r.name)
+        metrics.set_one_of(metrics.POWER_STATE, metrics.POWER_STATES,
+                           r.power.state, r.name)
 
 
 def _export_view(view: ClusterView, decision: Decision, policy: Policy, now: float) -> None:

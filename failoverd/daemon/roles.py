@@ -57,6 +57,8 @@ def final_lsn(output: str) -> int | None:
 
 
 T = TypeVar("T")
+# Groups waiting for a batch hook, by (role, command, timeout, attempts).
+_Batches = dict[tuple[str, tuple[str, ...], float, int], list[tuple[GroupSettings, int]]]
 
 
 def _parse_workflow(kv: KeyValue) -> Workflow:
@@ -260,8 +262,7 @@ class RoleReconciler:
         pending_acks: list[str] = []
         standby_at: dict[str, Applied] = {}
         seen: dict[str, tuple[int, str] | None] = {}
-        batches: dict[tuple[str, tuple[str, ...], float, int],
-                      list[tuple[GroupSettings, int]]] = {}
+        batches: _Batches = {}
         for name, (active_kv, wf_kv, ack_kv) in found.items():
             group = s.group_by_name(name)
             if group is None:
@@ -328,8 +329,7 @@ class RoleReconciler:
                 self._running[group.name] = task
 
     def _start(self, s: Settings, group: GroupSettings, epoch: int, role: str,
-               argv: list[str], batches: dict[tuple[str, tuple[str, ...], float, int],
-                                              list[tuple[GroupSettings, int]]]) -> None:
+               argv: list[str], batches: _Batches) -> None:
         """Start the group's hook, or put it in ``batches`` (``hook_batch``:
         started together once the pass has seen every group)."""
         if time.monotonic() < self._retry_at.get(group.name, 0.0):

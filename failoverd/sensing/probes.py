@@ -249,8 +249,8 @@ class Prober:
             return
         if written and said != before:
             verdict, ready = said
-            metrics.set_one_of(metrics.PROBE_VERDICT, "verdict", metrics.VERDICTS, verdict,
-                               region=target)
+            metrics.set_one_of(metrics.PROBE_VERDICT, metrics.VERDICTS, verdict,
+                               target)
             log.info("observation changed", target=target, verdict=verdict, ready=ready,
                      detail=built[-1].detail if built else "")
 
