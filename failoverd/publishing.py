@@ -10,6 +10,7 @@ every kind of fact, instead of one hand-rolled copy per sensor kind.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Hashable
@@ -61,13 +62,16 @@ class LeasedPublisher:
 
     def __init__(self, store: Store, lease_id: Callable[[], int | None],
                  clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_pending: Callable[[], None] = lambda: None) -> None:
         self._rng = rng or random.Random()
+        self._on_pending = on_pending  # a write was held for flush()
         self._store = store
         self._lease_id = lease_id
         self._clock = clock
         self._last: dict[str, _Published] = {}
         self._pending: dict[str, _Pending] = {}
+        self._writing = asyncio.Lock()
 
     def minor(self, key: str) -> Hashable:
         """The ``minor`` part last written for ``key`` (None: never)."""
@@ -102,6 +106,7 @@ class LeasedPublisher:
         last = self._last.get(key)
         if batch and (last is None or last.lease != lease or last.identity != identity):
             self._pending[key] = _Pending(value, identity, minor, now)
+            self._on_pending()
             return False
         if last is not None and last.lease == lease and last.identity == identity:
             if last.minor == minor and now - last.at < refresh_s * last.spread:
@@ -113,9 +118,24 @@ class LeasedPublisher:
                 # a second, not one per sensor.
                 self._pending[key] = _Pending(value, identity, minor,
                                               max(last.at + min_interval_s, now))
+                self._on_pending()
                 return False
         await self._write(key, value, identity, minor, lease)
         return True
+
+    def next_due(self) -> float | None:
+        """When the earliest held-back write is due (this publisher's
+        clock), or None when nothing is held."""
+        return min((p.due for p in self._pending.values()), default=None)
+
+    def behind_lease(self) -> bool:
+        """Some key was last written under an older lease (a new session:
+        :meth:`resync` has work)."""
+        lease = self._lease_id()
+        return lease is not None and any(last.lease != lease for last in self._last.values())
+
+    def now(self) -> float:
+        return self._clock()
 
     async def flush(self) -> int:
         """Write the held-back minor changes that are due, FLUSH_TXN_OPS to
@@ -125,24 +145,38 @@ class LeasedPublisher:
             return 0
         now = self._clock()
         due = [(key, p) for key, p in self._pending.items() if p.due <= now]
+        written = 0
         for i in range(0, len(due), FLUSH_TXN_OPS):
-            chunk = [(key, p, p.value if isinstance(p.value, str) else p.value())
-                     for key, p in due[i:i + FLUSH_TXN_OPS]]
-            await self._store.txn([], [Put(key, text, lease) for key, _, text in chunk])
-            at = self._clock()
-            for key, p, text in chunk:
-                self._last[key] = _Published(p.identity, text, at, lease, p.minor,
-                                             self._rng.uniform(REFRESH_SPREAD, 1.0))
-                self._pending.pop(key, None)
-        return len(due)
+            async with self._writing:
+                # Still the newest word (a direct write may have gone first).
+                chunk = [(key, p, p.value if isinstance(p.value, str) else p.value())
+                         for key, p in due[i:i + FLUSH_TXN_OPS] if self._pending.get(key) is p]
+                if not chunk:
+                    continue
+                await self._store.txn([], [Put(key, text, lease) for key, _, text in chunk])
+                at = self._clock()
+                for key, p, text in chunk:
+                    self._last[key] = _Published(p.identity, text, at, lease, p.minor,
+                                                 self._rng.uniform(REFRESH_SPREAD, 1.0))
+                    if self._pending.get(key) is p:  # not replaced meanwhile
+                        del self._pending[key]
+                written += len(chunk)
+        return written
 
     async def _write(self, key: str, value: Value, identity: Hashable, minor: Hashable,
                      lease: int) -> None:
-        text = value if isinstance(value, str) else value()
-        await self._store.put(key, text, lease)
-        self._last[key] = _Published(identity, text, self._clock(), lease, minor,
-                                     self._rng.uniform(REFRESH_SPREAD, 1.0))
-        self._pending.pop(key, None)
+        # One write at a time: a flush in flight must not land after a newer
+        # direct write of the same key (a batched "all is well" after the
+        # "on battery" that followed it).  A word held after this call
+        # began is newer than it, and stays held.
+        held = self._pending.get(key)
+        async with self._writing:
+            text = value if isinstance(value, str) else value()
+            await self._store.put(key, text, lease)
+            self._last[key] = _Published(identity, text, self._clock(), lease, minor,
+                                         self._rng.uniform(REFRESH_SPREAD, 1.0))
+            if self._pending.get(key) is held:
+                self._pending.pop(key, None)
 
     async def resync(self) -> int:
         """Write every key again whose last write was under an older lease

@@ -425,3 +425,25 @@ async def test_an_unclassifiable_etcd_error_never_demotes_a_healthy_active_regio
                      == {("west-1", "active"), ("east-1", "standby")}, 20,
                      "the switchover's hooks")
     assert all(d.alive() for d in c.daemons.values())
+
+
+async def test_at_rest_the_coordinator_decides_only_when_a_rule_may_flip(
+        two_regions: LocalCluster):
+    """Issue 17: an unchanged cluster is not decided on again every tick
+    (tick_s is 1 s): only when the watch shows a change, when a time-based
+    rule may flip (``next_decision_at``) or every REDECIDE_MAX_S (10 s)."""
+    c = two_regions
+    c.add("e1", "east")
+    c.add("w1", "west")
+    rec = await c.wait_active("app", "east", 10)
+    await c.wait_saga_done("app", rec.epoch, 15)
+    seat = await c.wait_coordinator(5)
+    daemon = c.daemons[seat.member]
+
+    def decisions() -> int:  # the daemons log at debug level: every decision
+        return sum(e.get("event") == "decision" for e in daemon.log_events())
+
+    before = decisions()
+    await asyncio.sleep(4.5)  # an observation window at rest, not a wait for a state
+    assert decisions() - before <= 1  # was one a second (the other tests: changes are
+    # still decided at once, time-based rules on time)

@@ -441,7 +441,9 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     keys = Keyspace(cluster_name)
     now = [1000.0]
     lease = [(await store.grant(5))[0]]
-    pub = LeasedPublisher(store, lambda: lease[0], lambda: now[0])
+    held: list[int] = []
+    pub = LeasedPublisher(store, lambda: lease[0], lambda: now[0],
+                          on_pending=lambda: held.append(1))
     a, b = keys.observation("m1", "east"), keys.observation("m1", "west")
     assert await pub.publish(a, "up-1", "up", refresh_s=10)
     assert await pub.publish(b, "down-1", "down", refresh_s=10)
@@ -453,13 +455,55 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     assert await pub.publish(a, "down-3", "down", refresh_s=10)  # stale: refreshed
     assert pub.identity(a) == "down"
 
+    # A minor change within its interval is held, and its owner told when
+    # it is due (the relay task sleeps until then, not on a timer).
+    assert pub.next_due() is None and not held
+    assert not await pub.publish(a, "down-4", "down", refresh_s=10, minor=7,
+                                 min_interval_s=2)
+    assert held and pub.next_due() == now[0] + 2
+    now[0] += 2
+    assert await pub.flush() == 1 and pub.next_due() is None
+
+    assert not pub.behind_lease()
     lease[0] = (await store.grant(5))[0]  # a new session
+    assert pub.behind_lease()
     assert await pub.resync() == 2
+    assert not pub.behind_lease()
     assert {(await store.get(k)).lease for k in (a, b)} == {lease[0]}
     assert (await store.get(b)).value == "down-1"
     assert await pub.resync() == 0
     lease[0] = None
     assert not await pub.publish(a, "x", "gone", refresh_s=10)  # no lease: nothing
+
+
+async def test_a_flush_in_flight_never_lands_after_a_newer_direct_write(
+        store: EtcdStore, cluster_name: str) -> None:
+    """A sensor's first "all is well" is held for the next flush; its "on
+    battery" a moment later is written at once.  When the flush is already
+    on its way, the newer word must still be what etcd ends with (without
+    the lock, etcd and the publisher both ended with "all is well")."""
+    from failoverd.publishing import LeasedPublisher  # noqa: PLC0415
+
+    key = Keyspace(cluster_name).power("east", "ups1", "m1")
+    lease = (await store.grant(5))[0]
+    pub = LeasedPublisher(store, lambda: lease)
+    assert not await pub.publish(key, "utility_ok", "ok", refresh_s=10, batch=True)
+    # Either order: the direct write on its way when the flush starts (the
+    # flush must not send the older word after it), and the reverse.
+    writing = asyncio.ensure_future(pub.publish(key, "on_battery", "battery", refresh_s=10))
+    await asyncio.sleep(0)  # the put is on its way
+    assert await pub.flush() == 0
+    assert await writing
+    assert (await store.get(key)).value == "on_battery"
+    assert pub.identity(key) == "battery" and pub.next_due() is None
+
+    assert not await pub.publish(key, "utility_ok", "ok", refresh_s=10, batch=True)
+    flushing = asyncio.ensure_future(pub.flush())
+    await asyncio.sleep(0)  # the flush's txn is on its way
+    assert await pub.publish(key, "on_battery", "battery2", refresh_s=10)
+    await flushing
+    assert (await store.get(key)).value == "on_battery"
+    assert pub.identity(key) == "battery2" and pub.next_due() is None
 
 
 async def test_refreshes_of_keys_written_together_spread_out(

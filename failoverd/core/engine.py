@@ -7,6 +7,7 @@ only place that decides *whether* and *where* a group moves; the coordinator
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from failoverd.core.data import DataState, data_state, format_bytes, loss_estimate
@@ -583,6 +584,41 @@ def decide(view: ClusterView, policy: Policy, now: float) -> Decision:
     evacuations, incidents = _incidents(plan, a, guards, failbacks, now)
     return Decision(tuple(plan.intents), "; ".join(plan.reasons) or "no groups configured",
                     evacuations, incidents, tuple(a.regions.values()))
+
+
+def next_decision_at(view: ClusterView, policy: Policy, now: float) -> float:
+    """The earliest time, at or after ``now``, at which a time-based rule may
+    change what :func:`decide` returns for this same ``view``; ``math.inf``
+    when none can.  Until then (float rounding aside) deciding again on an
+    unchanged view decides the same, so the coordinator need not: it sleeps
+    until this, or until the view changes.
+
+    Conservative: every instant at which one of decide()'s comparisons with
+    ``now`` can flip is a candidate, whether or not the flip matters.
+    """
+    due: list[float] = []
+    budget = failover_budget_s(view, policy)
+    for readings in view.power.values():
+        for r in readings:
+            due += (r.received, r.received + policy.sensor_stale_s,
+                    r.received + policy.power_silence_during_outage_s,
+                    r.since + policy.power_grace_s)
+            if r.runtime_s is not None:
+                due.append(r.received + r.runtime_s - budget)  # under the budget
+    due += (d.ends(policy.drain_max_s) for d in view.control.drains)
+    due += (t + policy.member_loss_grace_s for t in view.absent_since.values())
+    for rec in view.active.values():
+        due.append(rec.since + policy.cooldown_s)
+        due += (t + HOUR_S for t in rec.auto_moves)
+    for i in view.control.incidents:
+        due += (i.at + HOUR_S, i.at + policy.cooldown_s)
+    started = [m.started for m in view.members.values()]
+    if any(g.name not in view.active for g in policy.groups) and started:
+        due.append(min(started) + policy.bootstrap_grace_s)
+    if policy.failback == "auto":
+        due += (t + policy.failback_stable_s for t in started)
+        due += (o.since + policy.failback_stable_s for o in view.observations.values())
+    return min((t for t in due if t >= now), default=math.inf)
 
 
 def _incidents(plan: _Plan, a: Assessment, guards: _Guards, failbacks: list[SetActive],

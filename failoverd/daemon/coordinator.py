@@ -29,6 +29,7 @@ from failoverd.core.engine import (
     decide,
     expired_drains,
     handle_request,
+    next_decision_at,
 )
 from failoverd.core.model import (
     ActiveRecord,
@@ -84,6 +85,11 @@ PARALLEL_BATCHES = 8
 MIRROR_LAG_S = 2.0
 # How often the members of a memberless region are asked whether they live.
 ASK_ABSENT_EVERY_S = 1.0
+# An unchanged view is decided on again when a time-based rule may flip
+# (plus this, so that it has), and at least this often: the coordinator's
+# gauges (a battery's runtime counting down) stay this fresh.
+DEADLINE_SLACK_S = 0.01
+REDECIDE_MAX_S = 10.0
 # Key prefixes (under the cluster's) that decide() reads, besides active records.
 DECISION_INPUTS = ("members/", "observations/", "power/", "control/", "coordinator")
 # Cycles take at most 1 / (1 + PACE) of the loop when events pour in.
@@ -158,7 +164,12 @@ class Coordinator:
         self._parsed: ClusterView | None = None
         self._sagas_at = -1
         self._inputs_changed = True
-        self._decided_at = 0.0
+        # When an unchanged view must be decided on again (a time-based
+        # rule may flip: ``next_decision_at``), and under which policy the
+        # last decision was taken (a reload decides again at once).
+        self._decide_due = 0.0
+        self._absent_seen = asyncio.Event()
+        self._decided_policy: Policy | None = None
         self._cycle_ended = 0.0
         self._fast_forwarded: dict[tuple[str, int], tuple[str, list[str]]] = {}
         self._saga = Saga(store, keys, term, history, settings, clock)
@@ -259,22 +270,7 @@ class Coordinator:
                     await self._give_an_end(drain, now)
             if await self._drive_drills(view, now):
                 continue  # decide on the view that shows what the drills wrote
-            if (not inputs_changed and self._mirror is not None
-                    and time.monotonic() - self._decided_at < self._tick_s()):
-                # Only acks and saga records moved (an evacuation's sagas at
-                # work): nothing decide() reads changed, and time-based rules
-                # are looked at every tick anyway.
-                decision = Decision((), self._last_reason)
-            else:
-                started = time.thread_time()
-                policy = self._policy()
-                decision = decide(view, policy, now)
-                _export(decision)
-                _export_view(view, decision, policy, now)
-                self._log(decision, view)
-                self._decided_at = time.monotonic()
-                self._work_s += time.thread_time() - started
-                await self._apply(decision, view)
+            decision = await self._decide(view, now, inputs_changed)
             if not decision.changes and view.revision != self._sagas_at:
                 started = time.thread_time()
                 self.sagas.update(view, tg)
@@ -282,7 +278,29 @@ class Coordinator:
                 self._work_s += time.thread_time() - started
             self._cycle_ended = time.monotonic()
             await self._maybe_prune()
-            await self._sleep(0 if decision.changes else self._tick_s())
+            await self._sleep(0 if decision.changes else self._pause(view))
+
+    async def _decide(self, view: ClusterView, now: float, inputs_changed: bool) -> Decision:
+        """Decide on ``view`` and apply the changes, unless nothing decide()
+        reads changed (at rest; or only acks and saga records moved, an
+        evacuation's sagas at work) and no time-based rule can flip before
+        the due time: then an empty decision, at no cost."""
+        policy = self._policy()
+        if (not inputs_changed and self._mirror is not None
+                and policy is self._decided_policy and time.monotonic() < self._decide_due):
+            return Decision((), self._last_reason)
+        started = time.thread_time()
+        decision = decide(view, policy, now)
+        _export(decision)
+        _export_view(view, decision, policy, now)
+        self._log(decision, view)
+        self._decided_policy = policy
+        self._decide_due = 0.0 if decision.changes else time.monotonic() + min(
+            max(next_decision_at(view, policy, now) - now, 0.0) + DEADLINE_SLACK_S,
+            REDECIDE_MAX_S)  # with changes: decide at once on what was committed
+        self._work_s += time.thread_time() - started
+        await self._apply(decision, view)
+        return decision
 
     def note_local_power(self) -> None:
         """Our own member heard a power reading: decide on it now (it is
@@ -335,7 +353,9 @@ class Coordinator:
                 del self._absent_since[region]
                 self._asked.pop(region, None)
         for region in set(map(_REGION_OF, view.active.values())) - present:
-            self._absent_since.setdefault(region, now)
+            if region not in self._absent_since:
+                self._absent_since[region] = now
+                self._absent_seen.set()  # ask its members now
         return replace(view, absent_since=dict(self._absent_since),
                        absent_answering=self._absent_answering(),
                        learned_failover_s=self.learned_failover_s)
@@ -409,6 +429,9 @@ class Coordinator:
         each memberless region.  One that answers is alive but cut off from
         etcd, and rule 4 has it hold its groups: so do we."""
         while True:
+            if not self._absent_since:  # nobody to ask until a region empties
+                self._absent_seen.clear()
+                await self._absent_seen.wait()
             for region in list(self._absent_since):
                 known = [m for m in self._known.values() if m.region == region and m.api_url]
                 if not known:
@@ -429,6 +452,14 @@ class Coordinator:
                     self._inputs_changed = True
                     self._wake.set()
             await asyncio.sleep(ASK_ABSENT_EVERY_S)
+
+    def _pause(self, view: ClusterView) -> float:
+        """How long a cycle that changed nothing sleeps unless woken: until
+        the next decision is due; a tick while a live drill runs (its phases
+        follow the clock) or without the watch's copy to wake us."""
+        if self._mirror is None or any(d.running for d in view.live_drills.values()):
+            return self._tick_s()
+        return max(self._decide_due - time.monotonic(), 0.0)
 
     async def _sleep(self, seconds: float) -> None:
         # Wake early on a watch event, but never sleep past the lease deadline.

@@ -27,6 +27,8 @@ log = structlog.get_logger("failoverd.daemon.isolation")
 
 CHECK_EVERY_S = 1.0
 PEER_REFRESH_S = 5.0
+# Past the lease's local deadline by this much, so that it has passed.
+LEASE_SLACK_S = 0.01
 # Peers' round trips change with the WAN, slowly: measured this often (and
 # when the peer set changes), not at every refresh of the list.
 PEER_RTT_S = 30.0
@@ -105,8 +107,12 @@ class IsolationGuard:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  roles: RoleReconciler, lease_alive: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic,
-                 mirror: KeyMirror | None = None) -> None:
+                 mirror: KeyMirror | None = None,
+                 lease_left: Callable[[], float] | None = None,
+                 lease_dropped: asyncio.Event | None = None) -> None:
         self._store = store
+        self._lease_left = lease_left
+        self._lease_dropped = lease_dropped
         self._mirror = mirror
         self._next_rtt = 0.0
         self._keys = keys
@@ -122,8 +128,30 @@ class IsolationGuard:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(CHECK_EVERY_S)
+            await self._nap()
             await self.check()
+
+    async def _nap(self) -> None:
+        """A check a second once the lease is gone.  While it is held, the
+        next check is at its local deadline (the earliest it can run out:
+        renewals only move it later) or the next peer refresh, and at once
+        if the session drops the lease before (etcd said it expired)."""
+        dropped = self._lease_dropped
+        if dropped is not None:
+            dropped.clear()  # before looking: a drop from now on wakes us
+        pause = CHECK_EVERY_S
+        if (self._lease_left is not None and dropped is not None and self._lost_at is None
+                and self._lease_alive()):
+            pause = max(min(self._lease_left() + LEASE_SLACK_S,
+                            self._next_refresh - self._clock()), CHECK_EVERY_S)
+        if dropped is None:
+            await asyncio.sleep(pause)
+            return
+        try:
+            async with asyncio.timeout(pause):
+                await dropped.wait()
+        except TimeoutError:
+            pass
 
     async def check(self) -> None:
         now = self._clock()

@@ -42,6 +42,8 @@ log = structlog.get_logger("failoverd.daemon.roles")
 
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 60.0
+# At rest (nothing to retry), how often the groups are looked at unwoken.
+IDLE_LOOK_S = 30.0
 # What a database's demote hook prints when it has fenced the old primary:
 # the WAL position the new region must replay before it is promoted.
 _FINAL_LSN = re.compile(r"^final_lsn=([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*$", re.MULTILINE)
@@ -205,10 +207,24 @@ class RoleReconciler:
                 self._wake.clear()
                 await self.reconcile_once()
                 try:
-                    async with asyncio.timeout(self._settings().policy.tick_s):
+                    async with asyncio.timeout(self._pause()):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
+
+    def _pause(self) -> float:
+        """A tick while groups wait for a retry (a hook's backoff, an ack
+        etcd refused) or without the watch's copy; at rest the watch wakes
+        us (a record moved, an ack of ours vanished with its lease), and a
+        reload does: the slow look only backs that up."""
+        mirror = self._mirror
+        if self._dirty or self._look_at_all or mirror is None or not mirror.ready.is_set():
+            return self._settings().policy.tick_s
+        return IDLE_LOOK_S
+
+    def reload(self) -> None:
+        """The settings changed: look at every group now."""
+        self._wake.set()
 
     async def _read(self) -> dict[str, tuple[KeyValue | None, ...]] | None:
         """Per group to look at: its (active, workflow, our ack) keys."""

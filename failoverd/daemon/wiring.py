@@ -161,8 +161,10 @@ class Daemon:
         self.prober: Prober | None = None
         self.power: PowerFeeds | None = None
         self.sources: PowerSources | None = None
+        self.databases: DatabaseChecker | None = None
         self.notifier = notifier or Notifier()
         self._registered = asyncio.Event()
+        self._lease_dropped = asyncio.Event()  # a session ended: its lease is gone
 
     # -- signals ---------------------------------------------------------
     def request_stop(self) -> None:
@@ -189,7 +191,7 @@ class Daemon:
         self.watcher.listen("groups/", roles.keys_changed)
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
-        databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
+        self.databases = databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
                                     self._live_lease, catchup_targets=self._catchup_targets)
         # A saga reaching catchup into our region: look at our server now.
         self.watcher.listen("groups/", databases.keys_changed)
@@ -208,7 +210,8 @@ class Daemon:
                            for c in hook_checks(self.settings, group)])
         guard = IsolationGuard(self.store, self.keys, lambda: self.settings, roles,
                                lambda: self._live_lease() is not None,
-                               mirror=self.watcher.mirror)
+                               mirror=self.watcher.mirror, lease_left=self._lease_left,
+                               lease_dropped=self._lease_dropped)
         log.info("failoverd starting", version=__version__, cluster=self.settings.cluster)
         for warning in self.settings.policy.deprecations():
             log.warning("deprecated setting", detail=warning)
@@ -346,6 +349,10 @@ class Daemon:
             self.power.reload()  # lanes follow the regions; narrowed ones the bound
         if self.sources is not None and _own_sources(old) != _own_sources(self.settings):
             self.sources.reload()
+        if self.databases is not None:
+            self.databases.reload()
+        if self.roles is not None:
+            self.roles.reload()
         log.info("config reloaded", path=str(path))
         await self.history.record("config_reloaded", needs_restart=ignored)
         return True
@@ -359,6 +366,7 @@ class Daemon:
                 # Not in a finally: on shutdown the lease is still needed to
                 # resign and revoke.
                 self.lease = None
+                self._lease_dropped.set()
                 self.coordinator = None
                 log.warning("lease lost; starting a new session", error=str(eg.exceptions[0]))
                 await self.history.record("lease_lost")
@@ -391,6 +399,13 @@ class Daemon:
 
     async def _session(self) -> None:
         self.lease = await self._grant()
+        # What this member publishes under its lease is re-published under
+        # the new one now, not at each publisher's next turn.
+        for component in (self.power, self.prober):
+            if component is not None:
+                component.new_lease()
+        if self.roles is not None:
+            self.roles.reload()  # its acks too
         log.info("registered", lease=f"{self.lease.id:x}", ttl=self.lease.ttl)
         await self.history.record("member_joined", lease=f"{self.lease.id:x}")
         self._registered.set()
@@ -425,9 +440,11 @@ class Daemon:
                     term = None
                 if term is not None:
                     await self._lead(lease, term, everything)
+            pause = self.settings.policy.tick_s
+            if self._seat_held_by_another(lease):  # its deletion wakes us
+                pause = max(last_try + lease.ttl - time.monotonic(), pause)
             try:
-                async with asyncio.timeout(max(min(self.settings.policy.tick_s,
-                                                   lease.remaining()), 0.05)):
+                async with asyncio.timeout(max(min(pause, lease.remaining()), 0.05)):
                     await seat_changed.wait()
             except TimeoutError:
                 pass
@@ -496,6 +513,9 @@ class Daemon:
         """The watch-fed view, once the mirror has loaded (the API's reads)."""
         mirror = self.watcher.mirror
         return mirror.view() if mirror.ready.is_set() else None
+
+    def _lease_left(self) -> float:
+        return self.lease.remaining() if self.lease is not None else 0.0
 
     def _live_lease(self) -> int | None:
         lease = self.lease

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -111,17 +112,25 @@ class DatabaseChecker:
         if keys is None or any(k[cut:].split("/", 1)[0] in names for k in keys):
             self._wake.set()
 
+    def reload(self) -> None:
+        """The settings changed: our database groups may have (a member
+        with none sleeps until this)."""
+        self._wake.set()
+
     async def _until(self, due: float, names: set[str]) -> None:
         """Sleep until ``due``, or until a wake finds a catch-up waiting on
-        one of ``names`` (other wakes — every group change — sleep on)."""
+        one of ``names`` or a reload changed them (other wakes — every group
+        change — sleep on)."""
         while (left := due - time.monotonic()) > 0:
             self._wake.clear()
             try:
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(left if math.isfinite(left) else None):
                     await self._wake.wait()
             except TimeoutError:
                 return
             if names and names & self._catchup_targets().keys():
+                return
+            if {g.name for g, _, _ in self._mine()} != names:
                 return
 
     async def run(self) -> None:
@@ -132,7 +141,8 @@ class DatabaseChecker:
                 targets = self._catchup_targets()
                 if mine:
                     await self.check_all(mine, targets)
-                interval = min((db.check_interval_s for _, db, _ in mine), default=1.0)
+                # No database group here: nothing to do until a reload.
+                interval = min((db.check_interval_s for _, db, _ in mine), default=math.inf)
                 names = {g.name for g, _, _ in mine}
                 if names & targets.keys():
                     interval = CATCHUP_CHECK_S

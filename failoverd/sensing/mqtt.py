@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import socket
 import ssl
@@ -83,6 +84,9 @@ LANE_RCVBUF = 64 * 1024
 # How often held-back relays (coalesced runtimes, quiet new sensors) are
 # written, and a new session's relays re-written.
 RESYNC_EVERY_S = 0.5
+# With nothing held back and every relay under the current lease, the relay
+# task sleeps until woken; it looks anyway this often.
+RELAY_IDLE_S = 30.0
 NORMAL_STATE = "utility_ok"
 # How long a lane waits for the broker to acknowledge a changed
 # subscription; the connection stays up either way.
@@ -293,7 +297,10 @@ class PowerFeeds:
         self._lane_count: dict[str, int] = {}
         self._lane_tasks: dict[tuple[int, str, tuple[str, ...]], asyncio.Task[None]] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        self._relays = LeasedPublisher(store, lease_id, clock)
+        self._relay_wake = asyncio.Event()  # a write held for the relay task; a new lease
+        self._relays = LeasedPublisher(store, lease_id, clock,
+                                       on_pending=self._relay_wake.set)
+        self._flushed_at = -math.inf
         # Readings heard but not yet confirmed in etcd, and who to tell when
         # one arrives: the coordinator, when it runs in this daemon, decides
         # on them at once instead of one etcd write and watch hop later.
@@ -621,12 +628,39 @@ class PowerFeeds:
             log.info("power reading", power_region=r.region, sensor=r.sensor, state=r.state,
                      runtime_s=r.runtime_s, source=r.source, detail=r.detail or None)
 
+    def new_lease(self) -> None:
+        """A new session: re-relay every reading under its lease now."""
+        self._relay_wake.set()
+
     async def _resync_loop(self) -> None:
-        """Re-relay everything under a new lease (new session)."""
+        """Re-relay everything under a new lease (new session), and write
+        the held-back relays when due — at most every RESYNC_EVERY_S, so
+        that what arrives together is written together.  At rest (nothing
+        held, every key under the current lease) it sleeps until woken."""
         while True:
-            await asyncio.sleep(RESYNC_EVERY_S)
+            await self._until_relays_due()
+            self._flushed_at = time.monotonic()
             try:
                 await self._relays.resync()
                 await self._relays.flush()  # coalesced runtime/charge changes now due
             except StoreError as exc:
                 log.warning("cannot relay power readings again", error=str(exc))
+
+    async def _until_relays_due(self) -> None:
+        while True:
+            self._relay_wake.clear()
+            soonest = self._flushed_at + RESYNC_EVERY_S - time.monotonic()
+            due = self._relays.next_due()
+            if self._relays.behind_lease():
+                pause = soonest
+            elif due is not None:
+                pause = max(due - self._relays.now(), soonest)
+            else:
+                pause = RELAY_IDLE_S  # the next held write or lease wakes us
+            if pause <= 0:
+                return
+            try:
+                async with asyncio.timeout(pause):
+                    await self._relay_wake.wait()
+            except TimeoutError:
+                return

@@ -31,6 +31,9 @@ log = structlog.get_logger("failoverd.sensing.probes")
 
 Status = Literal["unknown", "up", "down"]
 BODY_LIMIT = 64 * 1024
+# Regions not published by their probes for this long are published by the
+# refresh task (their probes' interval is longer); a new lease, at once.
+REFRESH_LOOK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Prober:
         self._clock = clock
         self._regions: dict[str, _Region] = {}
         self._restart = asyncio.Event()
+        self._new_lease = asyncio.Event()
         self._published = LeasedPublisher(store, lease_id, clock)
 
     def reload(self) -> None:
@@ -206,15 +210,26 @@ class Prober:
             pause = probe.interval_s * random.uniform(1 - jitter, 1 + jitter)
             await asyncio.sleep(max(pause - (time.monotonic() - started), 0))
 
+    def new_lease(self) -> None:
+        """A new session: publish every region under its lease now, not at
+        each probe's next check."""
+        self._new_lease.set()
+
     async def _refresh_loop(self) -> None:
-        """Publish regions whose probes have not for a second (a slow probe
-        interval, a new lease to write under); the others were just
-        published by their probe loop."""
+        """Publish every region at once under a new lease; and, every
+        REFRESH_LOOK_S, the regions whose probes have not published for
+        that long (a probe interval longer than that)."""
         while True:
-            await asyncio.sleep(1.0)
+            self._new_lease.clear()
+            try:
+                async with asyncio.timeout(REFRESH_LOOK_S):
+                    await self._new_lease.wait()
+                stale_after = 0.0
+            except TimeoutError:
+                stale_after = REFRESH_LOOK_S
             now = time.monotonic()
             for reg in self._regions.values():
-                if now - reg.published_at >= 1.0:
+                if now - reg.published_at >= stale_after:
                     await self._publish(reg)
 
     def observation(self, reg: _Region) -> Observation:
