@@ -92,3 +92,26 @@ async def test_a_late_answer_still_renews_from_its_send_time() -> None:
     # Renewed from the first attempt's send time (0.3 s after the grant), so
     # the lease outlived the grant's own deadline (granted + 2.7 s).
     assert lease.deadline > granted + 3 - 0.3
+
+
+async def test_the_isolation_guard_sleeps_to_the_lease_deadline_and_wakes_on_a_drop() -> None:
+    """At rest the rule-4 guard does not check every second: while the
+    lease is held it sleeps to the lease's local deadline (or its next peer
+    refresh), and wakes at once when the session drops the lease (etcd said
+    it expired before that deadline); once the lease is gone, every second."""
+    from failoverd.daemon.isolation import CHECK_EVERY_S, IsolationGuard  # noqa: PLC0415
+
+    dropped = asyncio.Event()
+    alive = [True]
+    guard = IsolationGuard(None, None, None, None, lambda: alive[0],  # type: ignore[arg-type]
+                           lease_left=lambda: 60.0, lease_dropped=dropped)
+    guard._next_refresh = guard._clock() + 60.0
+    nap = asyncio.ensure_future(guard._nap())
+    await asyncio.sleep(CHECK_EVERY_S * 1.5)
+    assert not nap.done()  # no tick a second while the lease is held
+    alive[0] = False
+    dropped.set()  # the session ended: its lease is gone
+    await asyncio.wait_for(nap, 0.5)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(guard._nap(), CHECK_EVERY_S + 0.5)
+    assert asyncio.get_running_loop().time() - started >= CHECK_EVERY_S * 0.9

@@ -191,8 +191,9 @@ class Daemon:
         self.watcher.listen("groups/", roles.keys_changed)
         self.watcher.listen("", self._decision_inputs)
         self.prober = Prober(self.store, self.keys, lambda: self.settings, self._live_lease)
-        self.databases = databases = DatabaseChecker(self.store, self.keys, lambda: self.settings,
-                                    self._live_lease, catchup_targets=self._catchup_targets)
+        self.databases = databases = DatabaseChecker(
+            self.store, self.keys, lambda: self.settings, self._live_lease,
+            catchup_targets=self._catchup_targets)
         # A saga reaching catchup into our region: look at our server now.
         self.watcher.listen("groups/", databases.keys_changed)
         self.power = PowerFeeds(self.store, self.keys, lambda: self.settings, self._live_lease)
