@@ -124,6 +124,9 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
                     return [h for h in c.hooks() if h["epoch"] == epoch and h["role"] == "active"]
                 hooks = await wait_until(hooked, 10, "promote hook", interval=0.005)
                 to_hook.append(hooks[0]["t"] - t0)
+                # Our watch may hear of the commit a moment after the member
+                # that promoted did (it is the same hop, on another stream).
+                await wait_until(lambda e=rec.epoch + 1: e in committed, 5, "our watch's copy")
                 to_commit.append(committed[rec.epoch + 1] - t0)
                 await mq.publish(f"failoverd/power/{rec.region}/gen",
                                  json.dumps({"state": "utility_ok", "ts": time.time()}), qos=1)
