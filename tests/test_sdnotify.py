@@ -187,6 +187,28 @@ async def test_watchdog_stops_when_the_coordinator_cycle_is_wedged(
         await c.close()
 
 
+async def test_watchdog_keeps_pinging_while_a_resting_coordinator_sleeps(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str,
+        notify_socket: NotifySocket) -> None:
+    """At rest the coordinator sleeps until its next decision is due (up to
+    10 s, or its lease's deadline), longer than the stuck limit of a cycle
+    (here 2 x 0.2 + 4 x 1 = 4.4 s): a sleep that ends on time is not a
+    wedge, and the watchdog goes on pinging."""
+    c = LocalCluster(tmp_path, cluster_name, etcd.endpoints, {"east": 100}, {"app": ["east"]},
+                     ttl=8, policy={"tick_s": 0.2})
+    c.add("e1", "east", env={"NOTIFY_SOCKET": notify_socket.env_value,
+                             "WATCHDOG_USEC": "1000000"})
+    try:
+        await notify_socket.wait_for("READY")
+        await c.wait_active("app", "east", 15)
+        rested_from = time.monotonic()
+        await asyncio.sleep(7)  # an observation window at rest, not a wait for a state
+        assert not notify_socket.having("STATUS", "^stuck")
+        assert [t for t, _ in notify_socket.having("WATCHDOG") if t > rested_from + 5]
+    finally:
+        await c.close()
+
+
 async def test_watchdog_stops_when_the_event_loop_is_frozen(
         tmp_path: Path, etcd: EtcdCluster, cluster_name: str,
         notify_socket: NotifySocket) -> None:

@@ -181,9 +181,12 @@ class Coordinator:
         # must see at least this (the mirror catches up by watch).  Our seat
         # was written at the term's revision: never decide on a view older.
         self.committed_revision = term
-        # When the current cycle began (monotonic); the systemd watchdog
-        # stops pinging when it is too old.
+        # When the current cycle began, and when the sleep after the last one
+        # ends (monotonic): the systemd watchdog stops pinging when the later
+        # of the two is too long ago (a resting coordinator sleeps until its
+        # next decision is due: up to REDECIDE_MAX_S).
         self.cycle_started = time.monotonic()
+        self.wake_due = 0.0
 
     def _ensure_leading(self, view: ClusterView | None = None) -> None:
         if not self._lease.valid():
@@ -236,7 +239,7 @@ class Coordinator:
     async def _loop(self, tg: asyncio.TaskGroup) -> None:
         while True:
             await self._pace()
-            self.cycle_started = time.monotonic()
+            self.cycle_started, self.wake_due = time.monotonic(), 0.0
             self._work_s = 0.0
             await async_fault_point("coordinator-cycle")
             self._wake.clear()
@@ -464,6 +467,7 @@ class Coordinator:
     async def _sleep(self, seconds: float) -> None:
         # Wake early on a watch event, but never sleep past the lease deadline.
         timeout = max(min(seconds, self._lease.remaining()), 0)
+        self.wake_due = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()

@@ -287,12 +287,13 @@ class Daemon:
         if coord is None:
             return None
         s = self.settings
-        # A healthy cycle sleeps at most one tick, makes a few etcd calls and
-        # may run one saga step whose routers hang until their timeouts.
+        # A healthy cycle makes a few etcd calls and may run one saga step
+        # whose routers hang until their timeouts; its sleep ends on time
+        # (counted from then: at rest it sleeps until a decision is due).
         limit = max(2 * s.policy.tick_s + 4 * s.etcd.timeout_s
                     + max((worst_step_s(g) for g in s.groups), default=0.0),
                     (self.notifier.watchdog_s or 0.0) / 2)
-        age = time.monotonic() - coord.cycle_started
+        age = time.monotonic() - max(coord.cycle_started, coord.wake_due)
         return f"coordinator cycle stuck for {age:.1f}s" if age > limit else None
 
     async def _release(self) -> None:
