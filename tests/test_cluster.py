@@ -445,5 +445,6 @@ async def test_at_rest_the_coordinator_decides_only_when_a_rule_may_flip(
 
     before = decisions()
     await asyncio.sleep(4.5)  # an observation window at rest, not a wait for a state
-    assert decisions() - before <= 1  # was one a second (the other tests: changes are
-    # still decided at once, time-based rules on time)
+    # It was one a second.  (That changes are still decided at once, and
+    # time-based rules on time, the other tests show.)
+    assert decisions() - before <= 1
