@@ -63,9 +63,9 @@ class LeasedPublisher:
     def __init__(self, store: Store, lease_id: Callable[[], int | None],
                  clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
-                 on_pending: Callable[[], None] = lambda: None) -> None:
+                 on_pending: Callable[[float], None] = lambda due: None) -> None:
         self._rng = rng or random.Random()
-        self._on_pending = on_pending  # a write was held for flush()
+        self._on_pending = on_pending  # a write was held for flush(), due then
         self._store = store
         self._lease_id = lease_id
         self._clock = clock
@@ -106,7 +106,7 @@ class LeasedPublisher:
         last = self._last.get(key)
         if batch and (last is None or last.lease != lease or last.identity != identity):
             self._pending[key] = _Pending(value, identity, minor, now)
-            self._on_pending()
+            self._on_pending(now)
             return False
         if last is not None and last.lease == lease and last.identity == identity:
             if last.minor == minor and now - last.at < refresh_s * last.spread:
@@ -116,9 +116,9 @@ class LeasedPublisher:
                 # Held for flush(), which writes every due one in one txn: a
                 # flood of runtimes over many sensors is a few etcd entries
                 # a second, not one per sensor.
-                self._pending[key] = _Pending(value, identity, minor,
-                                              max(last.at + min_interval_s, now))
-                self._on_pending()
+                due = max(last.at + min_interval_s, now)
+                self._pending[key] = _Pending(value, identity, minor, due)
+                self._on_pending(due)
                 return False
         await self._write(key, value, identity, minor, lease)
         return True
@@ -133,9 +133,6 @@ class LeasedPublisher:
         :meth:`resync` has work)."""
         lease = self._lease_id()
         return lease is not None and any(last.lease != lease for last in self._last.values())
-
-    def now(self) -> float:
-        return self._clock()
 
     async def flush(self) -> int:
         """Write the held-back minor changes that are due, FLUSH_TXN_OPS to

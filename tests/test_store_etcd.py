@@ -441,9 +441,9 @@ async def test_leased_publisher_writes_changes_refreshes_and_follows_a_new_lease
     keys = Keyspace(cluster_name)
     now = [1000.0]
     lease = [(await store.grant(5))[0]]
-    held: list[int] = []
+    held: list[float] = []
     pub = LeasedPublisher(store, lambda: lease[0], lambda: now[0],
-                          on_pending=lambda: held.append(1))
+                          on_pending=held.append)
     a, b = keys.observation("m1", "east"), keys.observation("m1", "west")
     assert await pub.publish(a, "up-1", "up", refresh_s=10)
     assert await pub.publish(b, "down-1", "down", refresh_s=10)

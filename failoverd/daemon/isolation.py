@@ -10,6 +10,7 @@ those peers' ``/healthz`` (open, and carrying the epochs each last read).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -107,9 +108,8 @@ class IsolationGuard:
     def __init__(self, store: Store, keys: Keyspace, settings: Callable[[], Settings],
                  roles: RoleReconciler, lease_alive: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic,
-                 mirror: KeyMirror | None = None,
-                 lease_left: Callable[[], float] | None = None,
-                 lease_dropped: asyncio.Event | None = None) -> None:
+                 mirror: KeyMirror | None = None, *,
+                 lease_left: Callable[[], float], lease_dropped: asyncio.Event) -> None:
         self._store = store
         self._lease_left = lease_left
         self._lease_dropped = lease_dropped
@@ -136,22 +136,14 @@ class IsolationGuard:
         next check is at its local deadline (the earliest it can run out:
         renewals only move it later) or the next peer refresh, and at once
         if the session drops the lease before (etcd said it expired)."""
-        dropped = self._lease_dropped
-        if dropped is not None:
-            dropped.clear()  # before looking: a drop from now on wakes us
+        self._lease_dropped.clear()  # before looking: a drop from now on wakes us
         pause = CHECK_EVERY_S
-        if (self._lease_left is not None and dropped is not None and self._lost_at is None
-                and self._lease_alive()):
+        if self._lost_at is None and self._lease_alive():
             pause = max(min(self._lease_left() + LEASE_SLACK_S,
                             self._next_refresh - self._clock()), CHECK_EVERY_S)
-        if dropped is None:
-            await asyncio.sleep(pause)
-            return
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(pause):
-                await dropped.wait()
-        except TimeoutError:
-            pass
+                await self._lease_dropped.wait()
 
     async def check(self) -> None:
         now = self._clock()

@@ -297,9 +297,12 @@ class PowerFeeds:
         self._lane_count: dict[str, int] = {}
         self._lane_tasks: dict[tuple[int, str, tuple[str, ...]], asyncio.Task[None]] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        self._relay_wake = asyncio.Event()  # a write held for the relay task; a new lease
-        self._relays = LeasedPublisher(store, lease_id, clock,
-                                       on_pending=self._relay_wake.set)
+        # The relay task's wake-up: a held write due before it planned to
+        # wake (``_relay_planned``, this clock; -inf while it works), a new
+        # lease.  Under a flood most held writes are due after that: no wake.
+        self._relay_wake = asyncio.Event()
+        self._relay_planned = -math.inf
+        self._relays = LeasedPublisher(store, lease_id, clock, on_pending=self._held)
         self._flushed_at = -math.inf
         # Readings heard but not yet confirmed in etcd, and who to tell when
         # one arrives: the coordinator, when it runs in this daemon, decides
@@ -632,6 +635,10 @@ class PowerFeeds:
         """A new session: re-relay every reading under its lease now."""
         self._relay_wake.set()
 
+    def _held(self, due: float) -> None:
+        if due < self._relay_planned:
+            self._relay_wake.set()
+
     async def _resync_loop(self) -> None:
         """Re-relay everything under a new lease (new session), and write
         the held-back relays when due — at most every RESYNC_EVERY_S, so
@@ -654,13 +661,16 @@ class PowerFeeds:
             if self._relays.behind_lease():
                 pause = soonest
             elif due is not None:
-                pause = max(due - self._relays.now(), soonest)
+                pause = max(due - self._clock(), soonest)
             else:
                 pause = RELAY_IDLE_S  # the next held write or lease wakes us
             if pause <= 0:
                 return
+            self._relay_planned = self._clock() + pause
             try:
                 async with asyncio.timeout(pause):
                     await self._relay_wake.wait()
             except TimeoutError:
                 return
+            finally:
+                self._relay_planned = -math.inf
