@@ -54,7 +54,7 @@ async def main() -> int:
     if not args.only or "evacuate" in args.only:
         rows += await evacuate.run(args.ttl, args.groups or [10, 100, 1000])
     if not args.only or "load" in args.only:
-        rows += await load.run(min(args.trials, 10), args.ttl, args.load_s)
+        rows += await load.run(args.ttl, args.load_s)
     if args.only and "database" in args.only:
         rows += await database.run(args.ttl, args.db_runs)
     if args.only and "chaos" in args.only:
