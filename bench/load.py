@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiomqtt
@@ -80,7 +81,7 @@ def generator_nice() -> int:
 
 
 def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
-         noisy: bool, out: Path) -> None:
+         noisy: bool, out: Path, ready: Any = None) -> None:
     """Sensor spam for ``regions`` (in turn) from a process of its own, over a
     raw MQTT socket (QoS 0): a client library in Python tops out far below
     10,000 messages/s.  Every message carries a new runtime; they come from
@@ -94,6 +95,8 @@ def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
                                   + _utf8(f"bench-spam-{os.getpid()}")))
         if sock.recv(4)[:1] != b"\x20":
             raise SystemExit("no CONNACK from the broker")
+        if ready is not None:
+            ready.set()
         sent, t0 = 0, time.monotonic()
         until = t0 + seconds
         while (now := time.monotonic()) < until:
@@ -115,7 +118,7 @@ def spam(port: int, seconds: float, rate: int, names: int, regions: list[str],
     out.write_text(json.dumps({"sent": sent, "seconds": time.monotonic() - t0}))
 
 
-def dashboard(apis: list[str], seconds: float, rate: int, out: Path) -> None:
+def dashboard(apis: list[str], seconds: float, rate: int, out: Path, ready: Any) -> None:
     """A busy dashboard, from a process of its own: ``GET /v1/status`` of
     every member, ``rate`` requests/s in all, with one viewer token."""
     os.nice(generator_nice())
@@ -124,6 +127,7 @@ def dashboard(apis: list[str], seconds: float, rate: int, out: Path) -> None:
         headers = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as s:
+            ready.set()
             async def one(url: str) -> None:
                 try:
                     async with s.get(url + "/v1/status", headers=headers) as r:
@@ -274,7 +278,10 @@ async def run(ttl: int, load_s: float = 30.0) -> list[dict[str, object]]:
         etcd0 = await _etcd_sums(etcd)
         # As many samples unloaded as under load: a p99 of ten samples is
         # their maximum, and the goal is twice it.
-        quiet = await _power_events(c, broker.port, commits, time.monotonic() + load_s)
+        quiet_hops: list[tuple[float, float, float]] = []
+        quiet_at: list[float] = []
+        quiet = await _power_events(c, broker.port, commits, time.monotonic() + load_s,
+                                    hops=quiet_hops, at=quiet_at)
         etcd1 = await _etcd_sums(etcd)
         pids = {m: d.pid for m, d in c.daemons.items()}
         rss0 = {m: _rss_mib(p) for m, p in pids.items()}
@@ -285,22 +292,30 @@ async def run(ttl: int, load_s: float = 30.0) -> list[dict[str, object]]:
         spam_out, dash_out = work / "spam.json", work / "dashboard.json"
         # The spam goes to central, which is never active here: the power
         # events (east and west in turn) arrive on other MQTT lanes.
+        ready = [ctx.Event(), ctx.Event()]
         helpers = [ctx.Process(target=spam, name="bench-spam", args=(
-                       broker.port, load_s, SPAM_RATE, NAMES, ["central"], False, spam_out)),
+                       broker.port, load_s, SPAM_RATE, NAMES, ["central"], False, spam_out,
+                       ready[0])),
                    ctx.Process(target=dashboard, name="bench-dashboard",
-                               args=(apis, load_s, STATUS_RATE, dash_out))]
+                               args=(apis, load_s, STATUS_RATE, dash_out, ready[1]))]
         for p in helpers:
             p.start()
+        # Timed from when both make their load: a new Python process's
+        # start-up (imports) is the bench's cost, not the load's.
+        for r in ready:
+            if not await asyncio.to_thread(r.wait, 60):
+                raise AssertionError("a load generator did not start")
         t0 = time.monotonic()
         started = time.time()
         hops: list[tuple[float, float, float]] = []
         at: list[float] = []
         loaded = await _power_events(c, broker.port, commits, t0 + load_s, hops=hops, at=at)
         settled = [x for x, t in zip(loaded, at, strict=True) if t >= started + SETTLE_S] or [0.0]
-        (work / "events.json").write_text(json.dumps(
-            {"unloaded": quiet, "loaded": [
-                {"published": t, "took": x, "to_receipt": h[0], "to_decision": h[1],
-                 "to_seen": h[2]} for t, x, h in zip(at, loaded, hops, strict=True)]}, indent=1))
+        (work / "events.json").write_text(json.dumps({phase: [
+            {"published": t, "took": x, "to_receipt": h[0], "to_decision": h[1], "to_seen": h[2]}
+            for t, x, h in zip(*lists, strict=True)] for phase, lists in (
+                ("unloaded", (quiet_at, quiet, quiet_hops)), ("loaded", (at, loaded, hops)))},
+            indent=1))
         took = time.monotonic() - t0
         etcd2 = await _etcd_sums(etcd)
         for p in helpers:

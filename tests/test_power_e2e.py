@@ -114,6 +114,18 @@ async def test_generator_failed_fails_over_planned(power_stack):
     assert after.epoch == before.epoch + 1
     assert (after.trigger, after.mode) == ("power", "planned")
     assert "power critical (gen:generator_failed)" in after.reason
+    # The coordinator's own member relays what it heard after the commit it
+    # led to, not in front of it.
+    view = await s.c.view()
+    coordinator = view.coordinator.member
+    active = await s.c.store.get(s.c.keys.active("app"))
+    assert active is not None and json.loads(active.value)["epoch"] == after.epoch
+
+    async def relayed() -> Any:
+        return await s.c.store.get(s.c.keys.power("east", "gen", coordinator))
+    own = await wait_until(relayed, 5, "the coordinator member's relay of gen")
+    assert json.loads(own.value)["state"] == "generator_failed"
+    assert own.mod_revision > active.mod_revision, (own.mod_revision, active.mod_revision)
 
     async def promoted() -> bool:
         return any(h["member"] == "w1" and h["role"] == "active" and h["epoch"] == after.epoch

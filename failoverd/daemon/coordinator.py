@@ -140,6 +140,7 @@ class Coordinator:
         # Power news the engine acts on (our own member heard it): cuts a
         # pacing pause short.
         self._urgent = asyncio.Event()
+        self._heard: asyncio.Event | None = None
         self._local_power = local_power
         self._clock = clock
         self._last_reason = ""
@@ -239,49 +240,62 @@ class Coordinator:
     async def _loop(self, tg: asyncio.TaskGroup) -> None:
         while True:
             await self._pace()
-            self.cycle_started, self.wake_due = time.monotonic(), 0.0
-            self._work_s = 0.0
-            await async_fault_point("coordinator-cycle")
-            self._wake.clear()
-            self._ensure_leading()
-            inputs_changed, self._inputs_changed = self._inputs_changed, False
+            # Power news our member heard before this cycle began: its relay
+            # waits for this cycle's decision (and commit).
+            heard, self._heard = self._heard, None
             try:
-                parsed = await self._read()
-            except StoreError as exc:
-                parsed = None
-                log.warning("cannot read cluster state; holding", error=str(exc))
-            if parsed is None:
-                # Static stability: no store, no change.  The lease keeper ends
-                # our term if this lasts past the deadline.
-                self._inputs_changed |= inputs_changed  # still to be decided on
-                await self._sleep(min(self._tick_s(), 0.5))
-                continue
-            now = self._clock()
-            view = await self._with_fences(self._track_absence(
-                with_local_power(parsed, self._local_power()), now))
-            self._ensure_leading(view)
-            if view.requests:
-                # Operator requests first; then decide on what they changed.
-                for req in view.requests:
-                    await self._answer(req, view, now)
-                await asyncio.sleep(0)
-                continue
-            for drain in expired_drains(view, self._policy(), now):
-                await self._expire(drain)
-            for drain in view.control.drains:
-                if drain.until is None:
-                    await self._give_an_end(drain, now)
-            if await self._drive_drills(view, now):
-                continue  # decide on the view that shows what the drills wrote
-            decision = await self._decide(view, now, inputs_changed)
-            if not decision.changes and view.revision != self._sagas_at:
-                started = time.thread_time()
-                self.sagas.update(view, tg)
-                self._sagas_at = view.revision
-                self._work_s += time.thread_time() - started
-            self._cycle_ended = time.monotonic()
-            await self._maybe_prune()
-            await self._sleep(0 if decision.changes else self._pause(view))
+                pause = await self._cycle(tg)
+            finally:
+                if heard is not None:
+                    heard.set()
+            if pause is not None:
+                await self._sleep(pause)
+
+    async def _cycle(self, tg: asyncio.TaskGroup) -> float | None:
+        """Read, answer requests, decide, apply; how long to sleep after
+        (None: go round again at once)."""
+        self.cycle_started, self.wake_due = time.monotonic(), 0.0
+        self._work_s = 0.0
+        await async_fault_point("coordinator-cycle")
+        self._wake.clear()
+        self._ensure_leading()
+        inputs_changed, self._inputs_changed = self._inputs_changed, False
+        try:
+            parsed = await self._read()
+        except StoreError as exc:
+            parsed = None
+            log.warning("cannot read cluster state; holding", error=str(exc))
+        if parsed is None:
+            # Static stability: no store, no change.  The lease keeper ends
+            # our term if this lasts past the deadline.
+            self._inputs_changed |= inputs_changed  # still to be decided on
+            return min(self._tick_s(), 0.5)
+        now = self._clock()
+        view = await self._with_fences(self._track_absence(
+            with_local_power(parsed, self._local_power()), now))
+        self._ensure_leading(view)
+        if view.requests:
+            # Operator requests first; then decide on what they changed.
+            for req in view.requests:
+                await self._answer(req, view, now)
+            await asyncio.sleep(0)
+            return None
+        for drain in expired_drains(view, self._policy(), now):
+            await self._expire(drain)
+        for drain in view.control.drains:
+            if drain.until is None:
+                await self._give_an_end(drain, now)
+        if await self._drive_drills(view, now):
+            return None  # decide on the view that shows what the drills wrote
+        decision = await self._decide(view, now, inputs_changed)
+        if not decision.changes and view.revision != self._sagas_at:
+            started = time.thread_time()
+            self.sagas.update(view, tg)
+            self._sagas_at = view.revision
+            self._work_s += time.thread_time() - started
+        self._cycle_ended = time.monotonic()
+        await self._maybe_prune()
+        return 0 if decision.changes else self._pause(view)
 
     async def _decide(self, view: ClusterView, now: float, inputs_changed: bool) -> Decision:
         """Decide on ``view`` and apply the changes, unless nothing decide()
@@ -305,12 +319,24 @@ class Coordinator:
         await self._apply(decision, view)
         return decision
 
-    def note_local_power(self) -> None:
-        """Our own member heard a power reading: decide on it now (it is
-        relayed to etcd meanwhile, where the other members' copies go)."""
+    def note_local_power(self) -> asyncio.Event:
+        """Our own member heard a power reading: decide on it now.  The
+        event returned is set once a cycle that saw it has decided (and
+        committed what it decided): the member relays the reading after
+        that, so that neither this loop nor etcd's queue puts our own copy
+        in front of the commit it leads to."""
         self._inputs_changed = True
         self._urgent.set()
         self._wake.set()
+        if self._heard is None:
+            self._heard = asyncio.Event()
+        return self._heard
+
+    def stop_holding_relays(self) -> None:
+        """The term ended: relays waiting for a decision go now."""
+        if self._heard is not None:
+            self._heard.set()
+            self._heard = None
 
     def note_changes(self, keys: list[str] | None) -> None:
         """From the watch: did anything decide() reads change?  (Members,

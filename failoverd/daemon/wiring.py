@@ -451,9 +451,10 @@ class Daemon:
             except TimeoutError:
                 pass
 
-    def _heard_power(self) -> None:
+    def _heard_power(self) -> asyncio.Event | None:
         if self.coordinator is not None:
-            self.coordinator.note_local_power()
+            return self.coordinator.note_local_power()
+        return None
 
     async def _lead(self, lease: KeptLease, term: int, wake: asyncio.Event) -> None:
         s = self.settings
@@ -484,6 +485,7 @@ class Daemon:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from None
         finally:
+            coord.stop_holding_relays()
             metrics.IS_COORDINATOR.set(0)
             metrics.COORDINATOR_TERM.set(0)
             for gauge in metrics.COORDINATOR_VIEW:

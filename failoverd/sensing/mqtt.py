@@ -23,6 +23,7 @@ most once per ``LOG_EVERY_S`` per reason; none of them can stop the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -76,6 +77,10 @@ LANE_QUEUE_MAX = 2_000
 DRAIN_BATCH = 64
 # How long a relayed reading stays in PowerFeeds.unrelayed after its write.
 UNRELAYED_KEEP_S = 2.0
+# How long the relay of news the coordinator here decides on waits for that
+# decision and its commit (a commit takes milliseconds; etcd's timeout is
+# longer).
+RELAY_AFTER_DECISION_S = 0.25
 # A lane's socket receive buffer.  Left to the kernel it grows to megabytes
 # on a fast link: a flood then sits in our own socket, 100,000 messages and
 # many seconds of reading deep, with every core busy.  Capped, the broker
@@ -308,7 +313,7 @@ class PowerFeeds:
         # one arrives: the coordinator, when it runs in this daemon, decides
         # on them at once instead of one etcd write and watch hop later.
         self.unrelayed: dict[tuple[str, str], Reading] = {}
-        self.on_reading: Callable[[], None] | None = None
+        self.on_reading: Callable[[], asyncio.Event | None] | None = None
         self._last_log: dict[str, float] = {}
         self._inputs_of: Settings | None = None
         self._parse_inputs = _ParseInputs([], 0, [])
@@ -568,8 +573,15 @@ class PowerFeeds:
             # may decide on it before its relay is in etcd.  A runtime that
             # merely ticks (a flood of them, at worst) goes the relay's way.
             self.unrelayed[key] = reading
-            if self.on_reading is not None:
-                self.on_reading()
+            decided = self.on_reading() if self.on_reading is not None else None
+            if decided is not None:
+                # The coordinator runs here and decides on it first: our own
+                # relay would only stand in front of its commit, in this loop
+                # and in etcd's queue (bounded: a slow commit does not hold
+                # the other members' view of this sensor back for long).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RELAY_AFTER_DECISION_S):
+                        await decided.wait()
             try:
                 await self._relay(reading)
             finally:
