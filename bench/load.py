@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.footprint import TICK, _cpu_ticks, _rss_mib
 from bench.takeover import pct, row
 from bench.workdirs import work_dir
-from devstack.stack import VIEWER_TOKEN, EtcdCluster, LocalCluster, Mosquitto
+from devstack.stack import VIEWER_TOKEN, EtcdCluster, LocalCluster, Mosquitto, wait_until
 
 REGIONS = {"east": 100, "west": 50, "central": 25}
 SPAM_RATE = 10_000
@@ -207,9 +207,13 @@ async def _power_events(c: LocalCluster, port: int, commits: CommitWatch, until:
                 if at is not None:
                     at.append(t0)
                 if hops is not None:
-                    kvs = await c.store.get_prefix(c.keys.prefix + f"power/{rec.region}/gen/")
-                    first = min(d["received"] for d in map(json.loads, (x.value for x in kvs.kvs))
-                                if d["state"] == "generator_failed")
+                    # The coordinator may commit before any member's relay
+                    # of the reading has landed: wait for one (not timed).
+                    async def receipts(region: str = rec.region) -> list[float]:
+                        kvs = await c.store.get_prefix(c.keys.prefix + f"power/{region}/gen/")
+                        return [d["received"] for d in map(json.loads, (x.value for x in kvs.kvs))
+                                if d["state"] == "generator_failed"]
+                    first = min(await wait_until(receipts, 5, "a relay of the reading"))
                     decided = json.loads(value)["since"]
                     hops.append((first - t0, decided - first, seen - decided))
             await mq.publish(f"failoverd/power/{rec.region}/gen",

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failoverd.core.model import Keyspace, ViewIndex, parse_view
+from failoverd.core.model import (
+    Incident,
+    Keyspace,
+    ViewIndex,
+    incidents_value,
+    parse_incidents,
+    parse_view,
+)
 from failoverd.core.store import KeyValue, Snapshot, WatchEvent
 from failoverd.etcd.mirror import KeyMirror
 
@@ -121,3 +129,15 @@ def test_the_incremental_view_equals_a_full_parse_after_any_changes(
     assert sorted(incremental.problems) == sorted(full.problems)
     for group, rev in full.group_revisions.items():
         assert incremental.group_revisions[group] >= rev
+
+
+@given(st.lists(st.builds(
+    Incident, kind=st.sampled_from(["evacuation", "failback"]), region=st.text(max_size=8),
+    trigger=st.sampled_from(["power", "health", "failback"]),
+    at=st.floats(0, 2e9, allow_nan=False), reason=st.text(max_size=20),
+    groups=st.integers(0, 5000), held=st.integers(0, 5000)), max_size=20))
+def test_the_storm_key_round_trips_in_its_stored_shape(incidents: list[Incident]) -> None:
+    text = incidents_value(tuple(incidents))
+    # The shape older members read: every field of Incident, by name.
+    assert json.loads(text) == {"incidents": [asdict(i) for i in incidents]}
+    assert parse_incidents(KeyValue(P + "control/storm", text, 1, 1, 0)) == tuple(incidents)

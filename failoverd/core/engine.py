@@ -21,7 +21,7 @@ from failoverd.core.model import (
     LiveDrill,
     OperatorRequest,
 )
-from failoverd.core.power import DEGRADED, RegionPower, merge, region_power
+from failoverd.core.power import DEGRADED, RegionPower, region_power
 
 HOUR_S = 3600.0
 # Region conditions that evacuate every group active there, whatever the
@@ -217,8 +217,7 @@ def region_health(view: ClusterView, policy: Policy, region: str) -> RegionHealt
 
 def power_of(view: ClusterView, policy: Policy, region: str, now: float) -> RegionPower:
     """The region's power from every sensor any live member relays."""
-    readings = merge({k: v for k, v in view.power.items() if k[0] == region})
-    return region_power(readings.get(region, []), now, grace_s=policy.power_grace_s,
+    return region_power(view.power_by_region.get(region, []), now, grace_s=policy.power_grace_s,
                         stale_s=policy.sensor_stale_s,
                         silence_s=policy.power_silence_during_outage_s,
                         quorum=policy.power_quorum(region))

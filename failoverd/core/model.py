@@ -11,10 +11,11 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 from failoverd.core.data import DataReport, parse_data_report
-from failoverd.core.power import Reading, reading_from_json
+from failoverd.core.power import Reading, merge, reading_from_json
 from failoverd.core.store import KeyValue, Snapshot
 from failoverd.core.workflow import Workflow, parse_workflow
 
@@ -372,6 +373,13 @@ class ClusterView:
     def regions_with_members(self) -> frozenset[str]:
         return frozenset(m.region for m in self.members.values())
 
+    @cached_property
+    def power_by_region(self) -> Mapping[str, list[Reading]]:
+        """Per region, the newest reading of each sensor, whoever relayed it
+        (:func:`~failoverd.core.power.merge`): merged once per view, not once
+        per region judged (a flood's 64 sensors x 3 members, every cycle)."""
+        return merge(self.power)
+
     def members_in(self, region: str) -> list[MemberRecord]:
         return sorted(
             (m for m in self.members.values() if m.region == region), key=lambda m: m.member
@@ -459,7 +467,11 @@ def parse_incidents(kv: KeyValue) -> tuple[Incident, ...]:
 
 
 def incidents_value(incidents: tuple[Incident, ...]) -> str:
-    return to_json({"incidents": [asdict(i) for i in incidents]})
+    # By hand: dataclasses.asdict deep-copies every field, and the storm key
+    # is written with every evacuation's commit.
+    return to_json({"incidents": [
+        {"kind": i.kind, "region": i.region, "trigger": i.trigger, "at": i.at,
+         "reason": i.reason, "groups": i.groups, "held": i.held} for i in incidents]})
 
 
 def parse_observation(member: str, target: str, kv: KeyValue) -> Observation:
