@@ -16,7 +16,20 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from devstack.stack import VIEWER_TOKEN, EtcdCluster, LocalCluster, Mosquitto, call, wait_until
+from devstack.stack import (
+    VIEWER_TOKEN,
+    EtcdCluster,
+    LocalCluster,
+    Mosquitto,
+    call,
+    wait_until,
+    write_config,
+)
+from failoverd.config import EtcdSettings, Overrides, load_settings
+from failoverd.core.model import Keyspace
+from failoverd.core.power import Reading
+from failoverd.etcd.client import EtcdStore
+from failoverd.sensing.mqtt import RELAY_AFTER_DECISION_S, PowerFeeds
 
 pytestmark = pytest.mark.cluster
 TOPIC = "failoverd/power/east"
@@ -431,3 +444,44 @@ async def _relayed_as(s: PowerStack, region: str, sensor: str, state: str, membe
 
 async def _relayed_by(s: PowerStack, sensor: str, members: int) -> bool:
     return len((await s.c.view()).power.get(("east", sensor), [])) >= members
+
+
+async def test_a_relay_waits_for_the_coordinator_here_but_not_past_its_bound(
+        tmp_path: Path, etcd: EtcdCluster, cluster_name: str) -> None:
+    """News the coordinator in this daemon decides on is relayed once that
+    decision is done — and after RELAY_AFTER_DECISION_S at the latest."""
+    cfg = write_config(tmp_path / "failoverd.toml", cluster=cluster_name,
+                       endpoints=etcd.endpoints, regions={"east": 100}, groups={"app": ["east"]},
+                       state_dir=tmp_path / "state")
+    settings = load_settings(cfg, Overrides(member="e1", region="east"))
+    keys = Keyspace(cluster_name)
+    store = EtcdStore(EtcdSettings(endpoints=etcd.endpoints))
+    try:
+        lease, _ = await store.grant(10)
+        feeds = PowerFeeds(store, keys, lambda: settings, lambda: lease)
+        decided = asyncio.Event()
+        feeds.on_reading = lambda: decided
+        now = time.time()
+        heard = feeds.ingest(Reading("east", "gen", "generator_failed", now, now, since=now))
+        relay = asyncio.ensure_future(heard)
+        # Held while the decision is pending (bounded wait, not a sleep).
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(relay), 0.1)
+        assert await store.get(keys.power("east", "gen", "e1")) is None
+        assert ("east", "gen") in feeds.unrelayed  # the coordinator reads it meanwhile
+        decided.set()
+        await asyncio.wait_for(relay, 2)
+        kv = await store.get(keys.power("east", "gen", "e1"))
+        assert kv is not None and json.loads(kv.value)["state"] == "generator_failed"
+
+        # A decision that never comes holds the relay for the bound only.
+        feeds.on_reading = asyncio.Event
+        started = time.monotonic()
+        now = time.time()
+        await asyncio.wait_for(feeds.ingest(Reading("east", "gen", "utility_ok", now, now,
+                                                    since=now)), 2)
+        assert time.monotonic() - started >= RELAY_AFTER_DECISION_S
+        kv = await store.get(keys.power("east", "gen", "e1"))
+        assert kv is not None and json.loads(kv.value)["state"] == "utility_ok"
+    finally:
+        await store.close()
