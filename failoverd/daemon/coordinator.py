@@ -141,6 +141,7 @@ class Coordinator:
         # pacing pause short.
         self._urgent = asyncio.Event()
         self._heard: asyncio.Event | None = None
+        self._cycle_decided = False
         self._local_power = local_power
         self._clock = clock
         self._last_reason = ""
@@ -241,13 +242,18 @@ class Coordinator:
         while True:
             await self._pace()
             # Power news our member heard before this cycle began: its relay
-            # waits for this cycle's decision (and commit).
+            # waits for this cycle's decision (and commit) — or the next
+            # cycle's, when this one only answered requests or drills.
             heard, self._heard = self._heard, None
+            self._cycle_decided = False
             try:
                 pause = await self._cycle(tg)
             finally:
                 if heard is not None:
-                    heard.set()
+                    if self._cycle_decided or self._heard is not None:
+                        heard.set()
+                    else:
+                        self._heard = heard
             if pause is not None:
                 await self._sleep(pause)
 
@@ -288,6 +294,7 @@ class Coordinator:
         if await self._drive_drills(view, now):
             return None  # decide on the view that shows what the drills wrote
         decision = await self._decide(view, now, inputs_changed)
+        self._cycle_decided = True
         if not decision.changes and view.revision != self._sagas_at:
             started = time.thread_time()
             self.sagas.update(view, tg)
