@@ -25,7 +25,8 @@ from bench import (
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=20,
+                    help="samples per row (load: one event a second for --load-s instead)")
     ap.add_argument("--ttl", type=int, default=2, help="lease TTL (s) of the bench clusters")
     ap.add_argument("--only", choices=("takeover", "health", "power", "routers", "footprint",
                                        "evacuate", "load", "chaos", "database"),
@@ -39,7 +40,8 @@ async def main() -> int:
     ap.add_argument("--footprint-s", type=float, default=60.0,
                     help="how long the footprint is sampled (default 60 s)")
     ap.add_argument("--load-s", type=float, default=30.0,
-                    help="load: how long the spam and the dashboard run (default 30 s)")
+                    help="load: how long the spam and the dashboard run, and the unloaded "
+                         "phase before them (default 30 s)")
     ap.add_argument("--db-runs", type=int, default=10,
                     help="database: runs per system and scenario (default 10)")
     ap.add_argument("--json", action="store_true")
