@@ -22,6 +22,7 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.commits import CommitWatch
 from bench.takeover import pct, row
 from bench.workdirs import work_dir
 from devstack.stack import (
@@ -94,15 +95,8 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
         c.add("e1", "east")
         c.add("w1", "west")
         await c.wait_active("app", "east", 20)
-        committed: dict[int, float] = {}
-
-        async def watch_commits() -> None:
-            start = (await c.store.get_prefix(c.keys.groups)).revision + 1
-            async for batch in c.store.watch(c.keys.active("app"), start):
-                for ev in batch:
-                    if not ev.deleted:
-                        committed[json.loads(ev.value)["epoch"]] = time.time()
-        watcher = asyncio.create_task(watch_commits())
+        commits = CommitWatch(c, "app")
+        watcher = asyncio.create_task(commits.run())
         async with aiomqtt.Client("127.0.0.1", broker.port) as mq:
             for region in REGIONS:  # every sensor starts normal
                 await mq.publish(f"failoverd/power/{region}/gen",
@@ -126,8 +120,10 @@ async def run(trials: int, ttl: int) -> list[dict[str, object]]:
                 to_hook.append(hooks[0]["t"] - t0)
                 # Our watch may hear of the commit a moment after the member
                 # that promoted did (it is the same hop, on another stream).
-                await wait_until(lambda e=rec.epoch + 1: e in committed, 5, "our watch's copy")
-                to_commit.append(committed[rec.epoch + 1] - t0)
+                seen = await commits.after(rec.epoch, 5)
+                if seen is None:
+                    raise AssertionError("our watch's copy of the commit did not come")
+                to_commit.append(seen[0] - t0)
                 await mq.publish(f"failoverd/power/{rec.region}/gen",
                                  json.dumps({"state": "utility_ok", "ts": time.time()}), qos=1)
         watcher.cancel()
