@@ -38,6 +38,7 @@ from failoverd.core.model import (
 from failoverd.core.power import Reading
 from failoverd.sensing.database import DatabaseChecker
 from tests.test_api import ctl
+from tests.test_statuspage import render, row
 
 MIB = 1024 * 1024
 NOW = 1_000_000.0
@@ -275,6 +276,14 @@ async def test_power_event_promotes_the_current_standby_not_the_lagging_one(
         shown = await asyncio.to_thread(ctl, "status", api=api, token=VIEWER_TOKEN)
         assert re.search(r"db west: standby, [0-9.]+ MiB behind.*replay paused -> NOT a "
                          r"candidate: west is", shown.stdout), shown.stdout
+        # The status page too, in a real browser: each copy, and why not west.
+        dom = await asyncio.to_thread(render, f"{api}/#token={VIEWER_TOKEN}", tmp_path)
+        west = " ".join(row(dom, "data", "db/west").split())
+        assert re.match(r"db west standby [0-9.]+ MiB\b.* paused .*NO: west is .*behind",
+                        west), west
+        assert row(dom, "data", "db/south").split()[:3] == ["db", "south", "standby"]
+        assert row(dom, "data", "db/south").split()[-1] == "yes"
+        assert row(dom, "data", "db/east").split()[:3] == ["db", "east", "primary"]
         _, drill = await call(api, "POST", "/v1/groups/db/drill", OPERATOR_TOKEN, {"to": "west"})
         failed = {ch["name"]: ch["detail"] for ch in drill["checks"] if not ch["ok"]}
         assert "behind" in failed["west data"], drill

@@ -59,6 +59,9 @@ PAGE = """<!doctype html>
  <span id="shown"></span></p>
 <table id="groups"><thead><tr><th>Group</th><th>Active</th><th>Epoch</th><th>Since</th>
  <th>Workflow</th><th>Reason</th></tr></thead><tbody></tbody></table>
+<div id="data" hidden><h2>Data</h2>
+<table id="data-copies"><thead><tr><th>Group</th><th>Region</th><th>Role</th><th>Behind</th>
+ <th>Replay</th><th>Reported</th><th>Can take over</th></tr></thead><tbody></tbody></table></div>
 <h2>Timeline</h2>
 <table id="timeline"><tbody></tbody></table>
 <script>
@@ -182,9 +185,36 @@ function renderGroups(st) {
          wf && wf.state === "failed" ? "critical" : "");
     cell(row, a ? a.reason : "not bootstrapped");
   }
+  renderData(match.slice(0, GROUPS_SHOWN));
   $("shown").textContent = match.length > GROUPS_SHOWN ?
     "showing " + GROUPS_SHOWN + " of " + match.length + " (filter to narrow)" :
     match.length + " of " + all.length + " group(s)";
+}
+function bytes(n) {
+  if (n < 1024) return n + " B";
+  const units = ["KiB", "MiB", "GiB"];
+  let i = -1; do { n /= 1024; i++; } while (n >= 1024 && i < units.length - 1);
+  return n.toFixed(1) + " " + units[i];
+}
+function renderData(shown) {
+  // A database group's copies, as failoverctl status prints them: whether
+  // each region may take over, and if not, why (the data guard).
+  const withData = shown.filter(([, g]) => g.data);
+  $("data").hidden = !withData.length;
+  const body = $("data-copies").tBodies[0]; body.replaceChildren();
+  for (const [name, g] of withData) {
+    for (const [region, d] of Object.entries(g.data.regions)) {
+      const row = body.insertRow(); row.dataset.data = name + "/" + region;
+      cell(row, name); cell(row, region);
+      cell(row, (d.role || "no report") + (d.error ? ": " + d.error : ""));
+      cell(row, d.lag_bytes == null ? "—" : bytes(d.lag_bytes) +
+           (d.lag_s ? ", " + d.lag_s.toFixed(1) + "s" : ""));
+      cell(row, d.paused ? "paused" : d.streaming ? "streaming" : d.role === "primary" ? "" : "—",
+           d.paused ? "critical" : "");
+      if (d.at != null) stamp(row, d.at); else cell(row, "—");
+      cell(row, d.ok ? "yes" : "NO: " + d.why, d.ok ? "up" : "critical");
+    }
+  }
 }
 // The filter is in the address (?filter=east), so a view can be bookmarked
 // or handed over during an incident.
