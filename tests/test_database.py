@@ -281,8 +281,8 @@ async def test_power_event_promotes_the_current_standby_not_the_lagging_one(
         west = " ".join(row(dom, "data", "db/west").split())
         assert re.match(r"db west standby [0-9.]+ MiB\b.* paused .*NO: west is .*behind",
                         west), west
-        assert row(dom, "data", "db/south").split()[:3] == ["db", "south", "standby"]
-        assert row(dom, "data", "db/south").split()[-1] == "yes"
+        south = row(dom, "data", "db/south").split()
+        assert south[:3] == ["db", "south", "standby"] and south[-1] == "yes", south
         assert row(dom, "data", "db/east").split()[:3] == ["db", "east", "primary"]
         _, drill = await call(api, "POST", "/v1/groups/db/drill", OPERATOR_TOKEN, {"to": "west"})
         failed = {ch["name"]: ch["detail"] for ch in drill["checks"] if not ch["ok"]}
